@@ -1,0 +1,38 @@
+"""The on-disk shard format shared by the writer and the reader (one source of truth for names and keys).
+
+Layout of a shard directory written by `csi-shards`:
+
+    <out>/manifest.json               MANIFEST_NAME, see below
+    <out>/split.csv                   FileID;patient_id;split  (the split actually used, reproducible)
+    <out>/<split>/shard-000000.tar    tar members per sample: "<key>.png" (or .jpg) + "<key>.json"
+
+`<key>` is the sample key: the FileID with every character outside [A-Za-z0-9_-] replaced by "_" (webdataset
+splits a member name at the first dot), made unique with a numeric suffix when two FileIDs collide.
+
+The "<key>.json" member holds LABEL_KEYS:
+    {"file_id": "28694662", "zones": [0, 1, 4, 2, 3, 0], "csi": 1.2 | null, "ahf": 0 | 1 | null,
+     "patient_id": "P001" | null}
+zones use the coding of csi_dist.domain (0-3 grades, 4 unknown). The image is 8-bit grayscale (mode "L"),
+already resized to manifest["image_size"] x manifest["image_size"].
+
+manifest.json:
+    {"format": FORMAT_VERSION, "image_size": 512, "image_format": "png" | "jpg",
+     "created_utc": "...", "source_csv": "...", "split_seed": 42, "split_fractions": [0.7, 0.15, 0.15],
+     "has_ahf_labels": bool,
+     "splits": {"train": {"count": N, "label_histogram": {"right_sup": [n0, n1, n2, n3, n4], ...},
+                          "shards": [{"path": "train/shard-000000.tar", "count": 128, "bytes": 123456,
+                                      "sha256": "..."}, ...]},
+                "val": {...}, "test": {...}},
+     "skipped": {"count": k, "samples": [{"file_id": "...", "row": 17, "reason": "..."}]}}
+Shard paths are relative to the manifest's directory.
+"""
+from __future__ import annotations
+
+FORMAT_VERSION = "csi-shards/1"
+MANIFEST_NAME = "manifest.json"
+SPLIT_FILE_NAME = "split.csv"
+SPLIT_NAMES = ("train", "val", "test")
+SHARD_PATTERN = "shard-%06d.tar"
+LABEL_EXTENSION = "json"
+IMAGE_EXTENSIONS = ("png", "jpg")
+LABEL_KEYS = ("file_id", "zones", "csi", "ahf", "patient_id")

@@ -1,0 +1,33 @@
+"""WeightedCSILoss: zone-wise cross-entropy with the unknown class down-weighted, ignoring padded samples."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from csi_dist.domain import NUM_CLASSES, UNKNOWN_CLASS
+
+
+class WeightedCSILoss(nn.Module):
+    """Cross-entropy over the 5 classes with class weights [1, 1, 1, 1, unknown_weight].
+
+    The mean is weighted by each zone's class weight (as torch's weighted CE does), over the zones of real samples
+    only: a batch row with `sample_mask` False (distributed padding or an undecodable image) contributes nothing.
+    """
+
+    def __init__(self, unknown_weight: float = 0.3):
+        super().__init__()
+        class_weights = torch.ones(NUM_CLASSES)
+        class_weights[UNKNOWN_CLASS] = unknown_weight
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, zone_logits: torch.Tensor, zone_targets: torch.Tensor,
+                sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = zone_logits.reshape(-1, NUM_CLASSES).float()
+        targets = zone_targets.reshape(-1)
+        per_zone = F.cross_entropy(logits, targets, reduction="none")
+        weights = self.class_weights.to(logits.device)[targets]
+        if sample_mask is not None:
+            weights = weights * sample_mask.to(weights.dtype).repeat_interleave(zone_targets.shape[1])
+        # clamp: a batch made only of padding gives 0 loss (and 0 gradient), not NaN
+        return (per_zone * weights).sum() / weights.sum().clamp_min(1e-12)

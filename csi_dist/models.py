@@ -1,0 +1,143 @@
+"""Model factory: one `build_model(cfg)` for every backbone, each topped by the 6-zone x 5-class CSI head."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from csi_dist.config import ModelConfig
+from csi_dist.domain import NUM_CLASSES, NUM_ZONES
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model that cannot be built: unknown name, missing or mismatched weights file."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str | None  # None = our own Custom_1 CNN
+    input_size: int
+    timm_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+# The seed project's names (case, "_" and "-" ignored) -> timm backbones and native input sizes.
+NAMED_BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec("resnet50", 224),
+    "chexnet": BackboneSpec("densenet121", 224),
+    "densenet121": BackboneSpec("densenet121", 224),
+    "raddino": BackboneSpec("vit_base_patch14_dinov2", 518, (("img_size", 518),)),
+    "custom1": BackboneSpec(None, 224),
+}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[_\-\s]", "", name.lower())
+
+
+def backbone_spec(model_arch: str) -> BackboneSpec:
+    """The backbone for a config name: a named CSI backbone or any timm model name."""
+    named = NAMED_BACKBONES.get(_canonical(model_arch))
+    if named is not None:
+        return named
+    if model_arch in timm.list_models():
+        default = timm.get_pretrained_cfg(model_arch)
+        size = default.input_size[-1] if default is not None else 224
+        return BackboneSpec(model_arch, size)
+    raise ModelError(
+        f"unknown model_arch {model_arch!r}: use ResNet50, CheXNet, RadDINO, Custom_1 or a timm model name "
+        f"(timm.list_models() lists them)")
+
+
+class Custom1Backbone(nn.Module):
+    """The seed's small 5-stage CNN (7x7/2 -> 64, 5x5/2 -> 128, then 3x3/2 -> 256, 512, 1024), global average pooled."""
+
+    def __init__(self, in_chans: int = 1):
+        super().__init__()
+        stages = [(in_chans, 64, 7, True), (64, 128, 5, True), (128, 256, 3, False), (256, 512, 3, False),
+                  (512, 1024, 3, False)]
+        layers: list[nn.Module] = []
+        for in_channels, out_channels, kernel, pool in stages:
+            layers += [nn.Conv2d(in_channels, out_channels, kernel, stride=2, padding=kernel // 2, bias=False),
+                       nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = 1024
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(images)).flatten(1)
+
+
+class CSIModel(nn.Module):
+    """Backbone features -> dropout -> one linear map per zone (stored as a single matrix) -> B x 6 x 5 logits."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, dropout_rate: float):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout_rate)
+        self.zone_head = nn.Linear(num_features, NUM_ZONES * NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        zone_logits = self.zone_head(self.dropout(features))
+        return zone_logits.view(-1, NUM_ZONES, NUM_CLASSES)
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"pretrained weights file not found: {path} (csi_dist never downloads weights; "
+                         f"copy the file to the cluster and set model.pretrained_weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any reader failure is reported with the file name
+        raise ModelError(f"cannot read pretrained weights {path}: {error}") from error
+    for wrapper_key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+            state = state[wrapper_key]
+    return {re.sub(r"^(module\.|backbone\.)", "", key): value for key, value in state.items()}
+
+
+def _load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str | None) -> None:
+    state = _load_state_dict_file(path)
+    if timm_name is not None and timm_name.startswith("vit_"):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        state = checkpoint_filter_fn(state, backbone)  # DINOv2 layout -> timm, resamples position embeddings
+    own = backbone.state_dict()
+    for key, value in list(state.items()):
+        if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
+            state[key] = timm.models.adapt_input_conv(1, value)  # RGB stem -> grayscale stem
+    state = {key: value for key, value in state.items() if key in own}
+    if not state:
+        raise ModelError(f"{path}: no tensor matches the {timm_name or 'Custom_1'} backbone; "
+                         f"is it a checkpoint of another architecture?")
+    mismatched = [key for key, value in state.items() if value.shape != own[key].shape]
+    if mismatched:
+        raise ModelError(f"{path}: shape mismatch for {mismatched[:3]} (weights of another architecture?)")
+    missing = [key for key in own if key not in state]
+    backbone.load_state_dict(state, strict=False)
+    log.info("loaded %d backbone tensors from %s (%d left at initialisation)", len(state), path, len(missing))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The CSI model for `cfg.model_arch`, single-channel input, output B x 6 x 5 zone logits."""
+    spec = backbone_spec(cfg.model_arch)
+    if spec.timm_name is None:
+        backbone: nn.Module = Custom1Backbone(in_chans=1)
+    else:
+        backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=1,
+                                     **dict(spec.timm_kwargs))
+    if cfg.pretrained_weights:
+        _load_backbone_weights(backbone, Path(cfg.pretrained_weights), spec.timm_name)
+    return CSIModel(backbone, backbone.num_features, cfg.dropout_rate)
