@@ -1,0 +1,187 @@
+"""Read and validate the users' `;`-separated zone label CSV into a clean DataFrame."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from csi_dist.domain import (
+    AHF_COLUMN,
+    CSI_COLUMN,
+    CSV_SEPARATOR,
+    FILE_ID_COLUMN,
+    GRADES,
+    PATIENT_COLUMN,
+    UNKNOWN_CLASS,
+    ZONE_NAMES,
+)
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS: tuple[str, ...] = (FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN)
+# The CSV line (header = line 1) each row came from, so later errors and skips can point back at the file.
+LINE_COLUMN = "csv_line"
+EMPTY_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null"})
+_INTEGER_FLOAT = re.compile(r"^([+-]?\d+)\.0*$")
+CSI_MISMATCH_TOLERANCE = 0.01
+
+
+class LabelError(ValueError):
+    """A label CSV that cannot be used as it is; the message names the file, line, column and value."""
+
+
+def normalize_file_id(raw: str) -> str:
+    """FileID as a string: whitespace stripped and an integer-like float's ".0" dropped ("28694662.0" -> "28694662")."""
+    file_id = raw.strip()
+    match = _INTEGER_FLOAT.match(file_id)
+    return match.group(1) if match else file_id
+
+
+def _parse_zone(value: str, where: str) -> int:
+    text = value.strip()
+    if text.lower() in EMPTY_VALUES:
+        return UNKNOWN_CLASS
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number) and number.is_integer() and (int(number) in GRADES or int(number) == UNKNOWN_CLASS):
+        return int(number)
+    raise LabelError(
+        f"{where}: zone grade {value!r} is not valid; expected an integer grade 0-3, "
+        f"{UNKNOWN_CLASS} or empty for unknown")
+
+
+def _parse_csi(value: str, zones: list[int], where: str) -> float:
+    text = value.strip()
+    if text.lower() in EMPTY_VALUES:
+        graded = [grade for grade in zones if grade != UNKNOWN_CLASS]
+        return float(np.mean(graded)) if graded else math.nan
+    try:
+        csi = float(text)
+    except ValueError:
+        csi = math.nan
+    if not (math.isfinite(csi) and min(GRADES) <= csi <= max(GRADES)):
+        raise LabelError(f"{where}: csi {value!r} is not valid; expected a number in 0-3 or empty")
+    return csi
+
+
+def _parse_ahf(value: str, where: str) -> float:
+    text = value.strip()
+    if text.lower() in EMPTY_VALUES:
+        return math.nan
+    try:
+        ahf = float(text)
+    except ValueError:
+        ahf = math.nan
+    if ahf not in (0.0, 1.0):
+        raise LabelError(f"{where}: ahf {value!r} is not valid; expected 0, 1 or empty")
+    return ahf
+
+
+def _check_header(header: list[str], path: Path) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if not missing:
+        return
+    hint = ""
+    if len(header) == 1 and ("," in header[0] or "\t" in header[0]):
+        found_separator = "," if "," in header[0] else "tab"
+        hint = (f" The header looks {found_separator}-separated; this reader expects {CSV_SEPARATOR!r} "
+                f"(re-save the file with {CSV_SEPARATOR!r} as separator).")
+    raise LabelError(f"{path}: line 1: missing required column(s) {missing}; columns found: {header}.{hint}")
+
+
+def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None) -> pd.DataFrame:
+    """Read a label CSV and return one row per image, in file order.
+
+    Columns returned: FileID (str), the six zones of `ZONE_NAMES` (int, 0-3 grades, 4 unknown), csi (float),
+    patient_id (str, only when the CSV has that column; empty cells are missing, test with `pd.isna`), ahf (float 0/1/NaN, only when
+    the CSV has that column) and `LINE_COLUMN` (the CSV line number, header = line 1). Other columns are dropped.
+
+    Coding rules: an empty/NaN zone is 4 (unknown); "2.0" is read as 2; an explicit 4 is accepted as unknown.
+    An empty csi is computed as the mean of the graded (non-unknown) zones, NaN when no zone is graded.
+    Any other value, a missing required column, a duplicate FileID or a file without data rows raises `LabelError`.
+    Rows whose FileID is in `exclude_ids` (compared after the same ".0" normalisation) are dropped.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports start with a BOM
+    except OSError as err:
+        raise LabelError(f"{path}: cannot open label CSV: {err}") from err
+    with handle:
+        reader = csv.reader(handle, delimiter=CSV_SEPARATOR)
+        header = [name.strip() for name in next(reader, [])]
+        _check_header(header, path)
+        column_index = {name: header.index(name) for name in header}
+        has_patient = PATIENT_COLUMN in column_index
+        has_ahf = AHF_COLUMN in column_index
+        records: list[dict] = []
+        first_line_of: dict[str, int] = {}
+        line = 1
+        for fields in reader:
+            line = reader.line_num
+            if not any(field.strip() for field in fields):
+                continue
+            if len(fields) != len(header):
+                raise LabelError(f"{path}: line {line}: found {len(fields)} fields, expected {len(header)} "
+                                 f"(one per header column, separated by {CSV_SEPARATOR!r})")
+            file_id = normalize_file_id(fields[column_index[FILE_ID_COLUMN]])
+            if not file_id:
+                raise LabelError(f"{path}: line {line}, column {FILE_ID_COLUMN}: empty FileID; expected an image id")
+            if file_id in first_line_of:
+                raise LabelError(f"{path}: duplicate {FILE_ID_COLUMN} {file_id!r} on lines "
+                                 f"{first_line_of[file_id]} and {line}; expected one row per image")
+            first_line_of[file_id] = line
+            record = {FILE_ID_COLUMN: file_id}
+            for zone in ZONE_NAMES:
+                record[zone] = _parse_zone(fields[column_index[zone]], f"{path}: line {line}, column {zone}")
+            zones = [record[zone] for zone in ZONE_NAMES]
+            record[CSI_COLUMN] = _parse_csi(fields[column_index[CSI_COLUMN]], zones,
+                                            f"{path}: line {line}, column {CSI_COLUMN}")
+            if has_patient:
+                record[PATIENT_COLUMN] = fields[column_index[PATIENT_COLUMN]].strip() or None
+            if has_ahf:
+                record[AHF_COLUMN] = _parse_ahf(fields[column_index[AHF_COLUMN]],
+                                                f"{path}: line {line}, column {AHF_COLUMN}")
+            record[LINE_COLUMN] = line
+            records.append(record)
+    if not records:
+        raise LabelError(f"{path}: no data rows after the header; expected one row per image")
+    columns = [FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN]
+    columns += [PATIENT_COLUMN] if has_patient else []
+    columns += [AHF_COLUMN] if has_ahf else []
+    labels = pd.DataFrame.from_records(records, columns=[*columns, LINE_COLUMN])
+    labels[list(ZONE_NAMES)] = labels[list(ZONE_NAMES)].astype(np.int64)
+    _warn_on_csi_mismatch(labels, path)
+    return _drop_excluded(labels, exclude_ids, path)
+
+
+def _warn_on_csi_mismatch(labels: pd.DataFrame, path: Path) -> None:
+    zones = labels[list(ZONE_NAMES)].to_numpy(dtype=float)
+    zones[zones == UNKNOWN_CLASS] = np.nan
+    graded_count = np.sum(~np.isnan(zones), axis=1)
+    zone_mean = np.divide(np.nansum(zones, axis=1), graded_count, out=np.full(len(zones), np.nan),
+                          where=graded_count > 0)
+    mismatch = np.abs(zone_mean - labels[CSI_COLUMN].to_numpy()) > CSI_MISMATCH_TOLERANCE
+    if mismatch.any():
+        first = labels[LINE_COLUMN].to_numpy()[mismatch][:5].tolist()
+        logger.warning("%s: %d row(s) have a csi that differs from the mean of their graded zones by more than %.2f "
+                       "(first lines: %s); the csi column is kept as written", path, int(mismatch.sum()),
+                       CSI_MISMATCH_TOLERANCE, first)
+
+
+def _drop_excluded(labels: pd.DataFrame, exclude_ids: set[str] | None, path: Path) -> pd.DataFrame:
+    if not exclude_ids:
+        return labels
+    excluded = {normalize_file_id(str(file_id)) for file_id in exclude_ids}
+    is_excluded = labels[FILE_ID_COLUMN].isin(excluded)
+    not_found = sorted(excluded - set(labels[FILE_ID_COLUMN]))
+    if not_found:
+        logger.warning("%s: %d excluded id(s) are not in the CSV: %s", path, len(not_found), not_found[:10])
+    logger.info("%s: excluded %d row(s) by id", path, int(is_excluded.sum()))
+    return labels.loc[~is_excluded].reset_index(drop=True)

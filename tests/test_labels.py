@@ -1,0 +1,82 @@
+"""Label CSV reading: coding rules and the error messages users see for bad files."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
+from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from tests.data_helpers import HEADER, label_row, write_csv
+
+
+def test_reads_users_format_with_codings(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [
+        label_row("28694662.0", (0, 1, 2, 3, None, 0), "1.2", "P1", "1"),
+        label_row("28694663", ("2.0", "", "nan", 1, 1, 1), "", "P1", ""),
+        label_row("28694664", (None,) * 6, "", "", "0.0"),
+    ], header=[*HEADER, PATIENT_COLUMN, AHF_COLUMN])
+
+    labels = read_label_csv(csv_path)
+
+    assert labels[FILE_ID_COLUMN].tolist() == ["28694662", "28694663", "28694664"]
+    assert labels.loc[0, list(ZONE_NAMES)].tolist() == [0, 1, 2, 3, UNKNOWN_CLASS, 0]
+    assert labels.loc[1, list(ZONE_NAMES)].tolist() == [2, UNKNOWN_CLASS, UNKNOWN_CLASS, 1, 1, 1]
+    assert labels.loc[0, CSI_COLUMN] == pytest.approx(1.2)
+    assert labels.loc[1, CSI_COLUMN] == pytest.approx(5 / 4)  # empty csi: mean of the graded zones
+    assert math.isnan(labels.loc[2, CSI_COLUMN])  # nothing graded
+    assert labels[PATIENT_COLUMN].tolist()[:2] == ["P1", "P1"] and pd.isna(labels.loc[2, PATIENT_COLUMN])
+    assert labels.loc[0, AHF_COLUMN] == 1.0 and math.isnan(labels.loc[1, AHF_COLUMN])
+    assert labels[LINE_COLUMN].tolist() == [2, 3, 4]
+
+
+def test_excluded_ids_are_dropped(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2"), label_row("3")])
+    labels = read_label_csv(csv_path, exclude_ids={"2.0", "99"})
+    assert labels[FILE_ID_COLUMN].tolist() == ["1", "3"]
+
+
+def test_missing_column_names_file_missing_and_found_columns(tmp_path):
+    header = [name for name in HEADER if name != "left_mid"]
+    csv_path = write_csv(tmp_path / "labels.csv", [["1", 0, 0, 0, 0, 0, 0.0]], header=header)
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path)
+    message = str(error.value)
+    assert str(csv_path) in message and "left_mid" in message and "right_sup" in message
+
+
+def test_comma_separated_header_suggests_separator(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1")], separator=",")
+    with pytest.raises(LabelError, match="comma|','"):
+        read_label_csv(csv_path)
+
+
+def test_duplicate_file_id_names_both_lines(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("7"), label_row("8"), label_row("7.0")])
+    with pytest.raises(LabelError, match=r"duplicate.*'7'.*lines 2 and 4"):
+        read_label_csv(csv_path)
+
+
+@pytest.mark.parametrize("bad_value", ["5", "-1", "2.5", "abc"])
+def test_bad_zone_value_names_file_line_column_value(tmp_path, bad_value):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2", (0, 0, 0, bad_value, 0, 0))])
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path)
+    message = str(error.value)
+    assert str(csv_path) in message and "line 3" in message and "left_mid" in message
+    assert repr(bad_value) in message and "expected" in message
+
+
+@pytest.mark.parametrize("bad_value", ["2", "yes", "0.5"])
+def test_bad_ahf_value_is_an_error(tmp_path, bad_value):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1", (0,) * 6, "0", bad_value)],
+                         header=[*HEADER, AHF_COLUMN])
+    with pytest.raises(LabelError, match=rf"line 2, column ahf: ahf '{bad_value}'"):
+        read_label_csv(csv_path)
+
+
+def test_bad_csi_value_is_an_error(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1", (0,) * 6, "high")])
+    with pytest.raises(LabelError, match="line 2, column csi"):
+        read_label_csv(csv_path)
