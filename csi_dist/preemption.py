@@ -1,0 +1,150 @@
+"""Preemption: turn SLURM signals or a request file into one stop decision shared by all ranks, then requeue.
+
+The protocol (the trainer drives it; see ``PreemptionWatcher``):
+
+1. A signal (SIGUSR1, SIGUSR2, SIGTERM) only sets a flag. Nothing is saved inside a signal handler, because a
+   save is a collective that every rank must enter at the same point of the loop.
+2. Every ``check_every_steps`` optimizer steps all ranks all-reduce (MAX) "my flag is set, or the request file
+   exists", so they all take the same decision at the same step.
+3. On "stop", the trainer saves a complete checkpoint on all ranks together (atomically: temp name, rename).
+4. ``finish_after_checkpoint``: after a barrier, rank 0 removes the request file and, inside a requeueable SLURM
+   job, runs ``scontrol requeue``; then every rank exits with ``EXIT_PREEMPTED``. The requeued job runs the same
+   command line, and the trainer's ``--resume auto`` picks up the latest complete checkpoint.
+
+Why a request file: under ``accelerate launch``/torchrun the launcher, not our ranks, receives signals sent to a
+job step (and torch's elastic agent dies on SIGUSR1). So ``slurm/train.sbatch`` asks for the signal on the batch
+shell only (``--signal=B:USR1@120``), and its trap writes ``<run_dir>/PREEMPT_REQUESTED``. Ranks started directly
+(submitit, ``srun python``) still receive signals themselves.
+
+The trap writes the id of the job segment it belongs to (``<job id>.<restart count>``). When Slurm requeues a job
+it sends SIGTERM to the old batch shell, whose trap then writes the file once more; the new segment recognises
+that file as stale and ignores it instead of stopping again at once. An empty file (``touch``) is a manual
+request and always counts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
+# Exit status of every rank after a preemption checkpoint: 75 is EX_TEMPFAIL from sysexits.h ("try again later").
+# Inside SLURM the job has been requeued by then; outside, rerunning the same command line resumes the run.
+EXIT_PREEMPTED = 75
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def current_segment_id() -> str:
+    """Which run of which SLURM job this process belongs to ("" outside SLURM); a requeue starts a new segment."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return ""
+    return f"{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def slurm_job_to_requeue() -> str | None:
+    """The id to pass to ``scontrol requeue``, or None when this process is not in a requeueable SLURM job."""
+    if os.environ.get("CSI_REQUEUE", "1") == "0":
+        return None
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:  # the plain job id of an array element is not what scontrol requeue expects
+        job_id = f"{array_job}_{array_task}"
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                               timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("cannot ask SLURM whether job %s may be requeued (%s); not requeueing", job_id, error)
+        return None
+    if "Requeue=1" not in shown.split():
+        log.warning("job %s was submitted without --requeue; it will end instead of requeueing", job_id)
+        return None
+    return job_id
+
+
+class PreemptionWatcher:
+    """Signal flag + request file -> the same "stop now" answer on every rank, checked every few steps."""
+
+    def __init__(self, run_dir: Path, check_every_steps: int = 10):
+        if check_every_steps < 1:
+            raise ValueError(f"check_every_steps must be >= 1, got {check_every_steps}")
+        self.request_file = Path(run_dir) / REQUEST_FILE_NAME
+        self.check_every_steps = check_every_steps
+        self.segment_id = current_segment_id()
+        self.received_signal: str | None = None
+        self._owner_pid: int | None = None
+
+    def install(self) -> None:
+        """Install flag-only handlers in this (main) process; forked DataLoader workers ignore the notice."""
+        self._owner_pid = os.getpid()
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._handle_signal)
+        if self.request_file.exists() and not self._request_file_counts():
+            log.info("ignoring %s left by an earlier job segment", self.request_file)
+            self.request_file.unlink(missing_ok=True)
+
+    def _handle_signal(self, signum: int, frame) -> None:
+        if os.getpid() != self._owner_pid:
+            # A forked DataLoader worker inherits this handler. The main process takes the decision; the
+            # worker ignores the notice but must still die on SIGTERM, as it would without us.
+            if signum == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        name = signal.Signals(signum).name
+        if self.received_signal is None:
+            self.received_signal = name
+            # logging is not reentrant-safe in a handler, but the record is short and the flag is already set
+            log.warning("received %s: will checkpoint and stop at the next check step", name)
+
+    def _request_file_counts(self) -> bool:
+        try:
+            owner = self.request_file.read_text().strip()
+        except FileNotFoundError:
+            return False
+        return owner == "" or owner == self.segment_id
+
+    def should_stop(self, global_step: int, accelerator) -> bool:
+        """True on every rank, or on none; a collective every ``check_every_steps`` steps, free otherwise.
+
+        All ranks must call it with the same ``global_step`` (e.g. after each optimizer step).
+        """
+        if global_step % self.check_every_steps != 0:
+            return False
+        local_request = self.received_signal is not None or self._request_file_counts()
+        flag = torch.tensor([int(local_request)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="max")
+        stop = bool(flag.item())
+        if stop and accelerator.is_main_process:
+            reason = self.received_signal or (f"{self.request_file}" if local_request else "another rank")
+            log.warning("preemption requested (%s): all ranks stop at step %d", reason, global_step)
+        return stop
+
+    def finish_after_checkpoint(self, accelerator) -> NoReturn:
+        """Call on all ranks after they saved together: requeue from rank 0, then exit with EXIT_PREEMPTED."""
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.request_file.unlink(missing_ok=True)
+            job_id = slurm_job_to_requeue()
+            if job_id is not None:
+                log.warning("requeueing SLURM job %s; it will resume from the checkpoint just saved", job_id)
+                result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                        timeout=60)
+                if result.returncode != 0:
+                    log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
+                              result.stderr.strip())
+            else:
+                log.warning("checkpoint saved; exiting with %d (rerun the same command to resume)", EXIT_PREEMPTED)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise SystemExit(EXIT_PREEMPTED)
