@@ -87,9 +87,11 @@ def confusion_matrices(zone_probs: np.ndarray, zone_targets: np.ndarray) -> dict
     zone_probs, zone_targets = _check_inputs(zone_probs, zone_targets)
     predictions = zone_predictions(zone_probs)
     labels = list(range(NUM_CLASSES))
+    empty = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    # sklearn refuses empty inputs; an empty split still gets (all-zero) matrices
     matrices = {name: confusion_matrix(zone_targets[:, zone], predictions[:, zone], labels=labels)
-                for zone, name in enumerate(ZONE_NAMES)}
-    matrices[POOLED] = sum(matrices.values(), np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64))
+                if len(zone_targets) else empty.copy() for zone, name in enumerate(ZONE_NAMES)}
+    matrices[POOLED] = sum(matrices.values(), empty)
     return matrices
 
 
