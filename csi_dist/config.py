@@ -29,6 +29,7 @@ class TrainingConfig:
     deterministic: bool = False
     eval_every_epochs: int = 1
     max_bad_steps: int = 20  # non-finite losses tolerated (each skipped) before the run stops
+    collective_timeout_s: int = 900  # a rank that waits longer than this on the others fails instead of hanging
 
 
 @dataclass
@@ -179,6 +180,14 @@ def _resolve_key(section: str, key: str, where: str) -> tuple[str, str] | None:
         key, [v.split(".")[1] for v in valid], n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def section_of(key: str) -> str:
+    """The section that owns a bare key (for sweep results written as {"learning_rate": ...})."""
+    for section in SECTION_FIELDS:
+        if key.lower() in _field_types(section):
+            return section
+    raise ConfigError(f"unknown key {key!r}: expected one of the config keys, e.g. optimization.learning_rate")
 
 
 def _set_value(config: Config, section: str, key: str, raw: str, where: str) -> None:

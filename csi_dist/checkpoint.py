@@ -1,0 +1,176 @@
+"""Atomic, resumable checkpoints: model, optimizer, schedule, trainer state and every rank's RNG streams.
+
+A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/`. It is written under a `.partial` name by all
+ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
+always complete; the newest such directory is the one `--resume auto` takes (the directory listing is the single
+source of truth). Everything loads with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULE_FILE = "schedule.pt"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: wrong architecture, other world layout, unreadable file."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-to-temporary, fsync, rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, payload: object) -> None:
+    atomic_write_bytes(path, json.dumps(payload, indent=2, allow_nan=True).encode("utf-8"))
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """A plain full state dict as safetensors, atomically (loadable by evaluate and single-GPU runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, str(temporary))
+    _fsync_file(temporary)
+    temporary.replace(path)
+    _fsync_dir(path.parent)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    return load_file(str(path))
+
+
+def rng_state() -> dict:
+    """This process's random streams in a weights_only-loadable form (tensors, ints, lists)."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                       "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+             "python": {"version": python_state[0], "state": list(python_state[1]),
+                        "gauss_next": python_state[2]}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.match(path.name)]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, global_step: int, *, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict, schedule_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Called on every rank at the same step. Returns the final directory."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{global_step:08d}"
+    partial = root / f"step-{global_step:08d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank_file = partial / f"rng_rank{accelerator.process_index:05d}.pt"
+    torch.save(rng_state(), rank_file)
+    _fsync_file(rank_file)
+    if accelerator.is_main_process:
+        save_file({key: value.detach().cpu().contiguous() for key, value in model_state.items()},
+                  str(partial / MODEL_FILE))
+        torch.save(optimizer_state, partial / OPTIMIZER_FILE)
+        torch.save(schedule_state, partial / SCHEDULE_FILE)
+        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, allow_nan=True))
+        for name in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULE_FILE, STATE_FILE):
+            _fsync_file(partial / name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_dir(partial)
+        if final.exists():  # the same step saved twice (e.g. preemption right after a periodic save)
+            shutil.rmtree(final)
+        partial.rename(final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, process_index: int) -> dict:
+    """Everything one rank needs to resume from `path`; RNG streams of this rank when the checkpoint has them."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path} is not a complete csi_dist checkpoint (no {STATE_FILE})")
+    try:
+        loaded = {
+            "model": load_file(str(path / MODEL_FILE)),
+            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+            "schedule": torch.load(path / SCHEDULE_FILE, map_location="cpu", weights_only=True),
+            "trainer_state": json.loads((path / STATE_FILE).read_text()),
+        }
+        rank_file = path / f"rng_rank{process_index:05d}.pt"
+        loaded["rng"] = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a refused pickle or a damaged file: name the checkpoint
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(error).__name__}: {error}") from error
+    return loaded

@@ -1,0 +1,54 @@
+"""The Accelerator for this launch, with loud failures for the launcher mistakes that silently train alone."""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from csi_dist.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The processes that started do not form the job the launcher asked for."""
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.training.mixed_precision),
+        cpu=on_cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.training.collective_timeout_s))],
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise LaunchError(
+            f"WORLD_SIZE={expected} but accelerate formed a group of {accelerator.num_processes}: on CPU launch with "
+            f"`accelerate launch --multi_gpu --num_processes N` and ACCELERATE_USE_CPU=1, or torchrun "
+            f"(`accelerate launch --cpu --num_processes N` starts one process)")
+    if not on_cpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not config.training.deterministic
+    if config.training.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return accelerator
+
+
+def configure_logging(accelerator: Accelerator) -> None:
+    """INFO on the main process, warnings only elsewhere, each line tagged with its rank."""
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{accelerator.process_index}] %(name)s: %(message)s",
+                        force=True)

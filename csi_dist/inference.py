@@ -1,0 +1,91 @@
+"""Distributed inference over a split: per-rank forward passes, one gather, padding dropped, exact global loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from csi_dist.data.reader import EpochLoader
+from csi_dist.loss import WeightedCSILoss
+
+
+@dataclass
+class SplitPredictions:
+    """Every real sample of a split exactly once, in sequence order (identical on every rank)."""
+
+    file_ids: list[str]
+    zone_probs: np.ndarray  # (N, 6, 5)
+    zone_targets: np.ndarray  # (N, 6)
+    csi_truth: np.ndarray  # (N,) NaN where the CSV had none
+    ahf_truth: np.ndarray  # (N,) NaN where the CSV had none
+    loss: float  # weighted CE over all real, decodable samples
+    decode_failures: int
+
+
+def move_batch(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, zone targets and the mask of samples that count (not padding, decodable) on the device."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    zone_targets = batch["zones"].to(device, non_blocking=True)
+    sample_mask = (~batch["is_padding"] & ~batch["decode_failed"]).to(device, non_blocking=True)
+    return images, zone_targets, sample_mask
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: WeightedCSILoss, accelerator,
+                  channels_last: bool) -> SplitPredictions:
+    model.eval()
+    probs, targets, csi, ahf, index, padding, failed, file_ids = [], [], [], [], [], [], [], []
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
+        with accelerator.autocast():
+            zone_logits = model(images)
+        batch_loss = criterion(zone_logits, zone_targets, sample_mask)
+        batch_weight = (criterion.class_weights.to(accelerator.device)[zone_targets]
+                        * sample_mask[:, None]).sum()
+        loss_sum += batch_loss.double() * batch_weight
+        weight_sum += batch_weight
+        probs.append(zone_logits.float().softmax(dim=-1))
+        targets.append(zone_targets)
+        csi.append(batch["csi"].to(accelerator.device))
+        ahf.append(batch["ahf"].to(accelerator.device))
+        index.append(batch["sequence_index"].to(accelerator.device))
+        padding.append(batch["is_padding"].to(accelerator.device))
+        failed.append(batch["decode_failed"].to(accelerator.device))
+        file_ids.extend(batch["file_id"])
+    if not probs:  # an empty split: every rank has zero steps
+        empty = np.zeros((0,))
+        return SplitPredictions([], np.zeros((0, 6, 5)), np.zeros((0, 6), dtype=np.int64), empty, empty,
+                                float("nan"), 0)
+    # every rank ran the same number of equal batches, so a plain tensor gather is safe
+    gathered = {name: accelerator.gather(torch.cat(parts)).cpu() for name, parts in
+                (("probs", probs), ("targets", targets), ("csi", csi), ("ahf", ahf), ("index", index),
+                 ("padding", padding), ("failed", failed))}
+    all_file_ids = [file_id for part in _gather_objects(accelerator, file_ids) for file_id in part]
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    weight_sum = accelerator.reduce(weight_sum, reduction="sum")
+    keep = ~(gathered["padding"] | gathered["failed"])
+    order = torch.argsort(gathered["index"][keep])
+    kept_ids = [file_id for file_id, flag in zip(all_file_ids, keep.tolist()) if flag]
+    return SplitPredictions(
+        file_ids=[kept_ids[i] for i in order.tolist()],
+        zone_probs=gathered["probs"][keep][order].numpy(),
+        zone_targets=gathered["targets"][keep][order].numpy(),
+        csi_truth=gathered["csi"][keep][order].numpy(),
+        ahf_truth=gathered["ahf"][keep][order].numpy(),
+        loss=float(loss_sum / weight_sum.clamp_min(1e-12)),
+        decode_failures=int(gathered["failed"].sum()),
+    )
+
+
+def _gather_objects(accelerator, local: list[str]) -> list[list[str]]:
+    """Per-rank lists in rank order (torch.distributed.all_gather_object keeps ranks apart)."""
+    if accelerator.num_processes == 1:
+        return [local]
+    gathered: list[list[str] | None] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, local)
+    return gathered

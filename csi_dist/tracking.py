@@ -1,0 +1,54 @@
+"""Experiment tracking on rank 0: TensorBoard always, Weights & Biases offline by default (online if configured)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+
+from csi_dist.config import Config, config_to_dict
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Scalars to TensorBoard (`<run_dir>/tensorboard`) and W&B (`<run_dir>/wandb`); a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, config: Config, run_name: str, enabled: bool):
+        self.tensorboard = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        mode = config.logging.wandb_mode
+        if mode != "disabled":
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            # one id per run directory: every requeued segment of a run lands in the same W&B run
+            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+            self.wandb_run = wandb.init(
+                project=config.logging.wandb_project, group=config.logging.wandb_group or None, name=run_name,
+                id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config_to_dict(config),
+                settings=wandb.Settings(init_timeout=120, console="off", x_disable_stats=True))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        finite = {key: float(value) for key, value in values.items()
+                  if isinstance(value, (int, float)) and math.isfinite(value)}
+        if self.tensorboard is not None:
+            for key, value in finite.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(finite, step=step)
+
+    def summary(self, values: dict[str, object]) -> None:
+        if self.wandb_run is not None:
+            for key, value in values.items():
+                self.wandb_run.summary[key] = value
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,312 @@
+"""Train a CSI model: `accelerate launch -m csi_dist.train --config configs/demo.ini [--set section.key=value]`.
+
+Reads top to bottom: config -> accelerator -> data -> model -> optimizer -> resume -> epochs of steps -> save.
+Every concern (data plan, checkpoints, schedules, metrics, tracking, preemption) lives in its own module.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                 save_weights, set_rng_state, atomic_write_json, load_weights)
+from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
+from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.distributed import build_accelerator, configure_logging
+from csi_dist.early_stopping import EarlyStopping
+from csi_dist.inference import move_batch, predict_split
+from csi_dist.loss import WeightedCSILoss
+from csi_dist.metrics import compute_metrics
+from csi_dist.models import ModelError, backbone_spec, build_model
+from csi_dist.preemption import PreemptionWatcher
+from csi_dist.schedules import LearningRateSchedule, build_optimizer
+from csi_dist.tracking import Tracker
+
+log = logging.getLogger("csi_dist.train")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_TOO_MANY_BAD_STEPS = 4
+
+
+class TooManyBadSteps(RuntimeError):
+    """More non-finite losses than `training.max_bad_steps`."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="csi_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="INI file (the seed project's files load unchanged)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set training.batch_size=16 (repeatable)")
+    parser.add_argument("--hyperparams", type=Path, help="best_params.json of a sweep: its values override the config")
+    parser.add_argument("--run-dir", type=Path, help="default: <logging.output_dir>/<logging.run_name>")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest complete checkpoint of the run dir, if any), never, or a checkpoint path")
+    parser.add_argument("--debug", action="store_true", help="a few tiny steps, no workers, no W&B")
+    return parser.parse_args(argv)
+
+
+def debug_overrides() -> list[str]:
+    return ["training.batch_size=2", "training.max_steps=3", "training.n_epochs=1", "training.num_workers=0",
+            "training.log_every_steps=1", "logging.wandb_mode=disabled"]
+
+
+def hyperparameter_overrides(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    import json
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--hyperparams {path}: {error}") from None
+    params = best.get("best_params", best)
+    return [f"{key if '.' in key else section_of(key) + '.' + key}={value}" for key, value in params.items()]
+
+
+def resolve_run_dir(config: Config, run_dir: Path | None) -> Path:
+    if run_dir is not None:
+        return run_dir
+    name = config.logging.run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{config.model.model_arch}"
+    return Path(config.logging.output_dir) / name
+
+
+def loader_settings(config: Config, image_size: int, *, train: bool) -> LoaderSettings:
+    return LoaderSettings(batch_size=config.training.batch_size, image_size=image_size,
+                          normalization=config.data.normalization, augment=train and config.data.augment,
+                          shuffle=train, shuffle_buffer=config.data.shuffle_buffer if train else 0,
+                          seed=config.training.seed, num_workers=config.training.num_workers)
+
+
+def monitor_mode(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") or monitor.startswith("csi_") else "max"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
+        config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
+        return train(config, resolve_run_dir(config, args.run_dir), args.resume)
+    except (ConfigError, ShardError, ModelError, CheckpointError) as error:
+        log.error("%s", error)
+        return EXIT_CONFIG_ERROR
+    except TooManyBadSteps as error:
+        log.error("%s", error)
+        return EXIT_TOO_MANY_BAD_STEPS
+
+
+def train(config: Config, run_dir: Path, resume: str) -> int:
+    # --- processes, logging, run directory -----------------------------------------------------------------
+    accelerator = build_accelerator(config)
+    configure_logging(accelerator)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "resolved_config.ini")
+    log.info("run %s: %d process(es) on %s, mixed precision %s", run_dir, world_size, accelerator.device,
+             accelerator.mixed_precision)
+
+    # --- data ----------------------------------------------------------------------------------------------
+    spec = backbone_spec(config.model.model_arch)
+    image_size = config.data.image_size or spec.input_size
+    train_set = open_split(config.data.shard_dir, "train")
+    val_set = open_split(config.data.shard_dir, "val")
+    train_settings = loader_settings(config, image_size, train=True)
+    val_settings = loader_settings(config, image_size, train=False)
+    steps_per_epoch = build_loader(train_set, train_settings, epoch=0, rank=rank, world_size=world_size).steps
+    if steps_per_epoch == 0:
+        raise ShardError(f"{config.data.shard_dir}: the train split is empty")
+    updates_per_epoch = math.ceil(steps_per_epoch / config.training.gradient_accumulation_steps)
+
+    # --- model, loss, optimizer, schedule (identical initial weights on every rank) ------------------------
+    torch.manual_seed(config.training.seed)
+    model = build_model(config.model)
+    channels_last = config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
+    mode = monitor_mode(config.callbacks.monitor)
+    model = accelerator.prepare_model(model)
+    optimizer = build_optimizer(model, config.optimization, fused=accelerator.device.type == "cuda")
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    schedule = LearningRateSchedule(optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
+                                    n_epochs=config.training.n_epochs, monitor_mode=mode)
+    if config.model.compile:
+        model = torch.compile(model)
+    early_stopping = EarlyStopping(mode, config.callbacks.early_stopping_patience,
+                                   config.callbacks.early_stopping_min_delta)
+    torch.manual_seed(config.training.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "bad_steps": 0,
+             "world_size": world_size, "batch_size": config.training.batch_size,
+             "num_workers": config.training.num_workers}
+    checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto" else Path(resume))
+    if checkpoint_path is not None:
+        loaded = load_checkpoint(checkpoint_path, rank)
+        try:
+            accelerator.unwrap_model(model).load_state_dict(loaded["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{checkpoint_path} does not fit {config.model.model_arch}: {error}") from None
+        optimizer.load_state_dict(loaded["optimizer"])
+        schedule.load_state_dict(loaded["schedule"])
+        saved = loaded["trainer_state"]
+        early_stopping.load_state_dict(saved["early_stopping"])
+        same_layout = (saved["world_size"], saved["batch_size"], saved["num_workers"]) == (
+            world_size, config.training.batch_size, config.training.num_workers)
+        if saved["step_in_epoch"] and not same_layout:
+            log.warning("checkpoint was taken mid-epoch with another world size/batch/workers: "
+                        "epoch %d restarts from its beginning", saved["epoch"])
+            saved["step_in_epoch"] = 0
+        state.update({key: saved[key] for key in ("epoch", "step_in_epoch", "global_step", "history", "bad_steps")})
+        if loaded["rng"] is not None and same_layout:
+            set_rng_state(loaded["rng"])
+        log.info("resumed from %s: epoch %d, step %d of the epoch, %d optimizer steps",
+                 checkpoint_path, state["epoch"], state["step_in_epoch"], state["global_step"])
+
+    tracker = Tracker(run_dir, config, run_dir.name, enabled=accelerator.is_main_process)
+    watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
+    watcher.install()
+
+    last_saved_step = -1
+
+    def checkpoint() -> None:
+        nonlocal last_saved_step
+        if last_saved_step == state["global_step"]:
+            return
+        last_saved_step = state["global_step"]
+        state["early_stopping"] = early_stopping.state_dict()
+        save_checkpoint(accelerator, run_dir, state["global_step"],
+                        model_state=accelerator.get_state_dict(model), optimizer_state=optimizer.state_dict(),
+                        schedule_state=schedule.state_dict(), trainer_state=state,
+                        keep_last=config.callbacks.keep_last_checkpoints)
+
+    # --- epochs ------------------------------------------------------------------------------------------------
+    max_steps = config.training.max_steps or math.inf
+    accumulation = config.training.gradient_accumulation_steps
+    stop_reason = "completed"
+    while state["epoch"] < config.training.n_epochs and state["global_step"] < max_steps:
+        epoch = state["epoch"]
+        loader = build_loader(train_set, train_settings, epoch=epoch, rank=rank, world_size=world_size,
+                              steps_done=state["step_in_epoch"], pin_memory=accelerator.device.type == "cuda")
+        model.train()
+        progress = tqdm(total=loader.steps, initial=loader.start_step, desc=f"epoch {epoch}", unit="batch",
+                        disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
+        window_loss = torch.zeros((), device=accelerator.device)
+        window_start, window_images, window_batches = time.perf_counter(), 0, 0
+        for step_in_epoch, batch in enumerate(loader, start=loader.start_step):
+            images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
+            is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == loader.steps
+            with accelerator.no_sync(model) if not is_update_step else contextlib.nullcontext():
+                with accelerator.autocast():
+                    zone_logits = model(images)
+                loss = criterion(zone_logits, zone_targets, sample_mask)
+                accelerator.backward(loss / accumulation)
+            window_loss += loss.detach()
+            window_images += images.shape[0]
+            window_batches += 1
+            state["step_in_epoch"] = step_in_epoch + 1
+            progress.update(1)
+            if not is_update_step:
+                continue
+
+            # one host sync per optimizer step: gradients are already averaged over ranks, so every rank
+            # takes the same skip-or-step decision without another collective
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimization.grad_clip_norm or math.inf)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                schedule.after_optimizer_step()
+            else:
+                state["bad_steps"] += 1
+                log.warning("non-finite loss/gradients at epoch %d step %d: step skipped (%d of at most %d)",
+                            epoch, step_in_epoch, state["bad_steps"], config.training.max_bad_steps)
+                if state["bad_steps"] > config.training.max_bad_steps:
+                    raise TooManyBadSteps(f"{state['bad_steps']} non-finite steps (training.max_bad_steps="
+                                          f"{config.training.max_bad_steps}); lower the learning rate or check data")
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+
+            if state["global_step"] % config.training.log_every_steps == 0:
+                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_batches
+                images_per_second = window_images * world_size / (time.perf_counter() - window_start)
+                tracker.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                             "train/images_per_second": images_per_second,
+                             "train/decode_failures": float(batch["decode_failed"].sum())}, state["global_step"])
+                progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.0f}")
+                window_loss.zero_()
+                window_start, window_images, window_batches = time.perf_counter(), 0, 0
+            if watcher.should_stop(state["global_step"], accelerator):
+                checkpoint()
+                progress.close()
+                tracker.close()
+                watcher.finish_after_checkpoint(accelerator)
+            every = config.callbacks.checkpoint_every_steps
+            if every and state["global_step"] % every == 0 and state["step_in_epoch"] < loader.steps:
+                checkpoint()
+            if state["global_step"] >= max_steps:
+                break
+        progress.close()
+
+        # --- end of epoch: evaluate, schedule, early stopping, best weights, checkpoint ----------------------
+        epoch_finished = state["step_in_epoch"] >= loader.steps
+        record = {"epoch": epoch, "global_step": state["global_step"], "lr": optimizer.param_groups[0]["lr"]}
+        val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
+                                  pin_memory=accelerator.device.type == "cuda")
+        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last)
+        metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
+                                  predictions.ahf_truth) if predictions.file_ids else {}
+        record.update({"val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
+                       **{f"val_{key}": value for key, value in metrics.items() if "/" not in key}})
+        monitored = predictions.loss if config.callbacks.monitor == "val_loss" else metrics.get(
+            config.callbacks.monitor, math.nan)
+        schedule.after_evaluation(monitored)
+        if epoch_finished:
+            schedule.after_epoch()
+        improved = early_stopping.update(monitored, epoch)
+        if improved and accelerator.is_main_process:
+            save_weights(accelerator.get_state_dict(model), run_dir / "weights" / "best.safetensors")
+        state["history"].append(record)
+        tracker.log({f"val/{key}": value for key, value in metrics.items()} | {"val/loss": predictions.loss},
+                    state["global_step"])
+        log.info("epoch %d: val_loss %.4f, f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f%s", epoch,
+                 predictions.loss, metrics.get("f1_weighted", math.nan), metrics.get("f1_macro", math.nan),
+                 metrics.get("csi_mae", math.nan), " (best)" if improved else "")
+        if accelerator.is_main_process:
+            atomic_write_json(run_dir / "training_history.json", state["history"])
+        if epoch_finished:
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if early_stopping.should_stop:
+            stop_reason = f"early stopping: no improvement of {config.callbacks.monitor} in " \
+                          f"{early_stopping.patience} evaluations"
+            break
+        if state["epoch"] % config.callbacks.checkpoint_every_epochs == 0 or state["global_step"] >= max_steps:
+            checkpoint()
+
+    # --- final weights: the last state, then the best one restored for whoever continues with this model -------
+    checkpoint()
+    if accelerator.is_main_process:
+        save_weights(accelerator.get_state_dict(model), run_dir / "weights" / "last.safetensors")
+    accelerator.wait_for_everyone()
+    best_path = run_dir / "weights" / "best.safetensors"
+    if best_path.is_file():
+        accelerator.unwrap_model(model).load_state_dict(load_weights(best_path))
+    log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
+             state["global_step"], config.callbacks.monitor, early_stopping.best_value, early_stopping.best_epoch)
+    tracker.summary({"stop_reason": stop_reason, "best_epoch": early_stopping.best_epoch,
+                     f"best_{config.callbacks.monitor}": early_stopping.best_value})
+    tracker.close()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
