@@ -140,6 +140,7 @@ class ShardStream(IterableDataset):
         self.settings = settings
         self.epoch = epoch
         self.rank = rank
+        self.steps_done = steps_done
         self.consumed_batches = plan.batches_consumed_per_worker(steps_done)
 
     def _raw_samples(self, worker: int) -> Iterator[RawSample]:
@@ -201,9 +202,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
         if info is not None and info.num_workers != self.plan.num_workers:
             raise RuntimeError(f"planned {self.plan.num_workers} workers, DataLoader has {info.num_workers}")
+        worker = self.plan.logical_worker(0 if info is None else info.id, self.steps_done)
         skip = self.consumed_batches[worker] * self.settings.batch_size
         batch: list[dict] = []
         for index, raw in enumerate(self._shuffled(self._raw_samples(worker), worker)):
@@ -236,7 +237,7 @@ class EpochLoader:
     def __init__(self, stream: ShardStream, pin_memory: bool):
         self.stream = stream
         self.steps = stream.plan.steps
-        self.start_step = sum(stream.consumed_batches)
+        self.start_step = stream.steps_done
         workers = stream.settings.num_workers
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers > 0 else None, persistent_workers=False)

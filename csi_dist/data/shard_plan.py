@@ -47,21 +47,20 @@ class EpochPlan:
     def batches_consumed_per_worker(self, steps_done: int) -> list[int]:
         """How many batches each worker had delivered after `steps_done` batches of its rank.
 
-        torch's DataLoader takes batches from an iterable dataset's workers in round-robin order, skipping a
-        worker once it is exhausted; this replays that order.
+        torch's DataLoader takes batches from an iterable dataset's workers round-robin, so batch t of a rank
+        comes from worker t % num_workers (earlier workers hold the remainder, so none runs dry early).
         """
-        consumed = [0] * self.num_workers
-        remaining = steps_done
-        while remaining > 0:
-            progressed = False
-            for worker in range(self.num_workers):
-                if remaining > 0 and consumed[worker] < self.worker_batches(worker):
-                    consumed[worker] += 1
-                    remaining -= 1
-                    progressed = True
-            if not progressed:
-                raise ValueError(f"steps_done={steps_done} exceeds the {self.steps} steps of this epoch")
-        return consumed
+        if not 0 <= steps_done <= self.steps:
+            raise ValueError(f"steps_done={steps_done} is outside the {self.steps} steps of this epoch")
+        return [max(0, -(-(steps_done - worker) // self.num_workers)) for worker in range(self.num_workers)]
+
+    def logical_worker(self, physical_worker: int, steps_done: int) -> int:
+        """The worker slice a DataLoader worker serves when the loader starts after `steps_done` batches.
+
+        A new DataLoader always starts its round-robin at worker 0, while the uninterrupted epoch would continue
+        with worker steps_done % num_workers: rotating the roles keeps the batch order identical.
+        """
+        return (physical_worker + steps_done) % self.num_workers
 
     def segments(self, start: int, length: int) -> list[tuple[int, int, int]]:
         """(shard index, first sample in shard, count) runs covering padded positions [start, start + length)."""

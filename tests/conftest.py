@@ -1,0 +1,37 @@
+"""Shared fixtures: free ports, the repository's python, environment for launched processes."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for launched trainers: CPU gloo, offline W&B, quiet DeepSpeed probing."""
+    env = dict(os.environ)
+    env.update({"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu",
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    env.update(extra)
+    return env
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "--master_addr=127.0.0.1", *args]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
