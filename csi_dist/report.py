@@ -66,7 +66,9 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
                        ahf_truth).to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False)
 
     paths["metrics"] = out_dir / f"{split}_metrics.json"
-    json_ready = {key: None if math.isnan(float(value)) else float(value) for key, value in metrics.items()}
+    # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers)
+    json_ready = {key: None if value is None or math.isnan(float(value)) else float(value)
+                  for key, value in metrics.items()}
     paths["metrics"].write_text(json.dumps(json_ready, indent=2, allow_nan=False) + "\n")
 
     for name, matrix in confusion_matrices(zone_probs, zone_targets).items():
