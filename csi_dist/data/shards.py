@@ -1,0 +1,458 @@
+"""`csi-shards`: turn a label CSV and its images into verified WebDataset tar shards with a manifest."""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from csi_dist.data.images import ImageError, IMAGE_SUFFIXES, build_image_index, load_grayscale, resize_square
+from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
+from csi_dist.data.phantom import generate_phantom
+from csi_dist.data.shard_format import (
+    FORMAT_VERSION,
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSION,
+    MANIFEST_NAME,
+    SHARD_PATTERN,
+    SPLIT_FILE_NAME,
+    SPLIT_NAMES,
+)
+from csi_dist.data.split import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SEED,
+    SPLIT_COLUMN,
+    SplitError,
+    apply_split_file,
+    save_split,
+    split_patients,
+)
+from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = 512
+DEFAULT_SHARD_MAX_MB = 256.0
+DEFAULT_JPEG_QUALITY = 95
+DEFAULT_DEMO_IMAGES = 200
+DEFAULT_DEMO_OUT = Path("data/demo_shards")
+DEFAULT_DEMO_SIZE = 128
+# A fixed member mtime makes identical inputs give byte-identical shards (and sha256s).
+TAR_MTIME = 0
+SKIPPED_SHOWN = 10
+
+
+class ShardWriteError(RuntimeError):
+    """The shards cannot be written as asked (existing output, --strict skips, bad options)."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects SLURM/cgroup CPU binding, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def sample_keys(file_ids: Iterable[str]) -> list[str]:
+    """Tar sample key per FileID: characters outside [A-Za-z0-9_-] become "_", collisions get "_1", "_2", ..."""
+    safe = ["".join(char if char.isascii() and (char.isalnum() or char in "_-") else "_" for char in str(file_id))
+            for file_id in file_ids]
+    natural = set(safe)
+    used: set[str] = set()
+    keys = []
+    for key in safe:
+        if key in used:
+            suffix = 1
+            # Never take a suffixed key that another FileID produces naturally.
+            while f"{key}_{suffix}" in used or f"{key}_{suffix}" in natural:
+                suffix += 1
+            key = f"{key}_{suffix}"
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
+def encode_sample_image(task: tuple) -> tuple[bytes | None, str | None]:
+    """Worker: decode, resize and encode one image; returns (bytes, None) or (None, reason it was skipped)."""
+    path, image_size, image_format, jpeg_quality = task
+    try:
+        pixels = resize_square(load_grayscale(path), image_size)
+    except ImageError as err:
+        return None, f"{type(err).__name__}: {err}"
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=jpeg_quality)
+    else:
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue(), None
+
+
+def _map_chunk(function: Callable, chunk: Sequence) -> list:
+    return [function(item) for item in chunk]
+
+
+def ordered_parallel_map(function: Callable, items: Sequence, workers: int, chunk_size: int = 16) -> Iterator:
+    """Yield function(item) in input order, computed on `workers` processes with a bounded number of chunks in flight."""
+    if workers <= 1 or len(items) <= chunk_size:
+        yield from map(function, items)
+        return
+    chunks = [items[start:start + chunk_size] for start in range(0, len(items), chunk_size)]
+    with ProcessPoolExecutor(workers) as pool:
+        in_flight: collections.deque = collections.deque()
+        next_chunk = 0
+        while next_chunk < len(chunks) or in_flight:
+            while next_chunk < len(chunks) and len(in_flight) < 4 * workers:
+                in_flight.append(pool.submit(_map_chunk, function, chunks[next_chunk]))
+                next_chunk += 1
+            yield from in_flight.popleft().result()
+
+
+def label_record(row: pd.Series) -> dict:
+    """The "<key>.json" payload of one CSV row (see shard_format.LABEL_KEYS)."""
+    csi = float(row[CSI_COLUMN])
+    ahf = row.get(AHF_COLUMN, math.nan)
+    patient = row.get(PATIENT_COLUMN, None)
+    return {"file_id": str(row[FILE_ID_COLUMN]),
+            "zones": [int(row[zone]) for zone in ZONE_NAMES],
+            "csi": None if math.isnan(csi) else csi,
+            "ahf": None if pd.isna(ahf) else int(ahf),
+            "patient_id": None if pd.isna(patient) else str(patient)}
+
+
+def count_samples(shard_path: Path) -> int:
+    """Number of distinct sample keys in a tar (a key is a member name up to its first dot, as webdataset reads it)."""
+    with tarfile.open(shard_path, "r:") as tar:
+        return len({member.name.split(".", 1)[0] for member in tar if member.isfile()})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_entry(out_dir: Path, shard_path: Path) -> dict:
+    """Manifest entry of a closed shard: relative path, sample count, bytes and sha256 (file fsynced first)."""
+    descriptor = os.open(shard_path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    return {"path": shard_path.relative_to(out_dir).as_posix(), "count": count_samples(shard_path),
+            "bytes": shard_path.stat().st_size, "sha256": file_sha256(shard_path)}
+
+
+def write_json_atomically(payload: dict, path: Path) -> None:
+    """Write JSON to a temporary file in the same directory, fsync it, rename it over `path`, fsync the directory."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 keeps the user's umask (NamedTemporaryFile would force 0600 on a shared dataset).
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix with an earlier write unless `overwrite`; then drop its manifest FIRST, then its shards."""
+    manifest = out_dir / MANIFEST_NAME
+    old_shards = [path for split in SPLIT_NAMES for path in sorted((out_dir / split).glob("shard-*.tar"))]
+    if (manifest.exists() or old_shards) and not overwrite:
+        raise ShardWriteError(f"{out_dir}: already holds shards ({MANIFEST_NAME} or */shard-*.tar); "
+                              f"choose another --out or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)
+    for path in old_shards:
+        path.unlink()
+
+
+def _histogram(records: list[dict]) -> dict[str, list[int]]:
+    zones = np.array([record["zones"] for record in records], dtype=np.int64).reshape(-1, len(ZONE_NAMES))
+    return {zone: np.bincount(zones[:, index], minlength=NUM_CLASSES).tolist() for index, zone in enumerate(ZONE_NAMES)}
+
+
+def _write_split_shards(split_dir: Path, samples: Iterator[tuple[str, bytes, dict]], image_format: str,
+                        max_count: int, max_bytes: float) -> list[Path]:
+    """Write (key, image bytes, label) samples with webdataset's ShardWriter; returns the shard paths in order.
+
+    Nothing is created for a split without samples, so an empty split has no shard files.
+    """
+    import webdataset  # imports torch (seconds); only the writer needs it, not `verify`
+
+    written: list[Path] = []
+    writer = None
+    try:
+        for key, image_bytes, label in samples:
+            if writer is None:
+                split_dir.mkdir(parents=True, exist_ok=True)
+                pattern = str(split_dir).replace("%", "%%") + "/" + SHARD_PATTERN
+                writer = webdataset.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0,
+                                                post=lambda name: written.append(Path(name)),
+                                                encoder=False, mtime=TAR_MTIME)
+            writer.write({"__key__": key, image_format: image_bytes,
+                          LABEL_EXTENSION: json.dumps(label, separators=(",", ":")).encode("utf-8")})
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
+
+
+def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Path, *,
+                 image_size: int = DEFAULT_IMAGE_SIZE, image_format: str = "png",
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY, shard_max_mb: float = DEFAULT_SHARD_MAX_MB,
+                 samples_per_shard: int | None = None, workers: int | None = None, split_seed: int = DEFAULT_SEED,
+                 split_fractions: Sequence[float] = DEFAULT_FRACTIONS, split_file: str | Path | None = None,
+                 exclude_ids: set[str] | None = None, strict: bool = False, overwrite: bool = False) -> dict:
+    """Write the shards, split.csv and (last, atomically) manifest.json of shard_format into `out_dir`.
+
+    Samples whose image is missing or cannot be decoded are skipped and listed in manifest["skipped"]; with
+    `strict` any skip raises `ShardWriteError` and no manifest is written. A split that receives no sample
+    (tiny datasets) is written as count 0 with no shards. Shards close at `samples_per_shard` samples when given,
+    otherwise once they hold `shard_max_mb` MB of payload. Returns the manifest.
+    """
+    if image_format not in IMAGE_EXTENSIONS:
+        raise ShardWriteError(f"image format {image_format!r}; expected one of {IMAGE_EXTENSIONS}")
+    if image_size < 1 or not 1 <= jpeg_quality <= 100 or (samples_per_shard is not None and samples_per_shard < 1):
+        raise ShardWriteError(f"image_size={image_size}, jpeg_quality={jpeg_quality}, "
+                              f"samples_per_shard={samples_per_shard}; expected positive size and count, quality 1-100")
+    csv_path, images_dir, out_dir = Path(csv_path), Path(images_dir), Path(out_dir)
+    workers = workers or available_cores()
+    labels = read_label_csv(csv_path, exclude_ids)
+    split = apply_split_file(labels, split_file) if split_file else split_patients(labels, split_fractions, split_seed)
+    labels = labels.assign(**{SPLIT_COLUMN: split[SPLIT_COLUMN].to_numpy(), "key": sample_keys(labels[FILE_ID_COLUMN])})
+    image_index = build_image_index(images_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    save_split(split, out_dir / SPLIT_FILE_NAME)
+
+    skipped: list[dict] = []
+    ordered = pd.concat([labels[labels[SPLIT_COLUMN] == name] for name in SPLIT_NAMES])
+    found = ordered[FILE_ID_COLUMN].map(image_index)
+    for _, row in ordered[found.isna()].iterrows():
+        skipped.append({"file_id": row[FILE_ID_COLUMN], "row": int(row[LINE_COLUMN]),
+                        "reason": f"MissingImageError: no {row[FILE_ID_COLUMN]}{{{','.join(IMAGE_SUFFIXES)}}} "
+                                  f"in {images_dir}"})
+    if strict and skipped:
+        raise ShardWriteError(_skip_message(skipped, "--strict: missing images"))
+    present = ordered[found.notna()]
+    tasks = [(path, image_size, image_format, jpeg_quality) for path in found[found.notna()]]
+    logger.info("encoding %d images to %d px %s on %d worker process(es)", len(tasks), image_size, image_format,
+                min(workers, len(tasks)))
+
+    encoded = ordered_parallel_map(encode_sample_image, tasks, workers)
+    progress = tqdm(total=len(tasks), unit="img", desc="csi-shards", disable=not sys.stderr.isatty())
+    records_by_split: dict[str, list[dict]] = {name: [] for name in SPLIT_NAMES}
+    shards_by_split: dict[str, list[Path]] = {}
+    rows = iter(present.iterrows())
+
+    def samples_of(split_name: str, count: int) -> Iterator[tuple[str, bytes, dict]]:
+        for _ in range(count):
+            _, row = next(rows)
+            image_bytes, reason = next(encoded)
+            progress.update()
+            if image_bytes is None:
+                skipped.append({"file_id": row[FILE_ID_COLUMN], "row": int(row[LINE_COLUMN]), "reason": reason})
+                continue
+            record = label_record(row)
+            records_by_split[split_name].append(record)
+            yield row["key"], image_bytes, record
+
+    max_count = samples_per_shard or sys.maxsize
+    max_bytes = float("inf") if samples_per_shard else shard_max_mb * 1e6
+    with progress:
+        for name in SPLIT_NAMES:
+            count = int((present[SPLIT_COLUMN] == name).sum())
+            shards_by_split[name] = _write_split_shards(out_dir / name, samples_of(name, count), image_format,
+                                                        max_count, max_bytes)
+    if strict and skipped:
+        raise ShardWriteError(_skip_message(skipped, "--strict: images could not be read"))
+
+    manifest = {
+        "format": FORMAT_VERSION, "image_size": image_size, "image_format": image_format,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source_csv": str(csv_path.resolve()), "source_images": str(images_dir.resolve()),
+        "split_seed": split_seed, "split_fractions": [float(fraction) for fraction in split_fractions],
+        "split_file": str(Path(split_file).resolve()) if split_file else None,
+        "has_ahf_labels": bool(AHF_COLUMN in labels and labels[AHF_COLUMN].notna().any()),
+        "excluded_file_ids": sorted(exclude_ids or []),
+        "splits": {name: {"count": len(records_by_split[name]), "label_histogram": _histogram(records_by_split[name]),
+                          "shards": [shard_entry(out_dir, path) for path in shards_by_split[name]]}
+                   for name in SPLIT_NAMES},
+        "skipped": {"count": len(skipped), "samples": sorted(skipped, key=lambda sample: sample["row"])},
+    }
+    write_json_atomically(manifest, out_dir / MANIFEST_NAME)
+    _log_summary(manifest, out_dir)
+    return manifest
+
+
+def _skip_message(skipped: list[dict], title: str) -> str:
+    shown = "; ".join(f"line {sample['row']} FileID {sample['file_id']}: {sample['reason']}"
+                      for sample in sorted(skipped, key=lambda sample: sample["row"])[:SKIPPED_SHOWN])
+    more = f" (and {len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"{title}: {len(skipped)} sample(s): {shown}{more}"
+
+
+def _log_summary(manifest: dict, out_dir: Path) -> None:
+    splits = manifest["splits"]
+    logger.info("wrote %d samples in %d shard(s) to %s: %s", sum(split["count"] for split in splits.values()),
+                sum(len(split["shards"]) for split in splits.values()), out_dir,
+                ", ".join(f"{name} {split['count']}" for name, split in splits.items()))
+    skipped = manifest["skipped"]["samples"]
+    if skipped:
+        reasons = collections.Counter(sample["reason"].split(":", 1)[0] for sample in skipped)
+        logger.warning("skipped %d sample(s) (%s); listed in %s under 'skipped'. %s", len(skipped),
+                       ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())),
+                       out_dir / MANIFEST_NAME, _skip_message(skipped, "first"))
+
+
+def verify_shards(out_dir: str | Path) -> list[str]:
+    """Recompute count, bytes and sha256 of every shard in the manifest; return one message per problem found."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"{manifest_path}: cannot read manifest: {err}"]
+    if manifest.get("format") != FORMAT_VERSION:
+        return [f"{manifest_path}: format {manifest.get('format')!r}; expected {FORMAT_VERSION!r}"]
+    problems = []
+    for name, split in manifest["splits"].items():
+        listed = sum(shard["count"] for shard in split["shards"])
+        if listed != split["count"]:
+            problems.append(f"{name}: split count {split['count']} but its shards list {listed} samples")
+        for shard in split["shards"]:
+            path = out_dir / shard["path"]
+            if not path.is_file():
+                problems.append(f"{shard['path']}: missing shard")
+                continue
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                state = "truncated" if size < shard["bytes"] else "size changed"
+                problems.append(f"{shard['path']}: {state}: {size} bytes, manifest says {shard['bytes']}")
+            elif file_sha256(path) != shard["sha256"]:
+                problems.append(f"{shard['path']}: modified: sha256 differs from the manifest")
+            try:
+                count = count_samples(path)
+            except (tarfile.TarError, OSError, EOFError) as err:
+                problems.append(f"{shard['path']}: unreadable tar: {err}")
+                continue
+            if count != shard["count"]:
+                problems.append(f"{shard['path']}: {count} samples, manifest says {shard['count']}")
+    return problems
+
+
+def write_demo(out_dir: str | Path = DEFAULT_DEMO_OUT, n_images: int = DEFAULT_DEMO_IMAGES,
+               image_size: int = DEFAULT_DEMO_SIZE, seed: int = 0, workers: int | None = None) -> dict:
+    """Generate the phantom under out_dir/raw (at max(256, image_size) px) and write its shards into out_dir.
+
+    Re-running over an earlier demo replaces it; an `out_dir` holding other shards is refused.
+    """
+    out_dir = Path(out_dir)
+    raw_csv = out_dir / "raw" / "labels.csv"
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        source = json.loads(manifest_path.read_text(encoding="utf-8")).get("source_csv")
+        if source != str(raw_csv.resolve()):
+            raise ShardWriteError(f"{out_dir}: holds shards of {source}, not a demo; choose another --out")
+    csv_path = generate_phantom(out_dir / "raw", n_images, image_size=max(256, image_size), seed=seed,
+                                workers=workers)
+    return write_shards(csv_path, csv_path.parent / "images", out_dir, image_size=image_size, workers=workers,
+                        overwrite=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csi-shards", description="Write and verify CSI WebDataset shards.",
+        epilog="Quick start: csi-shards --demo 200  (phantom data into data/demo_shards)")
+    parser.add_argument("--demo", type=int, nargs="?", const=DEFAULT_DEMO_IMAGES, metavar="N",
+                        help=f"generate N phantom images (default {DEFAULT_DEMO_IMAGES}) under OUT/raw and shard them")
+    parser.add_argument("--out", dest="demo_out", type=Path, default=DEFAULT_DEMO_OUT,
+                        help=f"--demo output directory (default {DEFAULT_DEMO_OUT})")
+    parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE,
+                        help=f"--demo image size (default {DEFAULT_DEMO_SIZE})")
+    parser.add_argument("--workers", dest="demo_workers", type=int, help="--demo worker processes (default: all cores)")
+    commands = parser.add_subparsers(dest="command", metavar="{write,verify}")
+
+    write = commands.add_parser("write", help="write shards from a label CSV and an image directory")
+    write.add_argument("--csv", type=Path, required=True, help="label CSV (';'-separated, FileID + 6 zones + csi)")
+    write.add_argument("--images", type=Path, required=True, help="directory of <FileID>.png/.jpg/.dcm/.nii.gz")
+    write.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
+    write.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image side in pixels")
+    write.add_argument("--image-format", choices=IMAGE_EXTENSIONS, default="png")
+    write.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
+    sizing = write.add_mutually_exclusive_group()
+    sizing.add_argument("--shard-max-mb", type=float, default=DEFAULT_SHARD_MAX_MB,
+                        help="close a shard once it holds this many MB (default)")
+    sizing.add_argument("--samples-per-shard", type=int, help="close a shard after this many samples instead")
+    write.add_argument("--workers", type=int, help="decode/encode processes (default: all usable cores)")
+    write.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed")
+    write.add_argument("--split-fractions", type=float, nargs=3, default=DEFAULT_FRACTIONS,
+                       metavar=("TRAIN", "VAL", "TEST"))
+    write.add_argument("--split-file", type=Path, help="reuse this split.csv instead of computing a split")
+    write.add_argument("--exclude-ids", default="", help="comma-separated FileIDs to leave out")
+    write.add_argument("--strict", action="store_true", help="fail instead of skipping missing/corrupt images")
+    write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    verify = commands.add_parser("verify", help="check every shard of a manifest (exit 1 on any problem)")
+    verify.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `csi-shards`; returns 0 on success, 1 when verify finds problems, 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and args.demo is None:
+        parser.error("give a command (write or verify) or --demo N")
+    try:
+        if args.command == "verify":
+            problems = verify_shards(args.directory)
+            for problem in problems:
+                logger.error("%s", problem)
+            if not problems:
+                logger.info("%s: all shards match the manifest", args.directory)
+            return 1 if problems else 0
+        if args.command == "write":
+            exclude = {file_id.strip() for file_id in args.exclude_ids.split(",") if file_id.strip()}
+            write_shards(args.csv, args.images, args.out, image_size=args.size, image_format=args.image_format,
+                         jpeg_quality=args.jpeg_quality, shard_max_mb=args.shard_max_mb,
+                         samples_per_shard=args.samples_per_shard, workers=args.workers, split_seed=args.seed,
+                         split_fractions=args.split_fractions, split_file=args.split_file, exclude_ids=exclude,
+                         strict=args.strict, overwrite=args.overwrite)
+        else:
+            write_demo(args.demo_out, args.demo, image_size=args.demo_size, workers=args.demo_workers)
+    except (LabelError, SplitError, ImageError, ShardWriteError) as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
