@@ -38,7 +38,7 @@ class DataConfig:
     image_size: int = 0  # 0 = the backbone's native input size
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
     augment: bool = True
-    shuffle_buffer: int = 256
+    shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
 
 
 @dataclass

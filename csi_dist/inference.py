@@ -12,7 +12,7 @@ from csi_dist.loss import WeightedCSILoss
 
 @dataclass
 class SplitPredictions:
-    """Every real sample of a split exactly once, in sequence order (identical on every rank)."""
+    """Every real sample of a split exactly once, in manifest order (identical on every rank)."""
 
     file_ids: list[str]
     zone_probs: np.ndarray  # (N, 6, 5)
@@ -53,7 +53,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         targets.append(zone_targets)
         csi.append(batch["csi"].to(accelerator.device))
         ahf.append(batch["ahf"].to(accelerator.device))
-        index.append(batch["sequence_index"].to(accelerator.device))
+        index.append(batch["sample_index"].to(accelerator.device))
         padding.append(batch["is_padding"].to(accelerator.device))
         failed.append(batch["decode_failed"].to(accelerator.device))
         file_ids.extend(batch["file_id"])

@@ -81,7 +81,7 @@ def resolve_run_dir(config: Config, run_dir: Path | None) -> Path:
 def loader_settings(config: Config, image_size: int, *, train: bool) -> LoaderSettings:
     return LoaderSettings(batch_size=config.training.batch_size, image_size=image_size,
                           normalization=config.data.normalization, augment=train and config.data.augment,
-                          shuffle=train, shuffle_buffer=config.data.shuffle_buffer if train else 0,
+                          shuffle=train, shuffle_window=config.data.shuffle_window if train else 0,
                           seed=config.training.seed, num_workers=config.training.num_workers)
 
 
@@ -122,9 +122,10 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
     val_set = open_split(config.data.shard_dir, "val")
     train_settings = loader_settings(config, image_size, train=True)
     val_settings = loader_settings(config, image_size, train=False)
-    steps_per_epoch = build_loader(train_set, train_settings, epoch=0, rank=rank, world_size=world_size).steps
-    if steps_per_epoch == 0:
+    if train_set.num_samples == 0:
         raise ShardError(f"{config.data.shard_dir}: the train split is empty")
+    global_batch = config.training.batch_size * world_size
+    steps_per_epoch = math.ceil(train_set.num_samples / global_batch)  # the same on every rank (shard_plan)
     updates_per_epoch = math.ceil(steps_per_epoch / config.training.gradient_accumulation_steps)
 
     # --- model, loss, optimizer, schedule (identical initial weights on every rank) ------------------------
@@ -147,9 +148,9 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
     torch.manual_seed(config.training.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 
     # --- resume ----------------------------------------------------------------------------------------------
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "bad_steps": 0,
-             "world_size": world_size, "batch_size": config.training.batch_size,
-             "num_workers": config.training.num_workers}
+    # epoch_position: samples of the epoch's order consumed so far (global, any world size; see shard_plan)
+    state = {"epoch": 0, "epoch_position": 0, "global_step": 0, "history": [], "bad_steps": 0,
+             "world_size": world_size}
     checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto" else Path(resume))
     if checkpoint_path is not None:
         loaded = load_checkpoint(checkpoint_path, rank)
@@ -161,17 +162,11 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
         schedule.load_state_dict(loaded["schedule"])
         saved = loaded["trainer_state"]
         early_stopping.load_state_dict(saved["early_stopping"])
-        same_layout = (saved["world_size"], saved["batch_size"], saved["num_workers"]) == (
-            world_size, config.training.batch_size, config.training.num_workers)
-        if saved["step_in_epoch"] and not same_layout:
-            log.warning("checkpoint was taken mid-epoch with another world size/batch/workers: "
-                        "epoch %d restarts from its beginning", saved["epoch"])
-            saved["step_in_epoch"] = 0
-        state.update({key: saved[key] for key in ("epoch", "step_in_epoch", "global_step", "history", "bad_steps")})
-        if loaded["rng"] is not None and same_layout:
-            set_rng_state(loaded["rng"])
-        log.info("resumed from %s: epoch %d, step %d of the epoch, %d optimizer steps",
-                 checkpoint_path, state["epoch"], state["step_in_epoch"], state["global_step"])
+        state.update({key: saved[key] for key in ("epoch", "epoch_position", "global_step", "history", "bad_steps")})
+        if loaded["rng"] is not None and saved["world_size"] == world_size:
+            set_rng_state(loaded["rng"])  # on another world size the dropout streams start afresh
+        log.info("resumed from %s: epoch %d, sample %d of the epoch, %d optimizer steps",
+                 checkpoint_path, state["epoch"], state["epoch_position"], state["global_step"])
 
     tracker = Tracker(run_dir, config, run_dir.name, enabled=accelerator.is_main_process)
     watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
@@ -197,15 +192,16 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
     while state["epoch"] < config.training.n_epochs and state["global_step"] < max_steps:
         epoch = state["epoch"]
         loader = build_loader(train_set, train_settings, epoch=epoch, rank=rank, world_size=world_size,
-                              steps_done=state["step_in_epoch"], pin_memory=accelerator.device.type == "cuda")
+                              start_position=state["epoch_position"], pin_memory=accelerator.device.type == "cuda")
+        first_step = state["epoch_position"] // global_batch  # steps of this epoch already taken (resume)
         model.train()
-        progress = tqdm(total=loader.steps, initial=loader.start_step, desc=f"epoch {epoch}", unit="batch",
+        progress = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", unit="batch",
                         disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         window_loss = torch.zeros((), device=accelerator.device)
         window_start, window_images, window_batches = time.perf_counter(), 0, 0
-        for step_in_epoch, batch in enumerate(loader, start=loader.start_step):
+        for step_in_epoch, batch in enumerate(loader, start=first_step):
             images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
-            is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == loader.steps
+            is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == steps_per_epoch
             with accelerator.no_sync(model) if not is_update_step else contextlib.nullcontext():
                 with accelerator.autocast():
                     zone_logits = model(images)
@@ -214,7 +210,7 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
             window_loss += loss.detach()
             window_images += images.shape[0]
             window_batches += 1
-            state["step_in_epoch"] = step_in_epoch + 1
+            state["epoch_position"] += global_batch
             progress.update(1)
             if not is_update_step:
                 continue
@@ -250,14 +246,14 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
                 tracker.close()
                 watcher.finish_after_checkpoint(accelerator)
             every = config.callbacks.checkpoint_every_steps
-            if every and state["global_step"] % every == 0 and state["step_in_epoch"] < loader.steps:
+            if every and state["global_step"] % every == 0 and state["epoch_position"] < train_set.num_samples:
                 checkpoint()
             if state["global_step"] >= max_steps:
                 break
         progress.close()
 
         # --- end of epoch: evaluate, schedule, early stopping, best weights, checkpoint ----------------------
-        epoch_finished = state["step_in_epoch"] >= loader.steps
+        epoch_finished = state["epoch_position"] >= train_set.num_samples
         record = {"epoch": epoch, "global_step": state["global_step"], "lr": optimizer.param_groups[0]["lr"]}
         val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
                                   pin_memory=accelerator.device.type == "cuda")
@@ -283,7 +279,7 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
         if accelerator.is_main_process:
             atomic_write_json(run_dir / "training_history.json", state["history"])
         if epoch_finished:
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            state["epoch"], state["epoch_position"] = epoch + 1, 0
         if early_stopping.should_stop:
             stop_reason = f"early stopping: no improvement of {config.callbacks.monitor} in " \
                           f"{early_stopping.patience} evaluations"

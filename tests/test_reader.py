@@ -14,25 +14,36 @@ from shard_factory import write_shards
 
 
 def epoch_indices(loader) -> list[list[int]]:
-    return [batch["sequence_index"].tolist() for batch in loader]
+    return [batch["sample_index"].tolist() for batch in loader]
 
 
 @pytest.mark.parametrize("counts,world,batch,workers", [([10, 3, 7], 2, 4, 2), ([5], 4, 3, 3), ([1, 0, 9, 2], 3, 2, 1)])
 def test_plan_covers_every_sample_once_and_gives_equal_steps(counts, world, batch, workers):
-    plan = plan_epoch(counts, epoch=3, seed=1, shuffle=True, world_size=world, batch_size=batch, num_workers=workers)
-    real = []
+    plan = plan_epoch(counts, epoch=3, seed=1, shuffle=True, shuffle_window=4, world_size=world, batch_size=batch,
+                      num_workers=workers)
+    assert plan.steps == -(-sum(counts) // (world * batch))
+    samples, padding = [], 0
     for rank in range(world):
-        batches = 0
-        for worker in range(workers):
-            worker_slice = plan.worker_slice(rank, worker)
-            batches += worker_slice.num_batches
-            for shard, first, count in plan.segments(worker_slice.start, worker_slice.num_batches * batch):
-                assert 0 <= first and first + count <= counts[shard]
-        assert batches == plan.steps
-    total = plan.steps * batch * world
-    positions = [p for p in range(total) if p < sum(counts)]
-    real.extend(positions)
-    assert sorted(real) == list(range(sum(counts)))
+        steps = sorted(step for worker in range(workers) for step in plan.worker_steps(worker))
+        assert steps == list(range(plan.steps))  # every step produced by exactly one worker
+        for step in steps:
+            for position in plan.batch_positions(step, rank):
+                shard, index, is_padding = plan.sample_at(position)
+                assert 0 <= index < counts[shard]
+                padding += is_padding
+                if not is_padding:
+                    samples.append((shard, index))
+    assert sorted(samples) == sorted((shard, i) for shard, count in enumerate(counts) for i in range(count))
+    assert padding == plan.steps * world * batch - sum(counts)
+
+
+def test_global_batches_do_not_depend_on_the_world_size():
+    one = plan_epoch([7, 9, 4], epoch=0, seed=5, shuffle=True, shuffle_window=8, world_size=1, batch_size=8,
+                     num_workers=1)
+    two = plan_epoch([7, 9, 4], epoch=0, seed=5, shuffle=True, shuffle_window=8, world_size=2, batch_size=4,
+                     num_workers=2)
+    for step in range(one.steps):
+        assert list(one.batch_positions(step, 0)) == [*two.batch_positions(step, 0), *two.batch_positions(step, 1)]
 
 
 def test_two_processes_two_workers_see_every_sample_exactly_once(tmp_path: Path):
@@ -53,7 +64,7 @@ def test_two_processes_two_workers_see_every_sample_exactly_once(tmp_path: Path)
 
 def test_epochs_are_shuffled_differently_but_reproducibly(tmp_path: Path):
     shard_set = open_split(write_shards(tmp_path / "s", {"train": [8, 8, 8]}), "train")
-    settings = LoaderSettings(batch_size=4, image_size=16, shuffle=True, shuffle_buffer=6, seed=3, num_workers=0)
+    settings = LoaderSettings(batch_size=4, image_size=16, shuffle=True, shuffle_window=6, seed=3, num_workers=0)
     first = epoch_indices(build_loader(shard_set, settings, epoch=0, rank=0, world_size=1))
     again = epoch_indices(build_loader(shard_set, settings, epoch=0, rank=0, world_size=1))
     other = epoch_indices(build_loader(shard_set, settings, epoch=1, rank=0, world_size=1))
@@ -65,13 +76,13 @@ def test_epochs_are_shuffled_differently_but_reproducibly(tmp_path: Path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_position_equals_uninterrupted_order(tmp_path: Path, workers: int):
     shard_set = open_split(write_shards(tmp_path / "s", {"train": [9, 14, 6]}), "train")
-    settings = LoaderSettings(batch_size=3, image_size=16, shuffle=True, shuffle_buffer=5, augment=True, seed=11,
+    settings = LoaderSettings(batch_size=3, image_size=16, shuffle=True, shuffle_window=5, augment=True, seed=11,
                               num_workers=workers)
-    full = [(b["sequence_index"].tolist(), b["image"].sum().item())
+    full = [(b["sample_index"].tolist(), b["image"].sum().item())
             for b in build_loader(shard_set, settings, epoch=2, rank=1, world_size=2)]
     for steps_done in (1, 2, 4):
-        resumed = build_loader(shard_set, settings, epoch=2, rank=1, world_size=2, steps_done=steps_done)
-        tail = [(b["sequence_index"].tolist(), b["image"].sum().item()) for b in resumed]
+        resumed = build_loader(shard_set, settings, epoch=2, rank=1, world_size=2, start_position=steps_done * 6)
+        tail = [(b["sample_index"].tolist(), b["image"].sum().item()) for b in resumed]
         assert tail == full[steps_done:]
 
 
@@ -81,7 +92,7 @@ def test_corrupt_image_is_a_counted_skip_that_keeps_the_step_count(tmp_path: Pat
     settings = LoaderSettings(batch_size=4, image_size=16, num_workers=0)
     batches = list(build_loader(shard_set, settings, epoch=0, rank=0, world_size=1))
     assert len(batches) == 3
-    failed = [fid for b in batches for fid, bad in zip(b["sequence_index"].tolist(), b["decode_failed"]) if bad]
+    failed = [fid for b in batches for fid, bad in zip(b["sample_index"].tolist(), b["decode_failed"]) if bad]
     assert failed == [4]
 
 

@@ -1,4 +1,7 @@
-"""Distributed shard reader: manifest checks, per-rank/per-worker streams over tar shards, batches on the host.
+"""Distributed shard reader: manifest checks, indexed reads from WebDataset tar shards, batches on the host.
+
+Each worker indexes a shard once (member offsets from the tar headers) and then reads the samples its plan asks
+for with a seek and a read, so any rank can start at any position of the epoch (see shard_plan).
 
 Never pass these loaders through `accelerator.prepare()`: they already split by rank and worker (accelerate would
 split them again and silently drop data). The trainer moves batches to the device itself.
@@ -7,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
@@ -89,114 +92,103 @@ class LoaderSettings:
     normalization: str = "medical"
     augment: bool = False
     shuffle: bool = False
-    shuffle_buffer: int = 0
+    shuffle_window: int = 0  # samples shuffled together (windows span shards); 0 = shard order only
     seed: int = 42
     num_workers: int = 0
 
 
-@dataclass
-class RawSample:
-    position: int  # in the padded epoch sequence
-    sequence_index: int  # in [0, N): which real sample this is
-    is_padding: bool
-    members: dict | None  # tar members by extension; None when the shard could not be read
-    failure: str = ""
+class ShardIndex:
+    """Offsets and sizes of every sample's members in one tar shard, read from its headers."""
 
-
-def _read_segment(shard: ShardInfo, first: int, count: int) -> Iterator[dict | str]:
-    """Samples [first, first + count) of one shard; a read failure yields its message for each missing sample."""
-    delivered = 0
-    try:
-        with open(shard.path, "rb") as stream:
-            files = ({**member, "__url__": str(shard.path)} for member in tar_file_iterator(stream))
-            for index, members in enumerate(group_by_keys(files)):
-                if index < first:
+    def __init__(self, shard: ShardInfo):
+        self.shard = shard
+        self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        with tarfile.open(shard.path, "r:") as archive:
+            for member in archive:
+                if not member.isreg():
                     continue
-                if delivered == count:
-                    break
-                delivered += 1
-                yield members
-    except Exception as error:  # noqa: BLE001 - tarfile raises several types for damaged archives
-        message = f"shard {shard.path} unreadable after sample {first + delivered}: {error}"
-        log.error(message)
-        while delivered < count:
-            delivered += 1
-            yield message
-        return
-    if delivered < count:
-        message = f"shard {shard.path} ended after {first + delivered} samples, the manifest says {shard.count}"
-        log.error(message)
-        for _ in range(count - delivered):
-            yield message
+                key, extension = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not self.samples or self.samples[-1][0] != key:
+                    self.samples.append((key, {}))
+                self.samples[-1][1][extension.lower()] = (member.offset_data, member.size)
+        if len(self.samples) != shard.count:
+            raise ShardError(f"shard {shard.path} holds {len(self.samples)} samples, the manifest says {shard.count}")
+
+
+class ShardReader:
+    """Random access to samples of a shard set, with indexes and open files kept per worker."""
+
+    def __init__(self, shard_set: ShardSet):
+        self.shard_set = shard_set
+        self.indexes: dict[int, ShardIndex | str] = {}
+        self.files: dict[int, object] = {}
+
+    def read(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
+        """(key, member bytes by extension); raises ShardError naming the shard when it cannot be read."""
+        if shard not in self.indexes:
+            try:
+                self.indexes[shard] = ShardIndex(self.shard_set.shards[shard])
+            except (OSError, tarfile.TarError, ShardError) as error:
+                self.indexes[shard] = f"shard {self.shard_set.shards[shard].path} unreadable: {error}"
+                log.error("%s", self.indexes[shard])
+        shard_index = self.indexes[shard]
+        if isinstance(shard_index, str):
+            raise ShardError(shard_index)
+        if shard not in self.files:
+            self.files[shard] = open(self.shard_set.shards[shard].path, "rb")
+        handle = self.files[shard]
+        key, members = shard_index.samples[index]
+        data = {}
+        for extension, (offset, size) in members.items():
+            handle.seek(offset)
+            data[extension] = handle.read(size)
+        return key, data
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+        self.files.clear()
 
 
 class ShardStream(IterableDataset):
-    """One rank's share of one epoch; inside DataLoader workers each worker reads its own slice of it."""
+    """One rank's batches of one epoch; each DataLoader worker builds the steps the plan assigns to it."""
 
-    def __init__(self, shard_set: ShardSet, plan: EpochPlan, settings: LoaderSettings, *, epoch: int, rank: int,
-                 steps_done: int = 0):
+    def __init__(self, shard_set: ShardSet, plan: EpochPlan, settings: LoaderSettings, *, epoch: int, rank: int):
         self.shard_set = shard_set
         self.plan = plan
         self.settings = settings
         self.epoch = epoch
         self.rank = rank
-        self.steps_done = steps_done
-        self.consumed_batches = plan.batches_consumed_per_worker(steps_done)
+        counts = [shard.count for shard in shard_set.shards]
+        self.shard_starts = [sum(counts[:i]) for i in range(len(counts))]  # sample_index = manifest order
 
-    def _raw_samples(self, worker: int) -> Iterator[RawSample]:
-        worker_slice = self.plan.worker_slice(self.rank, worker)
-        position = worker_slice.start
-        for shard_index, first, count in self.plan.segments(worker_slice.start,
-                                                            worker_slice.num_batches * self.settings.batch_size):
-            offset_in_sequence = position % self.plan.num_samples
-            for item in _read_segment(self.shard_set.shards[shard_index], first, count):
-                members, failure = (None, item) if isinstance(item, str) else (item, "")
-                yield RawSample(position, offset_in_sequence, position >= self.plan.num_samples, members, failure)
-                position += 1
-                offset_in_sequence += 1
-
-    def _shuffled(self, samples: Iterator[RawSample], worker: int) -> Iterator[RawSample]:
-        if not (self.settings.shuffle and self.settings.shuffle_buffer > 1):
-            yield from samples
-            return
-        rng = random.Random(f"{self.settings.seed}/{self.epoch}/{self.rank}/{worker}")
-        buffer: list[RawSample] = []
-        for sample in samples:
-            if len(buffer) < self.settings.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            pick = rng.randrange(len(buffer))
-            buffer[pick], sample = sample, buffer[pick]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _decode(self, raw: RawSample) -> dict:
+    def _sample(self, reader: ShardReader, position: int) -> dict:
         settings = self.settings
-        sample = {"position": raw.position, "sequence_index": raw.sequence_index, "is_padding": raw.is_padding,
-                  "file_id": "", "zones": [UNKNOWN_CLASS] * NUM_ZONES, "csi": float("nan"), "ahf": float("nan"),
+        shard, index, is_padding = self.plan.sample_at(position)
+        sample = {"sample_index": self.shard_starts[shard] + index, "is_padding": is_padding, "file_id": "",
+                  "zones": [UNKNOWN_CLASS] * NUM_ZONES, "csi": float("nan"), "ahf": float("nan"),
                   "decode_failed": False}
-        failure = raw.failure
-        if raw.members is not None:
-            key = raw.members.get("__key__", "?")
-            try:
-                labels = json.loads(raw.members[LABEL_EXTENSION])
-                image_bytes = next(raw.members[ext] for ext in IMAGE_EXTENSIONS if ext in raw.members)
-                zones = [int(zone) for zone in labels["zones"]]
-                if len(zones) != NUM_ZONES or not all(0 <= zone <= UNKNOWN_CLASS for zone in zones):
-                    raise ValueError(f"zones {labels['zones']} are not {NUM_ZONES} values in 0..{UNKNOWN_CLASS}")
-                pixels = decode_grayscale(image_bytes, settings.image_size)
-                generator = sample_generator(settings.seed, self.epoch, raw.position) if settings.augment else None
-                sample.update(file_id=str(labels["file_id"]), zones=zones,
-                              csi=float("nan") if labels.get("csi") is None else float(labels["csi"]),
-                              ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]),
-                              image=to_model_input(pixels, settings.normalization, generator))
-            except (DecodeError, KeyError, ValueError, TypeError, StopIteration) as error:
-                failure = f"sample {key!r} in {raw.members.get('__url__', 'a shard')}: {type(error).__name__}: {error}"
-                log.warning("skipping undecodable %s", failure)
-        if "image" not in sample:
+        where = f"sample {index} of {self.shard_set.shards[shard].path}"
+        try:
+            key, members = reader.read(shard, index)
+            where = f"sample {key!r} of {self.shard_set.shards[shard].path}"
+            labels = json.loads(members[LABEL_EXTENSION])
+            image_bytes = next(members[ext] for ext in IMAGE_EXTENSIONS if ext in members)
+            zones = [int(zone) for zone in labels["zones"]]
+            if len(zones) != NUM_ZONES or not all(0 <= zone <= UNKNOWN_CLASS for zone in zones):
+                raise ValueError(f"zones {labels['zones']} are not {NUM_ZONES} values in 0..{UNKNOWN_CLASS}")
+            pixels = decode_grayscale(image_bytes, settings.image_size)
+            generator = sample_generator(settings.seed, self.epoch, position) if settings.augment else None
+            sample.update(file_id=str(labels["file_id"]), zones=zones,
+                          csi=float("nan") if labels.get("csi") is None else float(labels["csi"]),
+                          ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]),
+                          image=to_model_input(pixels, settings.normalization, generator))
+        except (ShardError, DecodeError, KeyError, ValueError, TypeError, StopIteration) as error:
+            if not isinstance(error, ShardError):  # an unreadable shard was logged once already
+                log.warning("skipping undecodable %s: %s: %s", where, type(error).__name__, error)
             sample["decode_failed"] = True
-            sample["failure"] = failure
             sample["image"] = torch.zeros(1, settings.image_size, settings.image_size)
         return sample
 
@@ -204,18 +196,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers != self.plan.num_workers:
             raise RuntimeError(f"planned {self.plan.num_workers} workers, DataLoader has {info.num_workers}")
-        worker = self.plan.logical_worker(0 if info is None else info.id, self.steps_done)
-        skip = self.consumed_batches[worker] * self.settings.batch_size
-        batch: list[dict] = []
-        for index, raw in enumerate(self._shuffled(self._raw_samples(worker), worker)):
-            if index < skip:
-                continue  # resuming mid-epoch: replay the stream without decoding what was already trained on
-            batch.append(self._decode(raw))
-            if len(batch) == self.settings.batch_size:
-                yield collate(batch)
-                batch = []
-        if batch:
-            raise RuntimeError(f"worker {worker} of rank {self.rank} ended with a partial batch ({len(batch)})")
+        reader = ShardReader(self.shard_set)
+        try:
+            for step in self.plan.worker_steps(0 if info is None else info.id):
+                yield collate([self._sample(reader, position) for position in self.plan.batch_positions(step, self.rank)])
+        finally:
+            reader.close()
 
 
 def collate(samples: list[dict]) -> dict:
@@ -224,7 +210,7 @@ def collate(samples: list[dict]) -> dict:
         "zones": torch.tensor([sample["zones"] for sample in samples], dtype=torch.long),
         "csi": torch.tensor([sample["csi"] for sample in samples], dtype=torch.float32),
         "ahf": torch.tensor([sample["ahf"] for sample in samples], dtype=torch.float32),
-        "sequence_index": torch.tensor([sample["sequence_index"] for sample in samples], dtype=torch.long),
+        "sample_index": torch.tensor([sample["sample_index"] for sample in samples], dtype=torch.long),
         "is_padding": torch.tensor([sample["is_padding"] for sample in samples], dtype=torch.bool),
         "decode_failed": torch.tensor([sample["decode_failed"] for sample in samples], dtype=torch.bool),
         "file_id": [sample["file_id"] for sample in samples],
@@ -237,10 +223,11 @@ class EpochLoader:
     def __init__(self, stream: ShardStream, pin_memory: bool):
         self.stream = stream
         self.steps = stream.plan.steps
-        self.start_step = stream.steps_done
         workers = stream.settings.num_workers
+        # a private generator: creating the iterator must not draw from the global RNG (exact resume)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
+                                 prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return self.steps
@@ -250,10 +237,9 @@ class EpochLoader:
 
 
 def build_loader(shard_set: ShardSet, settings: LoaderSettings, *, epoch: int, rank: int, world_size: int,
-                 steps_done: int = 0, pin_memory: bool = False) -> EpochLoader:
-    """The loader of one rank for one epoch, starting after `steps_done` batches (mid-epoch resume)."""
+                 start_position: int = 0, pin_memory: bool = False) -> EpochLoader:
+    """The loader of one rank for one epoch, starting after `start_position` samples (mid-epoch resume)."""
     plan = plan_epoch([shard.count for shard in shard_set.shards], epoch=epoch, seed=settings.seed,
-                      shuffle=settings.shuffle, world_size=world_size, batch_size=settings.batch_size,
-                      num_workers=settings.num_workers)
-    return EpochLoader(ShardStream(shard_set, plan, settings, epoch=epoch, rank=rank, steps_done=steps_done),
-                       pin_memory)
+                      shuffle=settings.shuffle, shuffle_window=settings.shuffle_window, world_size=world_size,
+                      batch_size=settings.batch_size, num_workers=settings.num_workers, start_position=start_position)
+    return EpochLoader(ShardStream(shard_set, plan, settings, epoch=epoch, rank=rank), pin_memory)

@@ -1,11 +1,15 @@
-"""Epoch planning over uneven shards: equal batches per rank, exactly-once samples, masked padding, resumable.
+"""Epoch planning over uneven shards: world-size-independent global batches, exactly-once samples, masked padding.
 
-The epoch is one sequence of sample positions over the concatenated shards (shard order shuffled by seed and
-epoch). It is padded to `world_size * steps * batch_size` positions, where `steps = ceil(N / (world_size *
-batch_size))`; padding positions wrap to the start and are flagged so the loss and the metrics ignore them.
-Each rank reads one contiguous block of that sequence; inside a rank, each DataLoader worker reads a contiguous
-sub-block holding a whole number of batches, so every rank yields exactly `steps` batches whatever the shard
-sizes and no DDP collective can wait on an exhausted rank.
+An epoch is one order of all N samples: shards in a (seed, epoch)-shuffled order, then samples shuffled inside
+windows of `shuffle_window` consecutive positions (windows span shard boundaries). Global step t takes positions
+[t * G, (t + 1) * G) with G = world_size * batch_size, and rank r takes its batch_size slice of that range. So:
+
+- a global batch holds the same samples on 1, 2 or 64 ranks (the same global batch gives the same step);
+- every rank runs exactly `steps = ceil(N / G)` steps whatever the shard sizes: positions past N wrap to the
+  start and are flagged as padding, which the loss and the metrics ignore; no rank waits in a collective for
+  an exhausted peer;
+- the state of an epoch is one number, the count of positions consumed, so a run resumes at the exact sample,
+  even on another world size, as long as the global batch is unchanged (else from the same sample on).
 """
 from __future__ import annotations
 
@@ -16,77 +20,64 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class WorkerSlice:
-    """The positions one worker of one rank reads: [start, start + num_batches * batch_size) of the padded epoch."""
-
-    start: int
-    num_batches: int
-
-
-@dataclass(frozen=True)
 class EpochPlan:
-    shard_order: tuple[int, ...]  # shard indices in reading order
-    shard_counts: tuple[int, ...]  # samples per shard, in manifest order
-    num_samples: int  # real samples in the epoch (N)
-    steps: int  # batches per rank
+    shard_of_position: np.ndarray  # (N,) shard index of each position in epoch order
+    index_in_shard: np.ndarray  # (N,) sample index inside that shard
+    start_position: int  # positions consumed before this loader starts (mid-epoch resume)
     batch_size: int
     world_size: int
     num_workers: int
 
-    def rank_start(self, rank: int) -> int:
-        return rank * self.steps * self.batch_size
+    @property
+    def num_samples(self) -> int:
+        return int(self.shard_of_position.shape[0])
 
-    def worker_batches(self, worker: int) -> int:
-        """Batches of one worker: steps split as evenly as possible, earlier workers take the remainder."""
-        return self.steps // self.num_workers + (1 if worker < self.steps % self.num_workers else 0)
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
-    def worker_slice(self, rank: int, worker: int) -> WorkerSlice:
-        earlier = sum(self.worker_batches(w) for w in range(worker))
-        return WorkerSlice(self.rank_start(rank) + earlier * self.batch_size, self.worker_batches(worker))
+    @property
+    def steps(self) -> int:
+        """Batches every rank yields from start_position to the end of the epoch."""
+        remaining = self.num_samples - self.start_position
+        return math.ceil(remaining / self.global_batch) if remaining > 0 else 0
 
-    def batches_consumed_per_worker(self, steps_done: int) -> list[int]:
-        """How many batches each worker had delivered after `steps_done` batches of its rank.
+    def batch_positions(self, step: int, rank: int) -> range:
+        first = self.start_position + step * self.global_batch + rank * self.batch_size
+        return range(first, first + self.batch_size)
 
-        torch's DataLoader takes batches from an iterable dataset's workers round-robin, so batch t of a rank
-        comes from worker t % num_workers (earlier workers hold the remainder, so none runs dry early).
-        """
-        if not 0 <= steps_done <= self.steps:
-            raise ValueError(f"steps_done={steps_done} is outside the {self.steps} steps of this epoch")
-        return [max(0, -(-(steps_done - worker) // self.num_workers)) for worker in range(self.num_workers)]
+    def worker_steps(self, worker: int) -> range:
+        """The steps one DataLoader worker produces: torch's DataLoader takes them round-robin from worker 0."""
+        return range(worker, self.steps, self.num_workers)
 
-    def logical_worker(self, physical_worker: int, steps_done: int) -> int:
-        """The worker slice a DataLoader worker serves when the loader starts after `steps_done` batches.
-
-        A new DataLoader always starts its round-robin at worker 0, while the uninterrupted epoch would continue
-        with worker steps_done % num_workers: rotating the roles keeps the batch order identical.
-        """
-        return (physical_worker + steps_done) % self.num_workers
-
-    def segments(self, start: int, length: int) -> list[tuple[int, int, int]]:
-        """(shard index, first sample in shard, count) runs covering padded positions [start, start + length)."""
-        runs: list[tuple[int, int, int]] = []
-        if self.num_samples == 0:
-            return runs
-        position = start
-        end = start + length
-        offsets = np.cumsum([0] + [self.shard_counts[i] for i in self.shard_order])
-        while position < end:
-            sequence_index = position % self.num_samples
-            slot = int(np.searchsorted(offsets, sequence_index, side="right")) - 1
-            shard = self.shard_order[slot]
-            first = sequence_index - int(offsets[slot])
-            take = min(self.shard_counts[shard] - first, end - position, self.num_samples - sequence_index)
-            runs.append((shard, first, take))
-            position += take
-        return runs
+    def sample_at(self, position: int) -> tuple[int, int, bool]:
+        """(shard, index in shard, is padding) of a position; padding positions repeat the epoch's start."""
+        sequence_index = position % self.num_samples
+        return (int(self.shard_of_position[sequence_index]), int(self.index_in_shard[sequence_index]),
+                position >= self.num_samples)
 
 
-def plan_epoch(shard_counts: list[int] | tuple[int, ...], *, epoch: int, seed: int, shuffle: bool, world_size: int,
-               batch_size: int, num_workers: int) -> EpochPlan:
-    num_samples = int(sum(shard_counts))
-    order = list(range(len(shard_counts)))
-    if shuffle:
-        order = [int(i) for i in np.random.default_rng([seed, epoch]).permutation(len(shard_counts))]
-    steps = math.ceil(num_samples / (world_size * batch_size)) if num_samples else 0
-    return EpochPlan(tuple(order), tuple(int(c) for c in shard_counts), num_samples, steps, batch_size, world_size,
-                     max(1, num_workers))
+def epoch_order(shard_counts: list[int] | tuple[int, ...], *, epoch: int, seed: int, shuffle: bool,
+                shuffle_window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, index in shard) for every position of the epoch, the same on every rank and world size."""
+    counts = np.asarray(shard_counts, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+    shards = np.repeat(shard_order, counts[shard_order])
+    indices = np.concatenate([np.arange(counts[s]) for s in shard_order]) if len(counts) else np.zeros(0, np.int64)
+    if shuffle and shuffle_window > 1:
+        for start in range(0, len(shards), shuffle_window):
+            window = slice(start, start + shuffle_window)
+            permutation = rng.permutation(len(shards[window]))
+            shards[window], indices[window] = shards[window][permutation], indices[window][permutation]
+    return shards.astype(np.int64), indices.astype(np.int64)
+
+
+def plan_epoch(shard_counts: list[int] | tuple[int, ...], *, epoch: int, seed: int, shuffle: bool,
+               shuffle_window: int, world_size: int, batch_size: int, num_workers: int,
+               start_position: int = 0) -> EpochPlan:
+    shards, indices = epoch_order(shard_counts, epoch=epoch, seed=seed, shuffle=shuffle,
+                                  shuffle_window=shuffle_window)
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
+    return EpochPlan(shards, indices, start_position, batch_size, world_size, max(1, num_workers))

@@ -10,10 +10,10 @@ from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 shard_dir, out_path, epoch, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-settings = LoaderSettings(batch_size=4, image_size=16, shuffle=True, shuffle_buffer=8, augment=True, seed=7,
+settings = LoaderSettings(batch_size=4, image_size=16, shuffle=True, shuffle_window=8, augment=True, seed=7,
                           num_workers=workers)
 loader = build_loader(open_split(shard_dir, "train"), settings, epoch=epoch, rank=rank, world_size=world)
-batches = [{"index": b["sequence_index"].tolist(), "padding": b["is_padding"].tolist(), "file_id": b["file_id"],
+batches = [{"index": b["sample_index"].tolist(), "padding": b["is_padding"].tolist(), "file_id": b["file_id"],
             "pixel": b["image"][:, 0, 0, 0].tolist()} for b in loader]
 everything = [None] * world
 dist.all_gather_object(everything, {"rank": rank, "steps": len(loader), "batches": batches})
