@@ -1,0 +1,164 @@
+"""csi-shards: manifest and tar contents agree, bad inputs are skipped or rejected, verify finds damage."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+
+import pytest
+
+from csi_dist.data.labels import read_label_csv
+from csi_dist.data.phantom import generate_phantom
+from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
+from csi_dist.data.shards import ShardWriteError, main, sample_keys, verify_shards, write_shards
+from csi_dist.domain import ZONE_NAMES
+from tests.data_helpers import label_row, write_csv, write_png, gradient_image
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """40 phantom images at 48 px (labels.csv + images/)."""
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), 40, image_size=48, seed=1, workers=1)
+
+
+def tar_samples(path):
+    """{key: {extension: bytes}} of one tar, read with the standard library."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, extension = member.name.split(".", 1)
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+def test_manifest_matches_tar_contents(phantom, tmp_path):
+    out = tmp_path / "shards"
+    manifest = write_shards(phantom, phantom.parent / "images", out, image_size=32, samples_per_shard=8, workers=1)
+    labels = read_label_csv(phantom).set_index("FileID")
+    seen = set()
+    for name in SPLIT_NAMES:
+        split = manifest["splits"][name]
+        histogram = {zone: [0] * 5 for zone in ZONE_NAMES}
+        for shard in split["shards"]:
+            path = out / shard["path"]
+            assert shard["bytes"] == path.stat().st_size
+            assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            samples = tar_samples(path)
+            assert shard["count"] == len(samples) <= 8
+            for key, members in samples.items():
+                assert set(members) == {"png", "json"}
+                label = json.loads(members["json"])
+                assert list(label) == ["file_id", "zones", "csi", "ahf", "patient_id"]
+                row = labels.loc[label["file_id"]]
+                assert key == label["file_id"] and label["zones"] == row[list(ZONE_NAMES)].tolist()
+                assert label["ahf"] == int(row["ahf"]) and label["patient_id"] == row["patient_id"]
+                for zone, grade in zip(ZONE_NAMES, label["zones"]):
+                    histogram[zone][grade] += 1
+                seen.add(label["file_id"])
+        assert split["count"] == sum(shard["count"] for shard in split["shards"])
+        assert split["label_histogram"] == histogram
+    assert seen == set(labels.index) and manifest["skipped"]["count"] == 0
+    assert json.loads((out / MANIFEST_NAME).read_text()) == manifest
+    assert (out / SPLIT_FILE_NAME).read_text().startswith("FileID;patient_id;split\n")
+    assert verify_shards(out) == []
+
+
+def test_images_decode_with_webdataset(phantom, tmp_path):
+    import numpy as np
+    import webdataset
+
+    out = tmp_path / "shards"
+    manifest = write_shards(phantom, phantom.parent / "images", out, image_size=24, image_format="jpg", workers=1)
+    url = str(out / manifest["splits"]["train"]["shards"][0]["path"])
+    sample = next(iter(webdataset.WebDataset(url, shardshuffle=False).decode("l8")))
+    assert np.asarray(sample["jpg"]).shape == (24, 24) and len(sample["json"]["zones"]) == 6
+
+
+def test_output_is_deterministic_across_worker_counts(phantom, tmp_path):
+    first = write_shards(phantom, phantom.parent / "images", tmp_path / "a", image_size=16, workers=1)
+    second = write_shards(phantom, phantom.parent / "images", tmp_path / "b", image_size=16, workers=2)
+    assert first["splits"] == second["splits"]
+    assert (tmp_path / "a" / SPLIT_FILE_NAME).read_text() == (tmp_path / "b" / SPLIT_FILE_NAME).read_text()
+
+
+def test_missing_and_corrupt_images_are_skipped_and_listed(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    for file_id in ("1", "2", "3", "4"):
+        write_png(images / f"{file_id}.png", gradient_image())
+    (images / "3.png").write_bytes((images / "3.png").read_bytes()[:60])  # truncated PNG
+    (images / "4.png").unlink()
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row(file_id) for file_id in ("1", "2", "3", "4")])
+
+    with caplog.at_level(logging.WARNING):
+        manifest = write_shards(csv_path, images, tmp_path / "out", image_size=16, workers=1,
+                                split_fractions=(1.0, 0.0, 0.0))
+    skipped = manifest["skipped"]
+    assert skipped["count"] == 2
+    assert [(sample["file_id"], sample["row"]) for sample in skipped["samples"]] == [("3", 4), ("4", 5)]
+    assert "CorruptImageError" in skipped["samples"][0]["reason"] and "3.png" in skipped["samples"][0]["reason"]
+    assert "MissingImageError" in skipped["samples"][1]["reason"]
+    assert manifest["splits"]["train"]["count"] == 2
+    assert "skipped 2 sample(s)" in caplog.text
+    # Empty splits are valid: count 0, no shards.
+    assert manifest["splits"]["val"] == {"count": 0, "label_histogram": {zone: [0] * 5 for zone in ZONE_NAMES},
+                                         "shards": []}
+
+    with pytest.raises(ShardWriteError, match="--strict.*line 5 FileID 4"):
+        write_shards(csv_path, images, tmp_path / "strict", image_size=16, workers=1, strict=True)
+    (images / "4.png").write_bytes((images / "1.png").read_bytes())
+    with pytest.raises(ShardWriteError, match="--strict.*line 4 FileID 3.*CorruptImageError"):
+        write_shards(csv_path, images, tmp_path / "strict", image_size=16, workers=1, strict=True)
+    assert not (tmp_path / "strict" / MANIFEST_NAME).exists()
+
+
+def test_cli_bad_csv_exits_2_with_message(tmp_path, caplog):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2", (0, 7, 0, 0, 0, 0))])
+    (tmp_path / "images").mkdir()
+    code = main(["write", "--csv", str(csv_path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "line 3, column left_sup" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_cli_refuses_existing_output_and_reuses_split_file(phantom, tmp_path):
+    common = ["--csv", str(phantom), "--images", str(phantom.parent / "images"), "--size", "16", "--workers", "1"]
+    assert main(["write", *common, "--out", str(tmp_path / "a"), "--seed", "5"]) == 0
+    assert main(["write", *common, "--out", str(tmp_path / "a")]) == 2
+    assert main(["write", *common, "--out", str(tmp_path / "b"),
+                 "--split-file", str(tmp_path / "a" / SPLIT_FILE_NAME)]) == 0
+    assert (tmp_path / "a" / SPLIT_FILE_NAME).read_text() == (tmp_path / "b" / SPLIT_FILE_NAME).read_text()
+
+
+def test_verify_reports_truncated_and_missing_shards(phantom, tmp_path, caplog):
+    out = tmp_path / "shards"
+    manifest = write_shards(phantom, phantom.parent / "images", out, image_size=16, samples_per_shard=10, workers=1)
+    assert main(["verify", str(out)]) == 0
+    train_shards = [shard["path"] for shard in manifest["splits"]["train"]["shards"]]
+    truncated, missing = out / train_shards[0], out / train_shards[1]
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    missing.unlink()
+    caplog.clear()
+    assert main(["verify", str(out)]) == 1
+    assert f"{train_shards[0]}: truncated" in caplog.text and f"{train_shards[1]}: missing shard" in caplog.text
+
+
+def test_verify_reports_modified_shard(phantom, tmp_path):
+    out = tmp_path / "shards"
+    manifest = write_shards(phantom, phantom.parent / "images", out, image_size=16, workers=1)
+    shard = out / manifest["splits"]["val"]["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's payload: same size, different content
+    shard.write_bytes(bytes(data))
+    assert any("modified" in problem for problem in verify_shards(out))
+
+
+def test_sample_keys_are_safe_and_unique():
+    assert sample_keys(["123", "a.b", "a_b", "a b", "x/y", "a_b_1"]) == ["123", "a_b", "a_b_2", "a_b_3", "x_y", "a_b_1"]
+
+
+def test_demo_runs_without_other_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0
+    assert verify_shards(tmp_path / "data" / "demo_shards") == []
+    assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0  # re-running replaces the demo
