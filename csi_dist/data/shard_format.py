@@ -24,7 +24,10 @@ manifest.json:
                                       "sha256": "..."}, ...]},
                 "val": {...}, "test": {...}},
      "skipped": {"count": k, "samples": [{"file_id": "...", "row": 17, "reason": "..."}]}}
-Shard paths are relative to the manifest's directory.
+Shard paths are relative to the manifest's directory. "row" is the label CSV line (header = line 1).
+Fields added by the writer (readers may ignore them): "source_images" (image directory), "split_file" (the
+split.csv reused with --split-file, or null), "excluded_file_ids" (ids left out with --exclude-ids).
+An empty split has "count": 0 and "shards": []. Identical inputs give byte-identical shards (fixed tar mtime).
 """
 from __future__ import annotations
 
