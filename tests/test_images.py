@@ -14,7 +14,7 @@ from csi_dist.data.images import (
     load_grayscale,
     resize_square,
 )
-from tests.data_helpers import gradient_image, write_dicom, write_png
+from data_helpers import gradient_image, write_dicom, write_png
 
 
 def test_find_image_tries_suffixes_case_insensitively(tmp_path):

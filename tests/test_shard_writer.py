@@ -13,7 +13,7 @@ from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
 from csi_dist.data.shards import ShardWriteError, main, sample_keys, verify_shards, write_shards
 from csi_dist.domain import ZONE_NAMES
-from tests.data_helpers import label_row, write_csv, write_png, gradient_image
+from data_helpers import gradient_image, label_row, write_csv, write_png
 
 
 @pytest.fixture(scope="module")
