@@ -1,0 +1,155 @@
+"""PreemptionWatcher: a signal to any one rank, or the request file, stops all ranks at one step; resume is exact."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, subprocess_env, torchrun_command
+from csi_dist.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME, PreemptionWatcher
+
+TOY = REPO_ROOT / "tests" / "fixtures" / "toy_preempt_train.py"
+STEPS = 40
+
+
+def expected_value(steps: int, world_size: int = 2) -> float:
+    """What the toy loop computes when every step runs exactly once, in order (float64, like the toy)."""
+    value = 0.0
+    for step in range(steps):
+        value = value * 0.5 + step * sum(rank + 1 for rank in range(world_size))
+    return value
+
+
+def start_toy(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    command = torchrun_command(2, str(TOY), "--run-dir", str(run_dir), "--steps", str(STEPS),
+                               "--step-seconds", "0.1", "--check-every", "2", *extra)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env or subprocess_env(CSI_REQUEUE="0"))
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"toy trainer did not finish within {timeout} s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def wait_for_training(run_dir: Path, timeout: float = 60) -> None:
+    """Until both ranks have written their pid and started stepping."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = run_dir / "events.log"
+        if events.exists() and events.read_text().count(" start ") == 2:
+            time.sleep(0.5)  # a few steps into the loop
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"toy trainer in {run_dir} did not start within {timeout} s")
+
+
+def events(run_dir: Path) -> list[tuple[str, str, int]]:
+    return [(line.split()[1], line.split()[2], int(line.split()[3]))
+            for line in (run_dir / "events.log").read_text().splitlines()]
+
+
+def assert_stopped_together_and_resumes_exactly(run_dir: Path, returncode: int, output: str) -> None:
+    assert returncode != 0 and re.search(rf"exitcode\s*:\s*{EXIT_PREEMPTED}\b", output), output[-3000:]
+    stops = {rank: step for rank, what, step in events(run_dir) if what == "stop"}
+    assert set(stops) == {"rank0", "rank1"} and len(set(stops.values())) == 1, stops
+    stop_step = stops["rank0"]
+    assert 0 < stop_step < STEPS and stop_step % 2 == 0  # a check step, mid-run
+    assert not (run_dir / "final.json").exists()
+    assert not (run_dir / REQUEST_FILE_NAME).exists()
+
+    returncode, output = finish(start_toy(run_dir))
+    assert returncode == 0, output[-3000:]
+    starts = [step for _, what, step in events(run_dir) if what == "start"]
+    assert starts == [0, 0, stop_step, stop_step]
+    assert json.loads((run_dir / "final.json").read_text()) == {"step": STEPS, "value": expected_value(STEPS)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("signum", "target_rank"), [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, signum, target_rank):
+    process = start_toy(tmp_path)
+    wait_for_training(tmp_path)
+    os.kill(int((tmp_path / f"pid-rank{target_rank}").read_text()), signum)
+    returncode, output = finish(process)
+    assert f"received {signal.Signals(signum).name}" in output
+    assert_stopped_together_and_resumes_exactly(tmp_path, returncode, output)
+
+
+@pytest.mark.distributed
+def test_request_file_stops_every_rank_and_is_removed(tmp_path):
+    process = start_toy(tmp_path)
+    wait_for_training(tmp_path)
+    (tmp_path / REQUEST_FILE_NAME).touch()  # what the sbatch trap does when the launcher, not a rank, is signalled
+    returncode, output = finish(process)
+    assert_stopped_together_and_resumes_exactly(tmp_path, returncode, output)
+
+
+@pytest.mark.distributed
+def test_request_file_of_an_earlier_job_segment_is_ignored(tmp_path):
+    # Slurm's SIGTERM to the old batch shell at requeue time makes its trap write the file once more.
+    (tmp_path / REQUEST_FILE_NAME).write_text("7.0\n")
+    env = subprocess_env(CSI_REQUEUE="0", SLURM_JOB_ID="7", SLURM_RESTART_COUNT="1")
+    returncode, output = finish(start_toy(tmp_path, env=env))
+    assert returncode == 0, output[-3000:]
+    assert json.loads((tmp_path / "final.json").read_text())["step"] == STEPS
+    assert not (tmp_path / REQUEST_FILE_NAME).exists()
+
+
+class SingleProcess:
+    """The accelerator attributes the watcher uses; reduce must not be reached off check steps."""
+    device = torch.device("cpu")
+    num_processes = 2
+    is_main_process = True
+
+    def __init__(self):
+        self.reductions = 0
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "max"
+        self.reductions += 1
+        return tensor
+
+
+def test_should_stop_is_free_between_check_steps_and_sees_the_flag_on_check_steps(tmp_path):
+    watcher = PreemptionWatcher(tmp_path, check_every_steps=5)
+    accelerator = SingleProcess()
+    watcher.received_signal = "SIGUSR1"
+    assert [watcher.should_stop(step, accelerator) for step in (1, 2, 3, 4)] == [False] * 4
+    assert accelerator.reductions == 0
+    assert watcher.should_stop(5, accelerator) is True and accelerator.reductions == 1
+
+
+def test_forked_worker_ignores_notice_signals_but_still_dies_on_sigterm(tmp_path):
+    """A DataLoader worker is a fork of the main process and inherits the handlers."""
+    code = f"""
+import os, signal, sys, time
+from csi_dist.preemption import PreemptionWatcher
+watcher = PreemptionWatcher({str(tmp_path)!r})
+watcher.install()
+worker = os.fork()
+if worker == 0:
+    os.kill(os.getpid(), signal.SIGUSR1)   # ignored in the worker
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)   # default action: the worker dies
+    time.sleep(5)
+    os._exit(0)
+_, status = os.waitpid(worker, 0)
+print("worker", os.waitstatus_to_exitcode(status), "main flag", watcher.received_signal)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=subprocess_env())
+    assert result.stdout.strip() == f"worker {-signal.SIGTERM} main flag None", result.stderr
