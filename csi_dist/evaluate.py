@@ -1,0 +1,103 @@
+"""Evaluate a trained run: `python -m csi_dist.evaluate --run-dir checkpoints/demo [--weights best] [--splits val test]`.
+
+Runs on 1..N processes like training (each rank predicts its share, the predictions are gathered once, padding
+dropped) and writes, per split: predictions CSV with FileID, metrics JSON, confusion/ROC/PR figures, the AHF table
+and a Markdown report, under `<run_dir>/evaluation/` (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from csi_dist.checkpoint import CheckpointError, load_weights
+from csi_dist.config import ConfigError, load_config
+from csi_dist.data.reader import ShardError, build_loader, open_split
+from csi_dist.distributed import build_accelerator, configure_logging
+from csi_dist.inference import predict_split
+from csi_dist.loss import WeightedCSILoss
+from csi_dist.metrics import compute_metrics
+from csi_dist.models import ModelError, backbone_spec, build_model
+from csi_dist.report import write_evaluation
+from csi_dist.train import loader_settings
+
+log = logging.getLogger("csi_dist.evaluate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="csi_dist.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a training run directory")
+    parser.add_argument("--weights", default="best", help="best, last, or a .safetensors path")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--shard-dir", help="evaluate on other shards than the run's data.shard_dir")
+    parser.add_argument("--out", type=Path, help="default: <run_dir>/evaluation")
+    return parser.parse_args(argv)
+
+
+def weights_path(run_dir: Path, weights: str) -> Path:
+    if weights in ("best", "last"):
+        path = run_dir / "weights" / f"{weights}.safetensors"
+        if weights == "best" and not path.is_file():
+            path = run_dir / "weights" / "last.safetensors"
+        return path
+    return Path(weights)
+
+
+def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | None, out_dir: Path) -> dict:
+    config = load_config(run_dir / "resolved_config.ini",
+                         [f"data.shard_dir={shard_dir}"] if shard_dir else [])
+    accelerator = build_accelerator(config)
+    configure_logging(accelerator)
+    spec = backbone_spec(config.model.model_arch)
+    model = build_model(config.model)
+    path = weights_path(run_dir, weights)
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
+    channels_last = config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
+    settings = loader_settings(config, config.data.image_size or spec.input_size, train=False)
+    results = {}
+    for split in splits:
+        loader = build_loader(open_split(config.data.shard_dir, split), settings, epoch=0,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              pin_memory=accelerator.device.type == "cuda")
+        predictions = predict_split(model, loader, criterion, accelerator, channels_last)
+        if not accelerator.is_main_process:
+            continue
+        if not predictions.file_ids:
+            log.warning("split %s is empty: nothing to evaluate", split)
+            continue
+        metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
+                                  predictions.ahf_truth)
+        metrics.update(loss=predictions.loss, decode_failures=predictions.decode_failures)
+        write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
+                         predictions.csi_truth, predictions.ahf_truth, metrics)
+        results[split] = metrics
+        log.info("%s (%d images, weights %s): f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f, report %s", split,
+                 len(predictions.file_ids), path.name, metrics["f1_weighted"], metrics["f1_macro"],
+                 metrics["csi_mae"], out_dir / f"{split}_report.md")
+    accelerator.end_training()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        evaluate(args.run_dir, args.weights, args.splits, args.shard_dir, args.out or args.run_dir / "evaluation")
+    except (ConfigError, ShardError, ModelError, CheckpointError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

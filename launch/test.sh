@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# All tests in one command: set up .venv, start the local SLURM cluster (as root), run pytest (args passed on).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${CSI_SKIP_SLURM:-0}" != 1 ]; then
+  trap 'bash slurm/stop_cluster.sh >/dev/null 2>&1 || true' EXIT
+  SLURM_ACCOUNTING=1 bash slurm/start_cluster.sh >/tmp/csi-slurm-start.log 2>&1 \
+    || { cat /tmp/csi-slurm-start.log; exit 1; }
+fi
+export WANDB_MODE=offline DS_ACCELERATOR=cpu
+.venv/bin/python -m pytest "$@"
