@@ -1,0 +1,153 @@
+"""Training on the real local SLURM cluster (slurm/start_cluster.sh): 2 nodes, preemption, requeue, submitit.
+
+Every interrupted run must end with final weights bit-identical to the uninterrupted run of the same config
+(CPU, deterministic, 2 nodes x 1 process): that proves the resume continued at the exact step and data position.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
+                           wait_until)
+
+pytestmark = pytest.mark.slurm
+
+SBATCH_SCRIPT = REPO_ROOT / "slurm" / "train.sbatch"
+JOB_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cluster():
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "shards"
+    subprocess.run([sys.executable, "-m", "csi_dist.data.shards", "--demo", "96", "--out", str(out), "--size", "32"],
+                   check=True, capture_output=True, timeout=120, env=subprocess_env())
+    return out
+
+
+def trainer_args(shards: Path, run_dir: Path) -> list[str]:
+    """Demo config, shrunk: 2 epochs of 9 steps, a periodic checkpoint every 2 steps, preemption checked every step."""
+    overrides = {"data.shard_dir": shards, "data.image_size": 32, "training.batch_size": 4, "training.n_epochs": 2,
+                 "training.num_workers": 1, "training.deterministic": "true", "logging.wandb_mode": "disabled",
+                 "callbacks.checkpoint_every_steps": 2, "callbacks.preemption_check_every_steps": 1}
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.ini"), "--run-dir", str(run_dir)]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def job_env() -> dict:
+    return subprocess_env(CSI_REPO=str(REPO_ROOT))
+
+
+def submit_training(tmp_path: Path, shards: Path, name: str) -> tuple[str, Path, Path]:
+    run_dir = tmp_path / "run"
+    job_id = sbatch(SBATCH_SCRIPT, ["--nodes=2", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out"],
+                    trainer_args(shards, run_dir), cwd=REPO_ROOT, env=job_env())
+    return job_id, run_dir, tmp_path / f"{name}-{job_id}.out"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    names = [path.name for path in root.iterdir()] if root.is_dir() else []
+    return sorted(int(name[5:]) for name in names if re.fullmatch(r"step-\d{8}", name))
+
+
+def wait_for_checkpoint(run_dir: Path, step: int) -> None:
+    """Training is under way: a periodic checkpoint of at least `step` exists."""
+    wait_until(lambda: any(s >= step for s in checkpoint_steps(run_dir)), JOB_TIMEOUT_S,
+               f"a checkpoint of step >= {step} in {run_dir}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, demo_shards) -> tuple[str, Path, Path]:
+    """The uninterrupted 2-node run every other test compares against."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    job_id, run_dir, log = submit_training(tmp_path, demo_shards, "reference")
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{log.read_text()[-4000:]}"
+    return job_id, run_dir, log
+
+
+def test_two_node_job_completes_and_writes_checkpoints(reference_run):
+    job_id, run_dir, log = reference_run
+    text = log.read_text()
+    assert "node 0/2" in text and "node 1/2" in text, text[-3000:]
+    assert "2 process(es)" in text
+    assert checkpoint_steps(run_dir)[-1] == 18  # 2 epochs x 9 steps; the final checkpoint
+    for name in ("resolved_config.ini", "training_history.json", "weights/last.safetensors",
+                 "weights/best.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert job_field(job_id, "Restarts") == "0"
+
+
+def test_signalled_job_is_requeued_and_matches_the_uninterrupted_run(tmp_path, demo_shards, reference_run):
+    job_id, run_dir, log = submit_training(tmp_path, demo_shards, "signalled")
+    wait_for_checkpoint(run_dir, 2)
+    # what --signal=B:USR1@120 does before the time limit, now
+    run(["scancel", "--batch", "--signal=USR1", job_id])
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    text = log.read_text()
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-4000:]}"
+    assert job_field(job_id, "Restarts") == "1"
+    assert "got SIGUSR1" in text and f"requeueing SLURM job {job_id}" in text
+    stop_step = int(re.search(r"preemption requested \(.*\): all ranks stop at step (\d+)", text).group(1))
+    assert 2 <= stop_step < 18
+    resumed = re.search(r"resumed from \S*step-(\d{8})", text)
+    assert resumed and int(resumed.group(1)) == stop_step, text[-4000:]
+    assert not (run_dir / "PREEMPT_REQUESTED").exists() or "ignoring" in text
+    assert differing_tensors(run_dir / "weights" / "last.safetensors",
+                             reference_run[1] / "weights" / "last.safetensors") == []
+
+
+def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tmp_path, demo_shards, reference_run):
+    job_id, run_dir, log = submit_training(tmp_path, demo_shards, "killed")
+    wait_for_checkpoint(run_dir, 4)
+    run(["scancel", "--full", "--signal=KILL", job_id])  # every process of the job, no chance to save
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S, start_when_requeued=False)
+    assert state != "COMPLETED", log.read_text()[-4000:]
+    last_periodic = checkpoint_steps(run_dir)[-1]
+    assert last_periodic % 2 == 0 and last_periodic < 18
+
+    # the same command line again: --resume auto takes the newest complete checkpoint
+    second_id, _, second_log = submit_training(tmp_path, demo_shards, "killed")
+    state = wait_for_job_end(second_id, JOB_TIMEOUT_S)
+    text = second_log.read_text()
+    assert state == "COMPLETED", f"job {second_id} {state}:\n{text[-4000:]}"
+    assert re.search(rf"resumed from \S*step-{last_periodic:08d}", text), text[-4000:]
+    assert differing_tensors(run_dir / "weights" / "last.safetensors",
+                             reference_run[1] / "weights" / "last.safetensors") == []
+
+
+def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_shards, reference_run):
+    run_dir = tmp_path / "run"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "csi_dist.submit", "--nodes", "2", "--timeout-min", "60", "--job-name", "submitit",
+         "--log-dir", str(tmp_path / "submitit"), *trainer_args(demo_shards, run_dir)],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=job_env())
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    log = Path(re.search(r"log: (\S+)", submitted.stdout).group(1))
+    wait_for_checkpoint(run_dir, 2)
+    # submitit's preemption signal goes to the job step: the ranks themselves receive it
+    run(["scancel", "--signal=USR2", job_id])
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    logs = "".join(path.read_text() for path in (tmp_path / "submitit").glob(f"{job_id}_*_log.*"))
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{logs[-4000:]}"
+    assert log.is_file()
+    assert job_field(job_id, "Restarts") == "1"
+    assert "received SIGUSR2" in logs and re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
+    assert differing_tensors(run_dir / "weights" / "last.safetensors",
+                             reference_run[1] / "weights" / "last.safetensors") == []
