@@ -44,11 +44,9 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
         with accelerator.autocast():
             zone_logits = model(images)
-        batch_loss = criterion(zone_logits, zone_targets, sample_mask)
-        batch_weight = (criterion.class_weights.to(accelerator.device)[zone_targets]
-                        * sample_mask[:, None]).sum()
-        loss_sum += batch_loss.double() * batch_weight
-        weight_sum += batch_weight
+        batch_loss_sum, batch_weight = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
+        loss_sum += batch_loss_sum.double()
+        weight_sum += batch_weight.double()
         probs.append(zone_logits.float().softmax(dim=-1))
         targets.append(zone_targets)
         csi.append(batch["csi"].to(accelerator.device))

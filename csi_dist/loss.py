@@ -21,13 +21,23 @@ class WeightedCSILoss(nn.Module):
         class_weights[UNKNOWN_CLASS] = unknown_weight
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-    def forward(self, zone_logits: torch.Tensor, zone_targets: torch.Tensor,
-                sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def weighted_sum(self, zone_logits: torch.Tensor, zone_targets: torch.Tensor,
+                     sample_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of class-weighted zone losses, sum of their weights): the two halves of the weighted mean.
+
+        Distributed training divides the local sum by the global weight so that the DDP gradient equals the
+        gradient of one process seeing the whole global batch.
+        """
         logits = zone_logits.reshape(-1, NUM_CLASSES).float()
         targets = zone_targets.reshape(-1)
         per_zone = F.cross_entropy(logits, targets, reduction="none")
         weights = self.class_weights.to(logits.device)[targets]
         if sample_mask is not None:
             weights = weights * sample_mask.to(weights.dtype).repeat_interleave(zone_targets.shape[1])
+        return (per_zone * weights).sum(), weights.sum()
+
+    def forward(self, zone_logits: torch.Tensor, zone_targets: torch.Tensor,
+                sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+        loss_sum, weight_sum = self.weighted_sum(zone_logits, zone_targets, sample_mask)
         # clamp: a batch made only of padding gives 0 loss (and 0 gradient), not NaN
-        return (per_zone * weights).sum() / weights.sum().clamp_min(1e-12)
+        return loss_sum / weight_sum.clamp_min(1e-12)

@@ -205,7 +205,9 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
             with accelerator.no_sync(model) if not is_update_step else contextlib.nullcontext():
                 with accelerator.autocast():
                     zone_logits = model(images)
-                loss = criterion(zone_logits, zone_targets, sample_mask)
+                loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
+                global_mean_weight = accelerator.reduce(weight_sum.detach(), reduction="mean")
+                loss = loss_sum / global_mean_weight.clamp_min(1e-12)  # DDP's gradient = the global batch's
                 accelerator.backward(loss / accumulation)
             window_loss += loss.detach()
             window_images += images.shape[0]

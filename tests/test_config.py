@@ -1,0 +1,83 @@
+"""Config: the seed project's INI files load, mistakes are named, overrides apply, the resolved file round-trips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csi_dist.config import ConfigError, load_config, save_config
+
+SEED_INI = """
+[Training]
+BATCH_SIZE = 128
+N_EPOCHS = 50
+PATIENCE = 10   # early stopping, as the seed meant it
+LEARNING_RATE = 0.001
+
+[Model]
+MODEL_ARCH = resnet50
+DROPOUT_RATE = 0.5
+ZONE_FOCUS_METHOD = spatial_reduction
+
+[Optimization]
+optimizer = adam
+scheduler = ReduceLROnPlateau
+patience = 5
+factor = 0.5
+weight_decay = 0.01
+
+[Loss]
+unknown_weight = 0.3
+
+[Callbacks]
+early_stopping_patience = 12
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.ini"
+    path.write_text(text)
+    return path
+
+
+def test_seed_ini_loads_with_its_keys_mapped(tmp_path: Path):
+    config = load_config(write(tmp_path, SEED_INI))
+    assert config.training.batch_size == 128 and config.training.n_epochs == 50
+    assert config.optimization.learning_rate == 0.001  # seed put it under [Training]
+    assert config.optimization.patience == 5 and config.optimization.factor == 0.5
+    assert config.callbacks.early_stopping_patience == 12  # [Callbacks] wins over [Training] PATIENCE (read later)
+    assert config.model.model_arch == "resnet50"
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"config.ini \[Training\] bach_size: unknown key 'bach_size'; "
+                                          r"did you mean 'training.batch_size'"):
+        load_config(write(tmp_path, "[Training]\nbach_size = 4\n"))
+
+
+def test_wrong_type_and_bad_choice_are_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"\[Training\] batch_size: expected int, got 'many'"):
+        load_config(write(tmp_path, "[Training]\nbatch_size = many\n"))
+    with pytest.raises(ConfigError, match="'rmsprop' is not one of adam, adamw, sgd"):
+        load_config(None, ["optimization.optimizer=rmsprop"])
+
+
+def test_overrides_and_round_trip(tmp_path: Path):
+    config = load_config(write(tmp_path, SEED_INI), ["training.batch_size=8", "loss.unknown_weight=0.7"])
+    assert config.training.batch_size == 8 and config.loss.unknown_weight == 0.7
+    save_config(config, tmp_path / "resolved.ini")
+    assert load_config(tmp_path / "resolved.ini") == config
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["batch_size=8"])
+
+
+def test_run_name_cannot_escape_the_output_directory():
+    with pytest.raises(ConfigError, match="must be a plain name"):
+        load_config(None, ["logging.run_name=../../etc"])
+
+
+def test_shipped_configs_load(repo_root: Path):
+    configs = sorted((repo_root / "configs").glob("*.ini"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,72 @@
+"""Model factory: every named backbone gives B x 6 x 5 zone logits from 1-channel input; weights only from files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from csi_dist.config import ModelConfig
+from csi_dist.loss import WeightedCSILoss
+from csi_dist.models import ModelError, backbone_spec, build_model
+
+
+@pytest.mark.parametrize("name,size", [("Custom_1", 64), ("ResNet50", 64), ("CheXNet", 64), ("resnet18", 64)])
+def test_backbones_give_zone_logits(name: str, size: int):
+    model = build_model(ModelConfig(model_arch=name)).eval()
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 6, 5)
+
+
+def test_raddino_is_a_vit_b14_at_518():
+    spec = backbone_spec("RadDINO")
+    assert spec.timm_name == "vit_base_patch14_dinov2" and spec.input_size == 518
+    model = build_model(ModelConfig(model_arch="rad_dino")).eval()
+    assert model.backbone.num_features == 768
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 518, 518)).shape == (1, 6, 5)
+
+
+def test_unknown_arch_and_missing_weights_are_clear_errors(tmp_path: Path):
+    with pytest.raises(ModelError, match="unknown model_arch 'ResNet5O'"):
+        build_model(ModelConfig(model_arch="ResNet5O"))
+    with pytest.raises(ModelError, match="pretrained weights file not found: .*nope.safetensors"):
+        build_model(ModelConfig(model_arch="ResNet50", pretrained_weights=str(tmp_path / "nope.safetensors")))
+
+
+def test_rgb_weights_load_into_the_grayscale_stem(tmp_path: Path):
+    rgb = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    path = tmp_path / "resnet18_rgb.safetensors"
+    save_file(rgb.state_dict(), str(path))
+    model = build_model(ModelConfig(model_arch="resnet18", pretrained_weights=str(path)))
+    torch.testing.assert_close(model.backbone.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path: Path):
+    path = tmp_path / "densenet.safetensors"
+    save_file(timm.create_model("densenet121", pretrained=False, num_classes=0).state_dict(), str(path))
+    with pytest.raises(ModelError, match="no tensor matches|shape mismatch"):
+        build_model(ModelConfig(model_arch="ResNet50", pretrained_weights=str(path)))
+
+
+def test_a_crafted_pickle_is_refused(tmp_path: Path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("owned",))
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(ModelError, match="cannot read pretrained weights"):
+        build_model(ModelConfig(model_arch="Custom_1", pretrained_weights=str(path)))
+
+
+def test_weighted_loss_matches_torch_and_ignores_masked_samples():
+    logits, targets = torch.randn(4, 6, 5), torch.randint(0, 5, (4, 6))
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 5), targets.view(-1),
+                                                 weight=torch.tensor([1, 1, 1, 1, 0.3]))
+    loss = WeightedCSILoss(0.3)
+    torch.testing.assert_close(loss(logits, targets), expected)
+    mask = torch.tensor([True, True, False, False])
+    torch.testing.assert_close(loss(logits, targets, mask), loss(logits[:2], targets[:2]))
+    assert loss(logits, targets, torch.zeros(4, dtype=torch.bool)).item() == 0.0

@@ -1,0 +1,128 @@
+"""The trainer, run for real: outputs, exact mid-epoch resume, DDP equal to one process, evaluation, bad configs."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, subprocess_env, torchrun_command
+from csi_dist.data.shards import write_demo
+from wandb_reader import history_rows
+
+SMALL = ["--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
+         "--set", "callbacks.keep_last_checkpoints=100", "--set", "training.log_every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def phantom_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantom") / "shards"
+    write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
+    return out
+
+
+def run_train(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, check: bool = True,
+              config: str = "configs/demo.ini") -> subprocess.CompletedProcess:
+    args = ["-m", "csi_dist.train", "--config", config, "--run-dir", str(run_dir),
+            "--set", f"data.shard_dir={shards}", *SMALL, *extra]
+    command = torchrun_command(nproc, *args) if nproc > 1 else [sys.executable, *args]
+    result = subprocess.run(command, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def tensors_equal(first: Path, second: Path) -> bool:
+    a, b = load_file(str(first)), load_file(str(second))
+    return a.keys() == b.keys() and all((a[key] == b[key]).all() for key in a)
+
+
+@pytest.mark.slow
+def test_training_writes_outputs_and_resumes_mid_epoch_bit_identically(phantom_shards: Path, tmp_path: Path):
+    full = tmp_path / "full"
+    run_train(phantom_shards, full, "--set", "training.n_epochs=2", "--set", "callbacks.checkpoint_every_steps=5")
+    train_count = json.loads((phantom_shards / "manifest.json").read_text())["splits"]["train"]["count"]
+    steps = -(-train_count // 8)
+    assert (full / "resolved_config.ini").is_file()
+    history = json.loads((full / "training_history.json").read_text())
+    assert [record["epoch"] for record in history] == [0, 1]
+    assert all(0.0 <= record["val_f1_weighted"] <= 1.0 for record in history)
+    checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
+    # every 5 optimizer steps inside an epoch, plus each epoch end
+    expected = sorted({*range(5, 2 * steps, 5), steps, 2 * steps})
+    assert checkpoints == [f"step-{step:08d}" for step in expected]
+
+    # TensorBoard and W&B (offline) files hold the logged values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(full / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("val/f1_weighted")] == [steps, 2 * steps]
+    assert events.Scalars("val/f1_weighted")[-1].value == pytest.approx(history[-1]["val_f1_weighted"], rel=1e-6)
+    run_file = next((full / "wandb").glob("offline-run-*/run-*.wandb"))
+    logged = [row["val/f1_weighted"] for row in history_rows(run_file) if "val/f1_weighted" in row]
+    assert logged == pytest.approx([record["val_f1_weighted"] for record in history])
+
+    # a copy cut back to the first periodic checkpoint inside epoch 1 resumes to the same final weights
+    mid_epoch = next(step for step in expected if steps < step < 2 * steps and step % steps)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("wandb", "tensorboard"))
+    for step in expected:
+        if step > mid_epoch:
+            shutil.rmtree(resumed / "checkpoints" / f"step-{step:08d}")
+    shutil.rmtree(resumed / "weights")
+    result = run_train(phantom_shards, resumed, "--set", "training.n_epochs=2",
+                       "--set", "callbacks.checkpoint_every_steps=5")
+    assert f"resumed from {resumed}/checkpoints/step-{mid_epoch:08d}" in result.stderr
+    assert tensors_equal(full / "weights" / "last.safetensors", resumed / "weights" / "last.safetensors")
+    assert json.loads((resumed / "training_history.json").read_text()) == history
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(phantom_shards: Path, tmp_path: Path):
+    # a LayerNorm model (no BatchNorm: per-rank batch statistics would differ by design) without dropout
+    common = ["--set", "model.model_arch=convnext_atto", "--set", "model.dropout_rate=0",
+              "--set", "training.n_epochs=2", "--set", "training.num_workers=0"]
+    run_train(phantom_shards, tmp_path / "one", *common, "--set", "training.batch_size=8")
+    result = run_train(phantom_shards, tmp_path / "two", *common, "--set", "training.batch_size=4", nproc=2)
+    assert "2 process(es)" in result.stderr
+    one = json.loads((tmp_path / "one" / "training_history.json").read_text())
+    two = json.loads((tmp_path / "two" / "training_history.json").read_text())
+    for single, ddp in zip(one, two, strict=True):
+        assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=2e-3)
+        assert ddp["val_f1_weighted"] == pytest.approx(single["val_f1_weighted"], abs=0.02)
+        assert ddp["val_n_images"] == single["val_n_images"] == 24  # every val image once, padding dropped
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_report_for_every_test_image(phantom_shards: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_train(phantom_shards, run_dir, "--set", "training.n_epochs=1", "--set", "logging.wandb_mode=disabled")
+    subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test"],
+                   env=subprocess_env(), cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    manifest = json.loads((phantom_shards / "manifest.json").read_text())
+    predictions = (run_dir / "evaluation" / "test_predictions.csv").read_text().splitlines()
+    assert len(predictions) - 1 == manifest["splits"]["test"]["count"]
+    metrics = json.loads((run_dir / "evaluation" / "test_metrics.json").read_text())
+    assert metrics["n_images"] == manifest["splits"]["test"]["count"]
+    assert (run_dir / "evaluation" / "test_report.md").is_file()
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[Training]\nbatch_sise = 8\n")
+    result = subprocess.run([sys.executable, "-m", "csi_dist.train", "--config", str(bad)], env=subprocess_env(),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "bad.ini [Training] batch_sise: unknown key 'batch_sise'; did you mean 'training.batch_size'" in result.stderr
+
+
+def test_missing_shards_exit_2_with_the_fix(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini",
+                             "--set", f"data.shard_dir={tmp_path}", "--debug"], env=subprocess_env(),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "csi-shards --demo" in result.stderr
