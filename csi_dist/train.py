@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -104,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TOO_MANY_BAD_STEPS
 
 
-def train(config: Config, run_dir: Path, resume: str) -> int:
+def train(config: Config, run_dir: Path, resume: str,
+          epoch_end_hook: Callable[[dict, object], bool] | None = None) -> int:
+    """Train from `config` into `run_dir`; returns the exit status.
+
+    `epoch_end_hook(record, accelerator)` runs on every rank after each evaluation with that epoch's history
+    record (val metrics prefixed "val_"); returning True stops training there (e.g. a pruned sweep trial). The
+    hook must return the same answer on every rank (decide on rank 0 and broadcast).
+    """
     # --- processes, logging, run directory -----------------------------------------------------------------
     accelerator = build_accelerator(config)
     configure_logging(accelerator)
@@ -282,6 +290,9 @@ def train(config: Config, run_dir: Path, resume: str) -> int:
             atomic_write_json(run_dir / "training_history.json", state["history"])
         if epoch_finished:
             state["epoch"], state["epoch_position"] = epoch + 1, 0
+        if epoch_end_hook is not None and epoch_end_hook(record, accelerator):
+            stop_reason = "stopped by the epoch-end hook (pruned)"
+            break
         if early_stopping.should_stop:
             stop_reason = f"early stopping: no improvement of {config.callbacks.monitor} in " \
                           f"{early_stopping.patience} evaluations"
