@@ -1,9 +1,11 @@
 """Atomic, resumable checkpoints: model, optimizer, schedule, trainer state and every rank's RNG streams.
 
-A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/`. It is written under a `.partial` name by all
-ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
+A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/` holding `state/` (model and optimizer, written
+by the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FSDP2, DeepSpeed's own for ZeRO),
+`schedule.pt`, `trainer_state.json` and one `rng_rankNNNNN.pt` per rank. It is written under a `.partial` name by
+all ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
 always complete; the newest such directory is the one `--resume auto` takes (the directory listing is the single
-source of truth). Everything loads with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
+source of truth). Our own files load with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+STRATEGY_STATE_DIR = "state"
 SCHEDULE_FILE = "schedule.pt"
 STATE_FILE = "trainer_state.json"
 
@@ -120,8 +121,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, global_step: int, *, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict, schedule_state: dict, trainer_state: dict, keep_last: int) -> Path:
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync_file(path)
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(path)
+
+
+def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, model, optimizer,
+                    schedule_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Called on every rank at the same step. Returns the final directory."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{global_step:08d}"
@@ -130,19 +139,16 @@ def save_checkpoint(accelerator, run_dir: Path, global_step: int, *, model_state
         shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    strategy.save(model, optimizer, partial / STRATEGY_STATE_DIR)
     rank_file = partial / f"rng_rank{accelerator.process_index:05d}.pt"
     torch.save(rng_state(), rank_file)
     _fsync_file(rank_file)
     if accelerator.is_main_process:
-        save_file({key: value.detach().cpu().contiguous() for key, value in model_state.items()},
-                  str(partial / MODEL_FILE))
-        torch.save(optimizer_state, partial / OPTIMIZER_FILE)
         torch.save(schedule_state, partial / SCHEDULE_FILE)
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, allow_nan=True))
-        for name in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULE_FILE, STATE_FILE):
-            _fsync_file(partial / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fsync_tree(partial)
         _fsync_dir(partial)
         if final.exists():  # the same step saved twice (e.g. preemption right after a periodic save)
             shutil.rmtree(final)
@@ -155,22 +161,19 @@ def save_checkpoint(accelerator, run_dir: Path, global_step: int, *, model_state
     return final
 
 
-def load_checkpoint(path: Path, process_index: int) -> dict:
-    """Everything one rank needs to resume from `path`; RNG streams of this rank when the checkpoint has them."""
+def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) -> dict:
+    """Restore model and optimizer in place (every rank); return schedule, trainer state and this rank's RNG."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete csi_dist checkpoint (no {STATE_FILE})")
     try:
+        strategy.load(model, optimizer, path / STRATEGY_STATE_DIR)
         loaded = {
-            "model": load_file(str(path / MODEL_FILE)),
-            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
             "schedule": torch.load(path / SCHEDULE_FILE, map_location="cpu", weights_only=True),
             "trainer_state": json.loads((path / STATE_FILE).read_text()),
         }
         rank_file = path / f"rng_rank{process_index:05d}.pt"
         loaded["rng"] = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
-    except CheckpointError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a refused pickle or a damaged file: name the checkpoint
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(error).__name__}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - a refused pickle, another architecture, a damaged file
+        raise CheckpointError(f"cannot resume from checkpoint {path}: {type(error).__name__}: {error}") from error
     return loaded

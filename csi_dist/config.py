@@ -29,6 +29,8 @@ class TrainingConfig:
     deterministic: bool = False
     eval_every_epochs: int = 1
     max_bad_steps: int = 20  # non-finite losses tolerated (each skipped) before the run stops
+    strategy: str = "auto"  # auto (from the accelerate launch config, else ddp), ddp, fsdp2 or deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage when the strategy is deepspeed
     collective_timeout_s: int = 900  # a rank that waits longer than this on the others fails instead of hanging
 
 
@@ -123,6 +125,7 @@ IGNORED_SECTIONS = {"heatmap", "paths", "data_paths"}
 
 CHOICES = {
     ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
+    ("training", "strategy"): ("auto", "ddp", "fsdp2", "deepspeed"),
     ("data", "normalization"): ("medical", "imagenet"),
     ("optimization", "optimizer"): ("adam", "adamw", "sgd"),
     ("optimization", "scheduler"): ("reducelronplateau", "steplr", "cosine", "none"),

@@ -23,9 +23,10 @@ class SplitPredictions:
     decode_failures: int
 
 
-def move_batch(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def move_batch(batch: dict, device: torch.device, channels_last: bool, input_dtype: torch.dtype | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images, zone targets and the mask of samples that count (not padding, decodable) on the device."""
-    images = batch["image"].to(device, non_blocking=True)
+    images = batch["image"].to(device, dtype=input_dtype, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     zone_targets = batch["zones"].to(device, non_blocking=True)
@@ -35,13 +36,13 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool) -> tuple[
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: WeightedCSILoss, accelerator,
-                  channels_last: bool) -> SplitPredictions:
+                  channels_last: bool, input_dtype: torch.dtype | None = None) -> SplitPredictions:
     model.eval()
     probs, targets, csi, ahf, index, padding, failed, file_ids = [], [], [], [], [], [], [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
+        images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last, input_dtype)
         with accelerator.autocast():
             zone_logits = model(images)
         batch_loss_sum, batch_weight = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)

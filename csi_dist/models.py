@@ -88,7 +88,8 @@ class CSIModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)
         zone_logits = self.zone_head(self.dropout(features))
-        return zone_logits.view(-1, NUM_ZONES, NUM_CLASSES)
+        # a fresh tensor, not a view: FSDP2 cannot hook in-place ops on a view of a module output
+        return zone_logits.view(-1, NUM_ZONES, NUM_CLASSES).clone()
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

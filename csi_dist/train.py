@@ -6,7 +6,6 @@ Every concern (data plan, checkpoints, schedules, metrics, tracking, preemption)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import sys
@@ -23,6 +22,7 @@ from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
 from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging
+from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.early_stopping import EarlyStopping
 from csi_dist.inference import move_batch, predict_split
 from csi_dist.loss import WeightedCSILoss
@@ -114,14 +114,20 @@ def train(config: Config, run_dir: Path, resume: str,
     hook must return the same answer on every rank (decide on rank 0 and broadcast).
     """
     # --- processes, logging, run directory -----------------------------------------------------------------
-    accelerator = build_accelerator(config)
+    strategy_name = resolve_strategy(config)
+    hide_from_accelerate()
+    accelerator = build_accelerator(config, autocast=strategy_name != "deepspeed")
     configure_logging(accelerator)
+    if strategy_name == "fsdp2" and accelerator.num_processes == 1:
+        log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
+        strategy_name = "ddp"
+    strategy = build_strategy(strategy_name, accelerator, config)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "resolved_config.ini")
-    log.info("run %s: %d process(es) on %s, mixed precision %s", run_dir, world_size, accelerator.device,
-             accelerator.mixed_precision)
+    log.info("run %s: %d process(es) on %s, %s, mixed precision %s", run_dir, world_size, accelerator.device,
+             strategy_name, strategy.precision)
 
     # --- data ----------------------------------------------------------------------------------------------
     spec = backbone_spec(config.model.model_arch)
@@ -144,9 +150,9 @@ def train(config: Config, run_dir: Path, resume: str,
         model = model.to(memory_format=torch.channels_last)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
     mode = monitor_mode(config.callbacks.monitor)
-    model = accelerator.prepare_model(model)
-    optimizer = build_optimizer(model, config.optimization, fused=accelerator.device.type == "cuda")
-    optimizer = accelerator.prepare_optimizer(optimizer)
+    model, optimizer = strategy.prepare(model, lambda wrapped: build_optimizer(
+        wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy_name == "ddp"))
+    log.info("%s", strategy.describe(model))
     schedule = LearningRateSchedule(optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
                                     n_epochs=config.training.n_epochs, monitor_mode=mode)
     if config.model.compile:
@@ -161,12 +167,7 @@ def train(config: Config, run_dir: Path, resume: str,
              "world_size": world_size}
     checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto" else Path(resume))
     if checkpoint_path is not None:
-        loaded = load_checkpoint(checkpoint_path, rank)
-        try:
-            accelerator.unwrap_model(model).load_state_dict(loaded["model"])
-        except RuntimeError as error:
-            raise CheckpointError(f"{checkpoint_path} does not fit {config.model.model_arch}: {error}") from None
-        optimizer.load_state_dict(loaded["optimizer"])
+        loaded = load_checkpoint(strategy, checkpoint_path, model, optimizer, rank)
         schedule.load_state_dict(loaded["schedule"])
         saved = loaded["trainer_state"]
         early_stopping.load_state_dict(saved["early_stopping"])
@@ -188,8 +189,7 @@ def train(config: Config, run_dir: Path, resume: str,
             return
         last_saved_step = state["global_step"]
         state["early_stopping"] = early_stopping.state_dict()
-        save_checkpoint(accelerator, run_dir, state["global_step"],
-                        model_state=accelerator.get_state_dict(model), optimizer_state=optimizer.state_dict(),
+        save_checkpoint(accelerator, strategy, run_dir, state["global_step"], model=model, optimizer=optimizer,
                         schedule_state=schedule.state_dict(), trainer_state=state,
                         keep_last=config.callbacks.keep_last_checkpoints)
 
@@ -208,28 +208,25 @@ def train(config: Config, run_dir: Path, resume: str,
         window_loss = torch.zeros((), device=accelerator.device)
         window_start, window_images, window_batches = time.perf_counter(), 0, 0
         for step_in_epoch, batch in enumerate(loader, start=first_step):
-            images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
+            images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last,
+                                                           strategy.input_dtype)
             is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == steps_per_epoch
-            with accelerator.no_sync(model) if not is_update_step else contextlib.nullcontext():
+            with strategy.gradient_sync(model, enabled=is_update_step):
                 with accelerator.autocast():
                     zone_logits = model(images)
                 loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
                 global_mean_weight = accelerator.reduce(weight_sum.detach(), reduction="mean")
                 loss = loss_sum / global_mean_weight.clamp_min(1e-12)  # DDP's gradient = the global batch's
-                accelerator.backward(loss / accumulation)
+                strategy.backward(loss, accumulation)
             window_loss += loss.detach()
             window_images += images.shape[0]
             window_batches += 1
             state["epoch_position"] += global_batch
             progress.update(1)
-            if not is_update_step:
+            stepped = strategy.step(model, optimizer, config.optimization.grad_clip_norm, is_update_step)
+            if stepped is None:  # a micro-step of gradient accumulation
                 continue
-
-            # one host sync per optimizer step: gradients are already averaged over ranks, so every rank
-            # takes the same skip-or-step decision without another collective
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimization.grad_clip_norm or math.inf)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
+            if stepped:
                 schedule.after_optimizer_step()
             else:
                 state["bad_steps"] += 1
@@ -238,7 +235,6 @@ def train(config: Config, run_dir: Path, resume: str,
                 if state["bad_steps"] > config.training.max_bad_steps:
                     raise TooManyBadSteps(f"{state['bad_steps']} non-finite steps (training.max_bad_steps="
                                           f"{config.training.max_bad_steps}); lower the learning rate or check data")
-            optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
 
             if state["global_step"] % config.training.log_every_steps == 0:
@@ -265,9 +261,10 @@ def train(config: Config, run_dir: Path, resume: str,
         # --- end of epoch: evaluate, schedule, early stopping, best weights, checkpoint ----------------------
         epoch_finished = state["epoch_position"] >= train_set.num_samples
         record = {"epoch": epoch, "global_step": state["global_step"], "lr": optimizer.param_groups[0]["lr"]}
+        strategy.synchronize_buffers(model)
         val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
                                   pin_memory=accelerator.device.type == "cuda")
-        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last)
+        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last, strategy.input_dtype)
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth) if predictions.file_ids else {}
         record.update({"val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
@@ -278,8 +275,10 @@ def train(config: Config, run_dir: Path, resume: str,
         if epoch_finished:
             schedule.after_epoch()
         improved = early_stopping.update(monitored, epoch)
-        if improved and accelerator.is_main_process:
-            save_weights(accelerator.get_state_dict(model), run_dir / "weights" / "best.safetensors")
+        if improved:
+            best_weights = strategy.full_state_dict(model)  # a collective under FSDP2/ZeRO-3
+            if accelerator.is_main_process:
+                save_weights(best_weights, run_dir / "weights" / "best.safetensors")
         state["history"].append(record)
         tracker.log({f"val/{key}": value for key, value in metrics.items()} | {"val/loss": predictions.loss},
                     state["global_step"])
@@ -302,12 +301,13 @@ def train(config: Config, run_dir: Path, resume: str,
 
     # --- final weights: the last state, then the best one restored for whoever continues with this model -------
     checkpoint()
+    last_weights = strategy.full_state_dict(model)
     if accelerator.is_main_process:
-        save_weights(accelerator.get_state_dict(model), run_dir / "weights" / "last.safetensors")
+        save_weights(last_weights, run_dir / "weights" / "last.safetensors")
     accelerator.wait_for_everyone()
     best_path = run_dir / "weights" / "best.safetensors"
     if best_path.is_file():
-        accelerator.unwrap_model(model).load_state_dict(load_weights(best_path))
+        strategy.load_full_state_dict(model, load_weights(best_path))
     log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
              state["global_step"], config.callbacks.monitor, early_stopping.best_value, early_stopping.best_epoch)
     tracker.summary({"stop_reason": stop_reason, "best_epoch": early_stopping.best_epoch,

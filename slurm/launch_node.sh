@@ -29,6 +29,8 @@ else
 fi
 world_size=$(( num_nodes * procs_per_node ))
 launch=(--num_processes "$world_size" --num_machines "$num_nodes" --dynamo_backend no)
+# a strategy file from launch/accelerate/ (FSDP2, DeepSpeed ZeRO); the flags above and below override its counts
+[ -n "${CSI_ACCELERATE_CONFIG:-}" ] && launch=(--config_file "$CSI_ACCELERATE_CONFIG" "${launch[@]}")
 if [ "$world_size" -gt 1 ]; then
   launch+=(--multi_gpu --machine_rank "$node_rank" --main_process_ip "$CSI_MAIN_ADDR"
            --main_process_port "$CSI_MAIN_PORT")
