@@ -24,7 +24,7 @@ How it works
 * A job that truly died (cancelled, node failure, out of memory, a crash before ``tell``) leaves its trial RUNNING.
   The driver asks SLURM (``squeue``, then ``sacct``) whether each RUNNING trial's job still exists; a requeued job is
   PENDING and so alive. A trial whose job stayed gone for ``--dead-grace-s`` is told FAIL and retried up to
-  ``--max-retries`` times with Optuna's ``RetryFailedTrialCallback`` (same parameters, intermediate values
+  ``--max-retries`` times with Optuna's ``RetryHeartbeatStaleTrialCallback`` (same parameters, intermediate values
   inherited); the retry copies the dead trial's checkpoints into its run dir and resumes from them. Optuna's own
   heartbeat is not used: JournalStorage does not implement it, and a heartbeat cannot tell a requeued job waiting in
   the queue (alive) from a dead one, whereas SLURM can.
@@ -80,7 +80,7 @@ from csi_dist.config import ConfigError, load_config
 from csi_dist.sweep_space import SearchSpace, load_space, wandb_sweep
 
 log = logging.getLogger("csi_dist.sweep")
-# RetryFailedTrialCallback.retried_trial_number is marked experimental (since Optuna 2.8); it is what we need
+# RetryHeartbeatStaleTrialCallback.retried_trial_number is marked experimental (since Optuna 2.8); it is what we need
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SETTINGS_NAME = "sweep.json"
@@ -165,7 +165,7 @@ def trial_dir(sweep_dir: Path, number: int) -> Path:
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     """Numbers of failed trials that have a retry (those no longer count toward the budget)."""
     return {number for t in trials
-            if (number := optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)) is not None}
+            if (number := optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)) is not None}
 
 
 def finished_count(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -267,7 +267,7 @@ def assign_trial(settings: SweepSettings, space: SearchSpace, owner: str) -> dic
         run_dir = trial_dir(sweep_dir, trial.number)
         for key, value in {"owner": owner, "overrides": overrides, "run_dir": str(run_dir), "requeues": 0}.items():
             trial.set_user_attr(key, value)
-        retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(
+        retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
             study._storage.get_trial(trial._trial_id))
     if retry_of is not None and not (run_dir / "checkpoints").exists():
         source = trial_dir(sweep_dir, retry_of) / "checkpoints"
@@ -435,7 +435,7 @@ def recover_dead_trials(settings: SweepSettings, space: SearchSpace, suspects: d
             log.warning("trial %d: %s; marking it failed", t.number, reason)
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study.tell(t.number, state=TrialState.FAIL)
-            optuna.storages.RetryFailedTrialCallback(max_retry=settings.max_retries, inherit_intermediate_values=True)(
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries, inherit_intermediate_values=True)(
                 study, study._storage.get_trial(t._trial_id))
         suspects.pop(t.number, None)
 

@@ -29,7 +29,7 @@ def _trial_rows(study: optuna.Study) -> list[dict]:
                      "epochs_reported": len(t.intermediate_values), "requeues": t.user_attrs.get("requeues", 0),
                      "job": t.user_attrs.get("owner", ""),
                      "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
-                     "retry_of": optuna.storages.RetryFailedTrialCallback.retried_trial_number(t),
+                     "retry_of": optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t),
                      "fail_reason": t.user_attrs.get("fail_reason", ""),
                      "params": t.user_attrs.get("overrides", t.params)})
     return rows
