@@ -230,7 +230,7 @@ def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_bes
     driver = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until(lambda: (sweep_dir / "optuna_journal.log").exists() and
+        wait_until(lambda: (sweep_dir / "sweep.json").exists() and
                    finished_count(study_trials(sweep_dir)) >= 1, SWEEP_TIMEOUT_S, "a first finished trial")
     finally:
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies without warning; the trial jobs go on
