@@ -258,7 +258,8 @@ def assign_trial(settings: SweepSettings, space: SearchSpace, owner: str) -> dic
                 log.info("job %s resumes its trial %d", owner, t.number)
                 return {"number": t.number, "trial_id": t._trial_id, "overrides": t.user_attrs["overrides"],
                         "resumed": True}
-        if budget_used(trials) >= settings.n_trials:
+        retry_waiting = any(t.state == TrialState.WAITING for t in trials)  # ask() takes it first
+        if not retry_waiting and budget_used(trials) >= settings.n_trials:
             return None
         # The trial about to be created gets number len(trials): seed the sampler by it (see sweep_space).
         study = load_study(settings, space, trial_number=len(trials))
@@ -517,6 +518,9 @@ def launch_missing_jobs(settings: SweepSettings, space: SearchSpace) -> int:
     needed += sum(t.state == TrialState.WAITING for t in trials)  # queued retries need a job too
     if settings.executor == "local":  # this driver is the scheduler: at most --parallel processes at once
         needed = min(needed, settings.parallel - len(live_jobs))
+    if needed > 0 and len(jobs) + needed > 3 * settings.n_trials + 10:
+        raise SweepError(f"{sweep_dir / JOBS_NAME}: {len(jobs)} jobs started for {settings.n_trials} trials; "
+                         f"refusing to start more (their logs are under {sweep_dir})")
     if needed > 0:
         (submit_slurm_jobs if settings.executor == "slurm" else start_local_jobs)(settings, needed)
     return len(live_jobs) + max(needed, 0)
