@@ -236,7 +236,11 @@ def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_bes
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies without warning; the trial jobs go on
         driver.wait(timeout=30)
     jobs_before = json.loads((sweep_dir / "jobs.json").read_text())
-    run_sweep(command)  # the same command continues the same study
+    try:
+        run_sweep(command)  # the same command continues the same study
+    except BaseException:
+        cancel_sweep_jobs(sweep_dir)
+        raise
     trials = assert_sweep_outputs(sweep_dir, 6)
     assert json.loads((sweep_dir / "jobs.json").read_text()) == jobs_before, "the restarted driver resubmitted jobs"
     assert optuna.study.get_all_study_names(load_study_storage(sweep_dir)) == [sweep_dir.name]
@@ -244,6 +248,14 @@ def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_bes
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 1
     assert all(t.user_attrs["owner"].startswith("slurm-") for t in trials)
     assert_best_params_reproduce(sweep_dir, phantom_shards, tmp_path)
+
+
+def cancel_sweep_jobs(sweep_dir: Path) -> None:
+    """After a failed test: cancel exactly this sweep's jobs (other tests may share the cluster)."""
+    jobs_file = sweep_dir / "jobs.json"
+    ids = [job["owner"].removeprefix("slurm-") for job in json.loads(jobs_file.read_text())] if jobs_file.exists() else []
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 def load_study_storage(sweep_dir: Path):
@@ -274,9 +286,42 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
     finally:
         if driver.poll() is None:
             os.kill(driver.pid, signal.SIGKILL)
+            cancel_sweep_jobs(sweep_dir)
     assert driver.returncode == 0, output[-4000:]
     [trial] = study_trials(sweep_dir)
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["requeues"] == 1
     assert sorted(trial.intermediate_values) == [0, 1, 2]
     log = "".join(path.read_text() for path in (sweep_dir / "submitit").rglob("*_log.err"))
     assert "resumes its trial 0" in log and "resumed from" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(phantom_shards, tmp_path):
+    if problem := slurm_problem():
+        pytest.skip(problem)
+    sweep_dir = tmp_path / "sweep"
+    command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
+    command[command.index("--dead-grace-s") + 1] = "5"
+    driver = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        checkpoints = sweep_dir / "trials" / "trial-0000" / "checkpoints"
+        wait_until(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), SWEEP_TIMEOUT_S,
+                   "the trial's first checkpoint")
+        marker = f"submitit.core._submit {sweep_dir}"
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,comm=,args="], capture_output=True, text=True, timeout=30).stdout
+        [pid] = [int(line.split()[0]) for line in ps.splitlines() if marker in line and line.split()[1] != "srun"]
+        os.kill(pid, signal.SIGKILL)  # the trial process dies without a word: no tell, no requeue
+        output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            cancel_sweep_jobs(sweep_dir)
+    assert driver.returncode == 0, output[-4000:]
+    dead, retry = study_trials(sweep_dir)
+    assert dead.state == TrialState.FAIL and "ended without reporting" in dead.user_attrs["fail_reason"]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["overrides"] == dead.user_attrs["overrides"]
+    log = "".join(path.read_text() for path in (sweep_dir / "submitit").rglob("*_log.err"))
+    assert "trial 1 retries trial 0 from its checkpoints" in log and "resumed from" in log
