@@ -65,7 +65,14 @@ class DDPStrategy:
         return contextlib.nullcontext() if enabled else self.accelerator.no_sync(model)
 
     def synchronize_buffers(self, model: nn.Module) -> None:
-        """Nothing to do: DDP broadcasts rank 0's buffers (BatchNorm statistics) at every forward."""
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before a training forward.
+
+        DDP skips that broadcast after a no-grad forward (FSDP2 and DeepSpeed never do it) and leaves each rank
+        with the statistics of its own batches, so evaluation and checkpoints must not rely on it: a DCP checkpoint
+        keeps ONE copy of a replicated tensor, written by whichever rank its planner picks. Rank 0's statistics
+        depend on rank 0's batches only, so copying them changes nothing a resume has to reproduce.
+        """
+        broadcast_buffers(model)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         self.accelerator.backward(loss / accumulation)
@@ -88,6 +95,7 @@ class DDPStrategy:
 
     def save(self, model: nn.Module, optimizer, directory: Path) -> None:
         """Every rank: model and optimizer state as a DCP checkpoint in `directory`."""
+        self.synchronize_buffers(model)  # DCP keeps one copy of replicated buffers: make the copies equal
         model_state, optimizer_state = get_state_dict(model, optimizer)
         with _single_process_is_intended():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
@@ -131,13 +139,6 @@ class FSDP2Strategy(DDPStrategy):
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    def synchronize_buffers(self, model: nn.Module) -> None:
-        average_buffers(model)
-
-    def save(self, model: nn.Module, optimizer, directory: Path) -> None:
-        self.synchronize_buffers(model)  # DCP keeps one copy of replicated buffers: make the copies equal
-        super().save(model, optimizer, directory)
-
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
 
@@ -151,19 +152,13 @@ class FSDP2Strategy(DDPStrategy):
         return f"FSDP2: {sharded} DTensor parameters sharded over {self.accelerator.num_processes} process(es)"
 
 
-def average_buffers(model: nn.Module) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) over ranks.
-
-    Unlike DDP, FSDP2 and DeepSpeed leave each rank with the statistics of its own batches; averaging them gives
-    every rank (and so every evaluation and checkpoint) the same, better estimate.
-    """
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's floating-point buffers to every rank."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
-    world_size = torch.distributed.get_world_size()
     for buffer in model.buffers():
         if buffer.is_floating_point():
-            torch.distributed.all_reduce(buffer)  # SUM then divide: AVG is not offered by every backend
-            buffer.div_(world_size)
+            torch.distributed.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager
@@ -223,9 +218,6 @@ class DeepSpeedStrategy:
     def gradient_sync(self, model: nn.Module, enabled: bool):
         return contextlib.nullcontext()  # the engine accumulates and reduces at its own boundaries
 
-    def synchronize_buffers(self, model: nn.Module) -> None:
-        average_buffers(model)
-
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
@@ -235,6 +227,9 @@ class DeepSpeedStrategy:
             return None
         norm = self.engine.get_global_grad_norm()
         return norm is None or math.isfinite(float(norm))
+
+    def synchronize_buffers(self, model: nn.Module) -> None:
+        broadcast_buffers(model)
 
     def save(self, model: nn.Module, optimizer, directory: Path) -> None:
         self.synchronize_buffers(model)

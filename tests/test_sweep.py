@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,8 +277,10 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         checkpoints = sweep_dir / "trials" / "trial-0000" / "checkpoints"
-        wait_until(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), SWEEP_TIMEOUT_S,
-                   "the trial's first checkpoint")
+        # a complete checkpoint: the kill must not land while the first one is still a .partial directory
+        wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
+                                                        for path in checkpoints.iterdir()),
+                   SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
         job = json.loads((sweep_dir / "jobs.json").read_text())[0]["owner"].removeprefix("slurm-")
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # Slurm's preemption notice
         wait_until(lambda: job_field(job, "Restarts") not in (None, "0"), 120, f"job {job} to be requeued")
@@ -307,8 +310,10 @@ def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(p
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         checkpoints = sweep_dir / "trials" / "trial-0000" / "checkpoints"
-        wait_until(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), SWEEP_TIMEOUT_S,
-                   "the trial's first checkpoint")
+        # a complete checkpoint: the kill must not land while the first one is still a .partial directory
+        wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
+                                                        for path in checkpoints.iterdir()),
+                   SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
         marker = f"submitit.core._submit {sweep_dir}"
         ps = subprocess.run(["ps", "-ww", "-eo", "pid=,comm=,args="], capture_output=True, text=True, timeout=30).stdout
         [pid] = [int(line.split()[0]) for line in ps.splitlines() if marker in line and line.split()[1] != "srun"]
