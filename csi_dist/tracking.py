@@ -26,8 +26,10 @@ class Tracker:
         if mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
-            # one id per run directory: every requeued segment of a run lands in the same W&B run
-            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+            # one id per run directory: every requeued segment of a run lands in the same W&B run;
+            # under `wandb agent` the agent has already chosen the id its sweep expects
+            run_id = (os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID")
+                      else None) or hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
             self.wandb_run = wandb.init(
                 project=config.logging.wandb_project, group=config.logging.wandb_group or None, name=run_name,
                 id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config_to_dict(config),
@@ -40,15 +42,23 @@ class Tracker:
             for key, value in finite.items():
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb_run is not None:
-            self.wandb_run.log(finite, step=step)
+            self._to_wandb(lambda: self.wandb_run.log(finite, step=step))
 
     def summary(self, values: dict[str, object]) -> None:
         if self.wandb_run is not None:
-            for key, value in values.items():
-                self.wandb_run.summary[key] = value
+            self._to_wandb(lambda: self.wandb_run.summary.update(values))
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self._to_wandb(self.wandb_run.finish)
+
+    def _to_wandb(self, call) -> None:
+        """A W&B failure (full disk, lost connection) must not end a training run: warn once, then stop W&B."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - any W&B error; TensorBoard keeps logging
+            log.warning("W&B logging failed (%s: %s); W&B is off for the rest of this run, TensorBoard goes on",
+                        type(error).__name__, error)
+            self.wandb_run = None
