@@ -110,8 +110,44 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return {re.sub(r"^(module\.|backbone\.)", "", key): value for key, value in state.items()}
 
 
+# Hugging Face Dinov2Model names (the format of microsoft/rad-dino) -> timm ViT names. Both the transformers 4
+# (attention.attention.query, attention.output.dense) and transformers 5 (attention.q_proj, o_proj) spellings.
+_HF_DINOV2_RENAMES = (
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.(norm[12]|mlp\.fc[12])\.", r"blocks.\1.\2."),
+    (r"^layernorm\.", "norm."),
+)
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
+
+
+def _timm_from_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face Dinov2Model state dict in timm's ViT layout (separate q/k/v projections -> one qkv)."""
+    converted: dict[str, torch.Tensor] = {}
+    qkv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("dinov2.")
+        qkv = _HF_QKV.match(key)
+        if qkv:
+            block, long_name, short_name, kind = qkv.groups()
+            qkv_parts.setdefault((block, kind), {})[(long_name or short_name)[0]] = value
+            continue
+        for pattern, replacement in _HF_DINOV2_RENAMES:
+            if re.match(pattern, key):
+                converted[re.sub(pattern, replacement, key)] = value
+                break
+    for (block, kind), parts in qkv_parts.items():
+        converted[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return converted
+
+
 def _load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str | None) -> None:
     state = _load_state_dict_file(path)
+    if any(key.removeprefix("dinov2.").startswith("encoder.layer.") for key in state):
+        state = _timm_from_hf_dinov2(state)
     if timm_name is not None and timm_name.startswith("vit_"):
         from timm.models.vision_transformer import checkpoint_filter_fn
         state = checkpoint_filter_fn(state, backbone)  # DINOv2 layout -> timm, resamples position embeddings

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from csi_dist.config import ModelConfig
 from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import ModelError, backbone_spec, build_model
+from csi_dist.models import ModelError, _load_backbone_weights, backbone_spec, build_model
 
 
 @pytest.mark.parametrize("name,size", [("Custom_1", 64), ("ResNet50", 64), ("CheXNet", 64), ("resnet18", 64)])
@@ -42,6 +42,25 @@ def test_rgb_weights_load_into_the_grayscale_stem(tmp_path: Path):
     model = build_model(ModelConfig(model_arch="resnet18", pretrained_weights=str(path)))
     torch.testing.assert_close(model.backbone.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
     torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
+
+
+def test_hugging_face_dinov2_weights_give_the_same_features_in_timm(tmp_path: Path):
+    """RadDINO users hold microsoft/rad-dino's Hugging Face file: its features must survive the move to timm."""
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    hf_model = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=256, image_size=56, patch_size=14, layerscale_value=0.5)).eval()
+    weights = tmp_path / "rad_dino.safetensors"
+    save_file({key: value.contiguous() for key, value in hf_model.state_dict().items()}, str(weights))
+    timm_model = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0, in_chans=1,
+                                   img_size=56, embed_dim=64, depth=2, num_heads=4).eval()
+
+    _load_backbone_weights(timm_model, weights, "vit_base_patch14_dinov2")
+
+    gray = torch.rand(2, 1, 56, 56)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=gray.expand(-1, 3, -1, -1)).pooler_output  # the CLS token after the norm
+        assert torch.allclose(timm_model(gray), expected, atol=1e-4)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path: Path):
