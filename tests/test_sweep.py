@@ -259,6 +259,19 @@ def cancel_sweep_jobs(sweep_dir: Path) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
+def start_driver(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
+    """A kill must not land while the first checkpoint is still a .partial directory: nothing to resume then."""
+    checkpoints = trial_dir / "checkpoints"
+    wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
+                                                    for path in checkpoints.iterdir()),
+               SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
+
+
 def load_study_storage(sweep_dir: Path):
     from csi_dist.sweep import open_storage
     return open_storage(SweepSettings.load(sweep_dir))
@@ -273,14 +286,9 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
     sweep_dir = tmp_path / "sweep"
     command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
     command += ["--set", "callbacks.preemption_check_every_steps=1"]
-    driver = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = start_driver(command)
     try:
-        checkpoints = sweep_dir / "trials" / "trial-0000" / "checkpoints"
-        # a complete checkpoint: the kill must not land while the first one is still a .partial directory
-        wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
-                                                        for path in checkpoints.iterdir()),
-                   SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
+        wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
         job = json.loads((sweep_dir / "jobs.json").read_text())[0]["owner"].removeprefix("slurm-")
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # Slurm's preemption notice
         wait_until(lambda: job_field(job, "Restarts") not in (None, "0"), 120, f"job {job} to be requeued")
@@ -306,14 +314,9 @@ def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(p
     sweep_dir = tmp_path / "sweep"
     command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
     command[command.index("--dead-grace-s") + 1] = "5"
-    driver = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = start_driver(command)
     try:
-        checkpoints = sweep_dir / "trials" / "trial-0000" / "checkpoints"
-        # a complete checkpoint: the kill must not land while the first one is still a .partial directory
-        wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
-                                                        for path in checkpoints.iterdir()),
-                   SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
+        wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
         marker = f"submitit.core._submit {sweep_dir}"
         ps = subprocess.run(["ps", "-ww", "-eo", "pid=,comm=,args="], capture_output=True, text=True, timeout=30).stdout
         [pid] = [int(line.split()[0]) for line in ps.splitlines() if marker in line and line.split()[1] != "srun"]
