@@ -26,11 +26,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(path.name.split("-")[1]) for path in (run_dir / "checkpoints").iterdir())
 
 
-def assert_same_curve(run: list[dict], reference: list[dict]) -> None:
-    """Same validation loss per epoch within 1%: the gradients are the same, but BatchNorm running statistics are
-    rank 0's under DDP and the rank average under FSDP2/ZeRO, which moves the evaluation a little."""
+def assert_same_curve(run: list[dict], reference: list[dict], rel: float = 1e-2) -> None:
+    """Same validation loss per epoch within `rel`: on the same world size the gradients are the same, and only the
+    order of floating-point reductions differs between DDP, FSDP2 and ZeRO."""
     for mine, theirs in zip(run, reference, strict=True):
-        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-2)
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=rel)
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +59,34 @@ def test_fsdp2_from_the_accelerate_config_shards_resumes_and_reshards(phantom_sh
 
     # resume a mid-epoch checkpoint written by 2 ranks on 1 process (reshard 2 -> 1)
     mid = next(step for step in checkpoint_steps(run_dir) if step % 4 == 0 and step not in (6, 12, last))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run_dir, resumed)
-    for step in checkpoint_steps(run_dir):
-        if step > mid:
-            shutil.rmtree(resumed / "checkpoints" / f"step-{step:08d}")
+
+    def copy_up_to_mid(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        shutil.rmtree(copy / "weights")
+        for step in checkpoint_steps(run_dir):
+            if step > mid:
+                shutil.rmtree(copy / "checkpoints" / f"step-{step:08d}")
+        return copy
+
+    # exact: 1 process loads every tensor the 2 ranks saved (a resume that trains no step exports what it loaded)
+    loaded = copy_up_to_mid("loaded")
+    run_train(phantom_shards, loaded, *COMMON, "--set", "training.strategy=fsdp2", "--set", "training.batch_size=16",
+              "--set", f"training.max_steps={mid}")
+    saved_by_two = tmp_path / f"step-{mid}.safetensors"
+    subprocess.run([sys.executable, "-m", "csi_dist.convert", str(run_dir / "checkpoints" / f"step-{mid:08d}"),
+                    str(saved_by_two)], env=subprocess_env(), cwd=REPO_ROOT, check=True, capture_output=True,
+                   timeout=300)
+    assert tensors_equal(loaded / "weights" / "last.safetensors", saved_by_two)
+
+    resumed = copy_up_to_mid("resumed")
     one = run_train(phantom_shards, resumed, *COMMON, "--set", "training.strategy=fsdp2",
                     "--set", "training.batch_size=16")
     assert f"resumed from {resumed}/checkpoints/step-{mid:08d}" in one.stderr
     assert "1 process(es)" in one.stderr
-    assert_same_curve(history(resumed), history(ddp_reference))
+    # Custom_1 has BatchNorm: one process normalises its 16 images together where each of 2 ranks normalised 8, so
+    # after the reshard the curve may drift a few percent (a failed or skipped restore would be far off)
+    assert_same_curve(history(resumed), history(ddp_reference), rel=6e-2)
 
     # the converter turns the sharded checkpoint into the plain weights the run exported
     converted = tmp_path / "converted.safetensors"
