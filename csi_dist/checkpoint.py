@@ -5,13 +5,16 @@ by the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FS
 `schedule.pt`, `trainer_state.json` and one `rng_rankNNNNN.pt` per rank. It is written under a `.partial` name by
 all ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
 always complete; the newest such directory is the one `--resume auto` takes (the directory listing is the single
-source of truth). Our own files load with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
+source of truth). A checkpoint is removed by renaming it away first, so a kill never leaves half of one under a final
+name. Our own files load with `torch.load(weights_only=True)` or safetensors, and DCP's pickled `.metadata` is read
+with an unpickler that only builds DCP's own metadata classes: a crafted checkpoint is refused, never executed.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -24,7 +27,9 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+DELETING_SUFFIX = ".deleting"
 STRATEGY_STATE_DIR = "state"
+DCP_METADATA_FILE = ".metadata"
 SCHEDULE_FILE = "schedule.pt"
 STATE_FILE = "trainer_state.json"
 
@@ -129,6 +134,15 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(path)
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Rename out of the `step-XXXXXXXX` namespace first: a kill during the rmtree leaves only debris."""
+    doomed = path.with_name(path.name + DELETING_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, model, optimizer,
                     schedule_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Called on every rank at the same step. Returns the final directory."""
@@ -137,6 +151,8 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
     partial = root / f"step-{global_step:08d}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
+        for debris in root.glob(f"step-*{DELETING_SUFFIX}"):  # of a removal that was killed
+            shutil.rmtree(debris, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     strategy.save(model, optimizer, partial / STRATEGY_STATE_DIR)
@@ -150,15 +166,46 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
     if accelerator.is_main_process:
         _fsync_tree(partial)
         _fsync_dir(partial)
-        if final.exists():  # the same step saved twice (e.g. preemption right after a periodic save)
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved twice (e.g. a run resumed from its final checkpoint)
+            _remove_checkpoint(final)
         partial.rename(final)
         _fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata objects and nothing else (torch's FileSystemReader would unpickle anything)."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+               ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        if isinstance(found, type) and found.__module__ == module:  # its own classes, not what it imports (os)
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def check_dcp_metadata(state_dir: Path) -> None:
+    """Refuse a DCP directory whose pickled `.metadata` would build anything but DCP metadata."""
+    path = Path(state_dir) / DCP_METADATA_FILE
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as handle:
+            _DCPMetadataUnpickler(handle).load()
+    except Exception as error:  # noqa: BLE001 - a crafted or damaged file: nothing of it may be used
+        raise CheckpointError(f"{path} is not a plain DCP metadata file, refused: {type(error).__name__}: "
+                              f"{error}") from None
 
 
 def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) -> dict:
@@ -166,6 +213,7 @@ def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete csi_dist checkpoint (no {STATE_FILE})")
+    check_dcp_metadata(path / STRATEGY_STATE_DIR)
     try:
         strategy.load(model, optimizer, path / STRATEGY_STATE_DIR)
         loaded = {

@@ -9,6 +9,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi_dist.redaction import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +84,7 @@ class CallbacksConfig:
     checkpoint_every_epochs: int = 1
     keep_last_checkpoints: int = 2
     preemption_check_every_steps: int = 10
+    max_failure_requeues: int = 3  # SLURM requeues of a run after a rank died or hung (preemptions not counted)
 
 
 @dataclass
@@ -266,10 +269,11 @@ def config_to_dict(config: Config) -> dict[str, dict[str, object]]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as INI (loadable by load_config); holds no secrets (keys come from the environment)."""
+    """Write the resolved config as INI (loadable by load_config). Keys come from the environment; a value that
+    holds one anyway (e.g. a token pasted into an override) is written masked."""
     parser = configparser.ConfigParser(interpolation=None)
     for section, values in config_to_dict(config).items():
-        parser[section.capitalize()] = {key: str(value) for key, value in values.items()}
+        parser[section.capitalize()] = {key: redact(str(value)) for key, value in values.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from csi_dist.checkpoint import STRATEGY_STATE_DIR, CheckpointError, save_weights
+from csi_dist.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
 from csi_dist.config import load_config
 from csi_dist.models import build_model
 
@@ -29,6 +29,7 @@ def full_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{checkpoint_dir} holds neither a DCP nor a DeepSpeed checkpoint")
+    check_dcp_metadata(state_dir)
     config_path = checkpoint_dir.parent.parent / "resolved_config.ini"
     model = build_model(load_config(config_path).model)  # the template DCP fills, resharding as needed
     state = {"model": model.state_dict()}

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from csi_dist.config import Config
+from csi_dist.redaction import install_secret_filter
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,12 @@ def configure_logging(accelerator: Accelerator) -> None:
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{accelerator.process_index}] %(name)s: %(message)s",
                         force=True)
+    install_secret_filter()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed or timed out (training.collective_timeout_s): another rank died, froze or lost
+    its network. Gloo reports it as a plain RuntimeError from its transport; NCCL and the store as DistError."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    return isinstance(error, RuntimeError) and ("/gloo/" in str(error) or "NCCL" in str(error))

@@ -35,6 +35,8 @@ import torch
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
+# <run_dir>/failure_requeues/<segment id>: one file per job segment that ended in a requeue after a lost rank
+FAILURE_REQUEUE_DIR = "failure_requeues"
 # Exit status of every rank after a preemption checkpoint: 75 is EX_TEMPFAIL from sysexits.h ("try again later").
 # Inside SLURM the job has been requeued by then; outside, rerunning the same command line resumes the run.
 EXIT_PREEMPTED = 75
@@ -69,6 +71,36 @@ def slurm_job_to_requeue() -> str | None:
         log.warning("job %s was submitted without --requeue; it will end instead of requeueing", job_id)
         return None
     return job_id
+
+
+def requeue_after_failure(run_dir: Path | None, max_requeues: int) -> bool:
+    """After a lost rank: requeue this SLURM job, so that it resumes from its newest complete checkpoint.
+
+    Every surviving rank calls this; the one that creates this job segment's marker file requeues, the others only
+    exit. At most ``max_requeues`` failure requeues per run directory, so a rank that dies at the same point every
+    time ends the job instead of looping. Returns True when this call requeued the job.
+    """
+    job_id = slurm_job_to_requeue()
+    if job_id is None or run_dir is None:
+        log.error("not in a requeueable SLURM job: rerun the same command to resume from the newest checkpoint")
+        return False
+    markers = Path(run_dir) / FAILURE_REQUEUE_DIR
+    markers.mkdir(parents=True, exist_ok=True)
+    earlier = sum(1 for _ in markers.iterdir())
+    if earlier >= max_requeues:
+        log.error("not requeueing job %s: this run was requeued after a failure %d times already "
+                  "(callbacks.max_failure_requeues=%d)", job_id, earlier, max_requeues)
+        return False
+    try:
+        (markers / current_segment_id()).touch(exist_ok=False)
+    except FileExistsError:
+        return False  # another survivor of this segment requeues
+    log.error("requeueing SLURM job %s after the failure (%d of at most %d); it resumes from the newest complete "
+              "checkpoint", job_id, earlier + 1, max_requeues)
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode, result.stderr.strip())
+    return result.returncode == 0
 
 
 class PreemptionWatcher:

@@ -21,20 +21,23 @@ from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
 from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.distributed import build_accelerator, configure_logging
+from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure
 from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.early_stopping import EarlyStopping
+from csi_dist.faults import nonfinite_loss_factors
 from csi_dist.inference import move_batch, predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
 from csi_dist.models import ModelError, backbone_spec, build_model
-from csi_dist.preemption import PreemptionWatcher
+from csi_dist.preemption import PreemptionWatcher, requeue_after_failure
+from csi_dist.redaction import install_secret_filter
 from csi_dist.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.tracking import Tracker
 
 log = logging.getLogger("csi_dist.train")
 
 EXIT_CONFIG_ERROR = 2
+EXIT_RANK_LOST = 3
 EXIT_TOO_MANY_BAD_STEPS = 4
 
 
@@ -93,16 +96,28 @@ def monitor_mode(monitor: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    install_secret_filter()
+    config = run_dir = None
     try:
         overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
         config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
-        return train(config, resolve_run_dir(config, args.run_dir), args.resume)
+        run_dir = resolve_run_dir(config, args.run_dir)
+        return train(config, run_dir, args.resume)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
     except TooManyBadSteps as error:
         log.error("%s", error)
         return EXIT_TOO_MANY_BAD_STEPS
+    except RuntimeError as error:
+        if config is None or not is_collective_failure(error):
+            raise
+        # no checkpoint now: saving is itself a collective. The newest complete one is where the run goes on.
+        log.error("lost contact with another rank (it died, hung for training.collective_timeout_s=%d s or lost its "
+                  "network): %s: %s. Stopping this rank; --resume auto continues from the newest complete checkpoint",
+                  config.training.collective_timeout_s, type(error).__name__, str(error).splitlines()[0])
+        requeue_after_failure(run_dir, config.callbacks.max_failure_requeues)
+        return EXIT_RANK_LOST
 
 
 def train(config: Config, run_dir: Path, resume: str,
@@ -182,6 +197,7 @@ def train(config: Config, run_dir: Path, resume: str,
     watcher.install()
 
     last_saved_step = -1
+    loss_faults = nonfinite_loss_factors(rank)  # {} unless a test injects faults (csi_dist/faults.py)
 
     def checkpoint() -> None:
         nonlocal last_saved_step
@@ -217,6 +233,8 @@ def train(config: Config, run_dir: Path, resume: str,
                 loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
                 global_mean_weight = accelerator.reduce(weight_sum.detach(), reduction="mean")
                 loss = loss_sum / global_mean_weight.clamp_min(1e-12)  # DDP's gradient = the global batch's
+                if state["global_step"] in loss_faults:
+                    loss = loss * loss_faults[state["global_step"]]
                 strategy.backward(loss, accumulation)
             window_loss += loss.detach()
             window_images += images.shape[0]

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -20,8 +21,12 @@ def png_bytes(value: int, size: int) -> bytes:
 
 
 def write_shards(root: Path, shard_sizes: dict[str, list[int]], image_size: int = 16,
-                 corrupt_ids: frozenset[str] = frozenset()) -> Path:
-    """Shards whose sample i has FileID f"{split}-{i:05d}" and a constant image of value i (mod 256)."""
+                 corrupt_ids: frozenset[str] = frozenset(), edit_sample: Callable[[dict], dict] | None = None) -> Path:
+    """Shards whose sample i has FileID f"{split}-{i:05d}" and a constant image of value i (mod 256).
+
+    `edit_sample(sample)` may change a sample's tar members (a dict of `__key__`, `png`, `json`) before it is
+    written; the manifest's counts stay those of `shard_sizes`.
+    """
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT_VERSION, "image_size": image_size, "image_format": "png", "has_ahf_labels": True,
                 "splits": {}, "skipped": {"count": 0, "samples": []}}
@@ -35,9 +40,10 @@ def write_shards(root: Path, shard_sizes: dict[str, list[int]], image_size: int 
                     file_id = f"{split}-{index:05d}"
                     zones = [(index + zone) % 5 for zone in range(6)]
                     image = b"not an image" if file_id in corrupt_ids else png_bytes(index, image_size)
-                    writer.write({"__key__": file_id, "png": image,
-                                  "json": json.dumps({"file_id": file_id, "zones": zones, "csi": 1.5,
-                                                      "ahf": index % 2, "patient_id": None}).encode()})
+                    sample = {"__key__": file_id, "png": image,
+                              "json": json.dumps({"file_id": file_id, "zones": zones, "csi": 1.5,
+                                                  "ahf": index % 2, "patient_id": None}).encode()}
+                    writer.write(edit_sample(sample) if edit_sample else sample)
                     index += 1
             data = (root / relative).read_bytes()
             entries.append({"path": relative, "count": size, "bytes": len(data),

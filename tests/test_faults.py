@@ -1,0 +1,431 @@
+"""Fault injection against the finished pipeline: kill -9, lost ranks, bad inputs and crafted files, for real.
+
+Every fault here is real: SIGKILL/SIGSTOP sent with os.kill to real trainer processes, damaged or crafted files on
+disk. Each test checks what a user would see: an exit code, a message, a complete checkpoint, identical weights.
+
+The bad inputs of the reliability list that other test modules already cover are counted in BAD_INPUTS_ELSEWHERE
+(input -> the test that tries it), those tried here in BAD_INPUTS_HERE, so the README's counts add up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+
+from conftest import REPO_ROOT, free_port, subprocess_env, torchrun_command
+from csi_dist.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
+                                 latest_checkpoint)
+from csi_dist.convert import full_weights
+from csi_dist.data.labels import LabelError, read_label_csv
+from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data.shards import write_demo
+from data_helpers import label_row, write_csv
+from shard_factory import write_shards
+from slurm_helpers import differing_tensors
+
+BAD_INPUTS_ELSEWHERE = {
+    "undecodable image bytes inside a shard (counted skip)":
+        "test_reader.py::test_corrupt_image_is_a_counted_skip_that_keeps_the_step_count",
+    "truncated tar shard": "test_reader.py::test_missing_and_truncated_shards_are_named, "
+                           "test_shard_writer.py::test_verify_reports_truncated_and_missing_shards",
+    "shard modified in place": "test_shard_writer.py::test_verify_reports_modified_shard",
+    "missing shard file": "test_reader.py::test_missing_and_truncated_shards_are_named",
+    "missing shard directory": "test_train.py::test_missing_shards_exit_2_with_the_fix",
+    "label out of range in the CSV": "test_labels.py::test_bad_zone_value_names_file_line_column_value",
+    "bad csi / ahf values in the CSV": "test_labels.py::test_bad_csi_value_is_an_error, "
+                                       "test_labels.py::test_bad_ahf_value_is_an_error",
+    "NaN / empty grade in the CSV (= unknown class, csi recomputed)":
+        "test_labels.py::test_reads_users_format_with_codings",
+    "duplicate FileID in the CSV": "test_labels.py::test_duplicate_file_id_names_both_lines",
+    "missing CSV column, wrong separator": "test_labels.py::test_missing_column_names_file_missing_and_found_columns, "
+                                          "test_labels.py::test_comma_separated_header_suggests_separator",
+    "missing / corrupt source images": "test_shard_writer.py::test_missing_and_corrupt_images_are_skipped_and_listed",
+    "config typo": "test_config.py::test_unknown_key_names_the_closest_valid_key, "
+                   "test_train.py::test_bad_config_exits_2_naming_the_key",
+    "config value of the wrong type / not a choice": "test_config.py::test_wrong_type_and_bad_choice_are_named",
+    "run_name that is a path": "test_config.py::test_run_name_cannot_escape_the_output_directory",
+    "missing pretrained weights file": "test_models.py::test_unknown_arch_and_missing_weights_are_clear_errors",
+    "pretrained weights of another architecture": "test_models.py::test_weights_of_another_architecture_are_refused",
+    "crafted pickle as pretrained weights": "test_models.py::test_a_crafted_pickle_is_refused",
+}
+BAD_INPUTS_HERE = [
+    "truncated JPEG inside a shard", "zone label out of range inside a shard", "duplicate sample key inside a shard",
+    "shard with no samples", "empty (0-byte) shard file", "empty train split", "inf in the CSV",
+    "checkpoint of another architecture", "crafted pickle in a checkpoint (3 files)", "NaN loss", "Inf loss",
+    "more non-finite steps than training.max_bad_steps", "run_name escaping the output dir (--set, --hyperparams)",
+    "secret pasted into an override",
+]
+
+# A tiny ResNet (BatchNorm buffers included) keeps a checkpoint at ~5 MB, so every step can be one.
+ARCH = "test_resnet"
+WORLD = 2
+
+
+def trainer_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = {"data.shard_dir": shards, "data.image_size": 32, "training.batch_size": 4, "training.n_epochs": 3,
+                 "training.num_workers": 0, "training.deterministic": "true", "logging.wandb_mode": "disabled",
+                 "model.model_arch": ARCH, "callbacks.checkpoint_every_steps": 1,
+                 "callbacks.keep_last_checkpoints": 2}
+    args = ["-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir)]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def start(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A trainer in its own process group (torchrun's agent and its ranks die together), output to `log`."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env=env or subprocess_env(CSI_REQUEUE="0"), start_new_session=True)
+
+
+def run(command: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO_ROOT, env=env or subprocess_env(CSI_REQUEUE="0"), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def python_train(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the trainer exited ({process.returncode}) before {what}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def step_of(path: Path) -> int:
+    return int(re.match(r"step-(\d{8})", path.name).group(1))
+
+
+def partials(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step-*.partial")) if root.is_dir() else []
+
+
+def assert_complete_and_loadable(checkpoint: Path, world_size: int = WORLD) -> None:
+    """Every file of the checkpoint is there, whole, and loads without unpickling anything."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["global_step"] == step_of(checkpoint), checkpoint
+    torch.load(checkpoint / SCHEDULE_FILE, weights_only=True)
+    for rank in range(world_size):
+        torch.load(checkpoint / f"rng_rank{rank:05d}.pt", weights_only=True)
+    state_dir = checkpoint / STRATEGY_STATE_DIR
+    metadata = FileSystemReader(str(state_dir)).read_metadata()  # our own file, written by this test's runs
+    for info in metadata.storage_data.values():  # model AND optimizer tensors: every byte range is on disk
+        assert (state_dir / info.relative_path).stat().st_size >= info.offset + info.length, checkpoint
+    weights = full_weights(checkpoint)
+    assert weights and all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "shards"
+    write_demo(str(out), n_images=86, image_size=32, seed=3, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
+    """The uninterrupted 2-process run every interrupted one must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+# --- kill -9 ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_identical(shards, reference, tmp_path):
+    steps_total = json.loads((reference / "training_history.json").read_text())[-1]["global_step"]
+    rng = random.Random(8)
+    run_dir = tmp_path / "run"
+    kills, partial_kills = [], 0
+    progress, newest = 0, None
+    while len(kills) < 11:
+        log = tmp_path / f"launch-{len(kills)}.log"
+        process = start(torchrun_command(WORLD, *trainer_args(shards, run_dir)), log)
+        target = progress + rng.randint(1, 2)
+        kill_in_save = len(kills) % 3 == 1  # every third kill aims at a checkpoint being written
+        assert target < steps_total, kills
+        if kill_in_save:
+            wait_for(lambda: [p for p in partials(run_dir) if step_of(p) >= target], 120,
+                     f"a checkpoint of step >= {target} being written", process)
+        else:
+            wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= target, 120,
+                     f"a checkpoint of step >= {target}", process)
+            time.sleep(rng.uniform(0, 0.1))  # anywhere in the next step
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+        text = log.read_text()
+        if newest is not None:
+            assert f"resumed from {newest}" in text, f"launch {len(kills)} did not resume from {newest}:\n{text[-3000:]}"
+        checkpoints = complete_checkpoints(run_dir)
+        for checkpoint in checkpoints:
+            assert_complete_and_loadable(checkpoint)
+        newest = checkpoints[-1]
+        left_partial = [p.name for p in partials(run_dir) if step_of(p) > step_of(newest)]
+        partial_kills += bool(left_partial)
+        kills.append((step_of(newest), left_partial))
+        progress = max([step_of(newest)] + [step_of(p) for p in partials(run_dir)])
+
+    assert partial_kills >= 1, f"no kill landed inside a checkpoint write: {kills}"
+    assert len({step for step, _ in kills}) >= 10, kills
+    result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {newest}" in result.stderr
+    for name in ("last.safetensors", "best.safetensors"):
+        assert differing_tensors(run_dir / "weights" / name, reference / "weights" / name) == [], (name, kills)
+    assert (json.loads((run_dir / "training_history.json").read_text())
+            == json.loads((reference / "training_history.json").read_text()))
+
+
+# --- a rank that dies or hangs ----------------------------------------------------------------------------------
+
+
+def start_ranks(shards: Path, run_dir: Path, tmp_path: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two ranks started directly (as srun or submitit start them), so no launcher stands between them."""
+    port = free_port()
+    processes = []
+    for rank in range(WORLD):
+        env = subprocess_env(CSI_REQUEUE="0", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                             LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        processes.append(start(python_train(*trainer_args(shards, run_dir, *extra)), tmp_path / f"rank{rank}.log",
+                               env))
+    return processes
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank-killed", "rank-frozen"])
+def test_survivor_of_a_lost_rank_exits_with_a_clear_error_in_bounded_time(shards, tmp_path, fault):
+    timeout_s = 5
+    run_dir = tmp_path / "run"
+    survivor, victim = start_ranks(shards, run_dir, tmp_path, "--set", "training.n_epochs=100",
+                                   "--set", f"training.collective_timeout_s={timeout_s}")
+    try:
+        wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= 2, 120,
+                 "training to be under way", survivor)
+        os.kill(victim.pid, fault)
+        signalled = time.monotonic()
+        returncode = survivor.wait(timeout=timeout_s + 60)
+        waited = time.monotonic() - signalled
+    finally:
+        for process in (survivor, victim):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = (tmp_path / "rank0.log").read_text()
+    assert returncode == 3, text[-3000:]
+    assert waited < timeout_s + 15, f"the survivor took {waited:.1f} s"
+    assert re.search(r"rank0.*lost contact with another rank .*collective_timeout_s=5 s", text), text[-3000:]
+    if fault == signal.SIGSTOP:
+        assert waited >= timeout_s - 0.5 and "Timed out" in text  # the collective timeout, not a closed socket
+    assert "--resume auto continues from the newest complete checkpoint" in text
+    assert "Traceback" not in text
+    for checkpoint in complete_checkpoints(run_dir):
+        assert_complete_and_loadable(checkpoint)
+
+
+# --- non-finite losses --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_bad_steps(shards, tmp_path):
+    one_epoch = ["--set", "training.n_epochs=1", "--set", "training.max_bad_steps=2"]
+    # on rank 1 only: the gradient all-reduce carries the NaN to rank 0, and both ranks skip the same steps
+    env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="2:nan:1,5:inf:1")
+    result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "skips", *one_epoch)), env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d) .*\((\d) of at most 2\)",
+                         result.stderr)
+    assert sorted(skipped) == [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")], result.stderr[-3000:]
+    final = latest_checkpoint(tmp_path / "skips")
+    assert json.loads((final / STATE_FILE).read_text())["bad_steps"] == 2
+    weights = load_file(str(tmp_path / "skips" / "weights" / "last.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
+
+    env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="1:nan,3:inf,4:nan")
+    result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "stops", *one_epoch)), env=env)
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*4\b", result.stderr), result.stderr[-3000:]
+    assert "3 non-finite steps (training.max_bad_steps=2); lower the learning rate or check data" in result.stderr
+
+
+# --- bad checkpoints ----------------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: proof of code execution if the marker appears."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["other-architecture", "metadata-pickle", "schedule-pickle", "rng-pickle"])
+def test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs(shards, reference, tmp_path, attack):
+    checkpoint = tmp_path / "run" / "checkpoints" / latest_checkpoint(reference).name
+    shutil.copytree(latest_checkpoint(reference), checkpoint)
+    marker = tmp_path / "owned"
+    extra = []
+    if attack == "other-architecture":
+        extra = ["--set", "model.model_arch=Custom_1"]
+    elif attack == "metadata-pickle":
+        with open(checkpoint / STRATEGY_STATE_DIR / ".metadata", "wb") as handle:
+            pickle.dump(Payload(marker), handle)
+    else:
+        torch.save({"state": Payload(marker)},
+                   checkpoint / (SCHEDULE_FILE if attack == "schedule-pickle" else "rng_rank00000.pt"))
+    result = run(python_train(*trainer_args(shards, tmp_path / "run", *extra, "--resume", str(checkpoint))))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert not marker.exists(), "the crafted pickle was executed"
+    if attack == "metadata-pickle":
+        assert f"{checkpoint}/state/.metadata is not a plain DCP metadata file, refused" in result.stderr
+    else:
+        assert f"cannot resume from checkpoint {checkpoint}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- bad inputs in shards and CSVs ---------------------------------------------------------------------------------
+
+
+def jpeg_bytes(size: int = 32) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)
+    Image.fromarray(noise, mode="L").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decode_failures(shard_dir: Path, split: str = "train") -> tuple[int, list[str]]:
+    """(steps, file ids of the samples counted as undecodable) of one epoch on one rank."""
+    loader = build_loader(open_split(shard_dir, split), LoaderSettings(batch_size=4, image_size=16), epoch=0, rank=0,
+                          world_size=1)
+    batches = list(loader)
+    failed = [int(index) for batch in batches for index, bad in zip(batch["sample_index"], batch["decode_failed"])
+              if bad]
+    return len(batches), failed
+
+
+def test_truncated_jpeg_and_out_of_range_label_inside_a_shard_are_counted_skips(tmp_path, caplog):
+    full_jpeg = jpeg_bytes()
+
+    def damage(sample: dict) -> dict:
+        if sample["__key__"] == "train-00001":  # a JPEG cut short, as by an interrupted copy
+            del sample["png"]
+            sample["jpg"] = full_jpeg[:len(full_jpeg) // 2]
+        if sample["__key__"] == "train-00006":
+            labels = json.loads(sample["json"])
+            sample["json"] = json.dumps({**labels, "zones": [0, 1, 7, 0, 0, 0]}).encode()
+        return sample
+
+    root = write_shards(tmp_path / "s", {"train": [4, 4]}, edit_sample=damage)
+    steps, failed = decode_failures(root)
+    assert steps == 2 and failed == [1, 6]
+    assert re.search(r"skipping undecodable sample 'train-00001' of \S*shard-000000.tar: DecodeError: .*truncated",
+                     caplog.text), caplog.text
+    assert re.search(r"sample 'train-00006' of \S*shard-000001.tar: ValueError: zones \[0, 1, 7, 0, 0, 0\] are not "
+                     r"6 values in 0..4", caplog.text), caplog.text
+
+
+def test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted(tmp_path, caplog):
+    def duplicate(sample: dict) -> dict:
+        if sample["__key__"] == "train-00002":
+            sample["__key__"] = "train-00001"
+        return sample
+
+    root = write_shards(tmp_path / "s", {"train": [4, 4]}, edit_sample=duplicate)
+    steps, failed = decode_failures(root)
+    assert steps == 2 and failed == [0, 1, 2, 3]  # that shard's samples can no longer be told apart
+    assert re.search(r"shard \S*shard-000000.tar holds 3 samples, the manifest says 4", caplog.text), caplog.text
+
+
+def test_empty_shards_and_an_empty_train_split(tmp_path, caplog):
+    root = write_shards(tmp_path / "s", {"train": [3, 0, 4], "val": [2]})
+    steps, failed = decode_failures(root)
+    assert steps == 2 and failed == []  # a shard with no samples is just skipped by the plan
+
+    empty = root / "train" / "shard-000002.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(ShardError, match=r"shard-000002.tar has 0 bytes, the manifest says \d+: truncated"):
+        open_split(root, "train")
+
+    no_train = write_shards(tmp_path / "no_train", {"train": [], "val": [2]})
+    result = run(python_train(*trainer_args(no_train, tmp_path / "run")))
+    assert result.returncode == 2 and "the train split is empty" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("zones,csi,column", [((0, "inf", 0, 0, 0, 0), "", "left_sup"),
+                                              ((0, 0, 0, 0, 0, 0), "-inf", "csi")])
+def test_infinite_values_in_the_csv_are_named(tmp_path, zones, csi, column):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2", zones, csi)])
+    with pytest.raises(LabelError, match=rf"line 3, column {column}"):
+        read_label_csv(csv_path)
+
+
+# --- paths and secrets ---------------------------------------------------------------------------------------------
+
+
+def test_run_names_that_escape_the_output_directory_are_refused_before_anything_is_written(shards, tmp_path):
+    output_dir = tmp_path / "runs"
+    best_params = tmp_path / "best_params.json"
+    best_params.write_text(json.dumps({"best_params": {"logging.run_name": str(tmp_path / "elsewhere")}}))
+    for how in (["--set", "logging.run_name=../../escaped"], ["--hyperparams", str(best_params)]):
+        result = run([sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini",
+                      "--set", f"data.shard_dir={shards}", "--set", f"logging.output_dir={output_dir}", *how])
+        assert result.returncode == 2 and "must be a plain name, not a path" in result.stderr, result.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best_params.json"]
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_logs_or_saved_files(shards, tmp_path):
+    secrets = {"WANDB_API_KEY": "wandb" + "0123456789abcdef" * 2 + "cafe", "HF_TOKEN": "hf_FaultSuiteToken12345"}
+    env = subprocess_env(CSI_REQUEUE="0", **secrets)
+    run_dir = tmp_path / "run"
+    result = run(python_train(*trainer_args(shards, run_dir, "--set", "logging.wandb_mode=offline",
+                                            "--set", "training.max_steps=2")), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # W&B did write its files
+    # the mistake users make: a token pasted where a value goes; the error names the key but masks the value
+    typo = run([sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini",
+                "--set", f"training.seed={secrets['HF_TOKEN']}"], env=env)
+    assert typo.returncode == 2 and "training.seed=***': expected int, got '***'" in typo.stderr, typo.stderr
+
+    leaks = []
+    for secret in secrets.values():
+        for text, where in ((result.stdout + result.stderr, "training output"), (typo.stderr, "error output")):
+            if secret in text:
+                leaks.append(where)
+        for path in run_dir.rglob("*"):
+            if path.is_file() and secret.encode() in path.read_bytes():
+                leaks.append(str(path.relative_to(run_dir)))
+    assert leaks == []
