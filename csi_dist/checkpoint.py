@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,12 @@ def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) 
         }
         rank_file = path / f"rng_rank{process_index:05d}.pt"
         loaded["rng"] = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
-    except Exception as error:  # noqa: BLE001 - a refused pickle, another architecture, a damaged file
-        raise CheckpointError(f"cannot resume from checkpoint {path}: {type(error).__name__}: {error}") from error
+    # DCP's CheckpointException (another architecture: missing keys) derives from BaseException, not Exception
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - a refused pickle, a damaged file
+        # DCP's message carries each rank's whole traceback: its last line is the reason
+        reason = str(error).strip().splitlines()[-1] if isinstance(error, CheckpointException) else \
+            f"{type(error).__name__}: {error}"
+        hint = " (written for another model: check model.model_arch)" if re.search(
+            r"Missing key|Unexpected key|size mismatch", reason) else ""
+        raise CheckpointError(f"cannot resume from checkpoint {path}: {reason}{hint}") from None
     return loaded

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -88,10 +89,22 @@ def trainer_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def start(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A trainer in its own process group (torchrun's agent and its ranks die together), output to `log`."""
+    """A trainer in its own session, output to `log`."""
     with open(log, "w") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 env=env or subprocess_env(CSI_REQUEUE="0"), start_new_session=True)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the process and every descendant (torchrun starts each rank in a session of its own)."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        try:
+            os.kill(member.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    psutil.wait_procs(tree[1:], timeout=30)
 
 
 def run(command: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -179,8 +192,7 @@ def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_ident
             wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= target, 120,
                      f"a checkpoint of step >= {target}", process)
             time.sleep(rng.uniform(0, 0.1))  # anywhere in the next step
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        kill_tree(process)
 
         text = log.read_text()
         if newest is not None:
@@ -238,8 +250,7 @@ def test_survivor_of_a_lost_rank_exits_with_a_clear_error_in_bounded_time(shards
     finally:
         for process in (survivor, victim):
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+                kill_tree(process)
     text = (tmp_path / "rank0.log").read_text()
     assert returncode == 3, text[-3000:]
     assert waited < timeout_s + 15, f"the survivor took {waited:.1f} s"
@@ -263,7 +274,7 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_b
     env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="2:nan:1,5:inf:1")
     result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "skips", *one_epoch)), env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d) .*\((\d) of at most 2\)",
+    skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d): step skipped \((\d) of at most 2\)",
                          result.stderr)
     assert sorted(skipped) == [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")], result.stderr[-3000:]
     final = latest_checkpoint(tmp_path / "skips")
@@ -310,6 +321,10 @@ def test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs(shards,
     assert not marker.exists(), "the crafted pickle was executed"
     if attack == "metadata-pickle":
         assert f"{checkpoint}/state/.metadata is not a plain DCP metadata file, refused" in result.stderr
+    elif attack == "other-architecture":
+        assert re.search(rf"cannot resume from checkpoint {checkpoint}: RuntimeError: Missing key in checkpoint "
+                         r"state_dict: model\.backbone\.\S+ \(written for another model: check model.model_arch\)",
+                         result.stderr), result.stderr[-3000:]
     else:
         assert f"cannot resume from checkpoint {checkpoint}" in result.stderr
     assert "Traceback" not in result.stderr
