@@ -20,6 +20,10 @@ The trap writes the id of the job segment it belongs to (``<job id>.<restart cou
 it sends SIGTERM to the old batch shell, whose trap then writes the file once more; the new segment recognises
 that file as stale and ignores it instead of stopping again at once. An empty file (``touch``) is a manual
 request and always counts.
+
+A rank that dies or hangs gives no notice: the survivors' next collective fails (at once, or after
+``training.collective_timeout_s``), the trainer exits with status 3 (``train.EXIT_RANK_LOST``) and one survivor requeues the job
+with ``requeue_after_failure``; the requeued job resumes from the newest periodic checkpoint.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_
 from csi_dist.data.shards import write_demo
 from data_helpers import label_row, write_csv
 from shard_factory import write_shards
-from slurm_helpers import differing_tensors
+from slurm_helpers import cluster_problem, differing_tensors, job_field, sbatch, wait_for_job_end
 
 BAD_INPUTS_ELSEWHERE = {
     "undecodable image bytes inside a shard (counted skip)":
@@ -261,6 +261,50 @@ def test_survivor_of_a_lost_rank_exits_with_a_clear_error_in_bounded_time(shards
     assert "Traceback" not in text
     for checkpoint in complete_checkpoints(run_dir):
         assert_complete_and_loadable(checkpoint)
+
+
+def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
+    """The trainer process of `rank` of the run in `run_dir` (not its launcher), once it has started."""
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "csi_dist.train" not in command or str(run_dir) not in command or "accelerate" in command:
+            continue
+        try:
+            if process.environ().get("RANK") == str(rank):
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path):
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    run_dir = tmp_path / "run"
+    job_id = sbatch(REPO_ROOT / "slurm" / "train.sbatch",
+                    ["--nodes=2", "--job-name=rank-lost", f"--output={tmp_path}/%x-%j.out"],
+                    trainer_args(shards, run_dir)[2:], cwd=REPO_ROOT, env=subprocess_env(CSI_REPO=str(REPO_ROOT)))
+    log = tmp_path / f"rank-lost-{job_id}.out"
+    try:
+        wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= 3, 180,
+                 "the job to train", interval=0.2)
+        victim = wait_for(lambda: rank_process(run_dir, 1), 30, "the process of rank 1")
+        os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer or a crashing node would
+        state = wait_for_job_end(job_id, 240)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    text = log.read_text()
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-4000:]}"
+    assert job_field(job_id, "Restarts") == "1"
+    assert "lost contact with another rank" in text
+    assert f"requeueing SLURM job {job_id} after the failure (1 of at most 3)" in text, text[-4000:]
+    assert re.search(r"resumed from \S*step-\d{8}", text), text[-4000:]
+    # 2 nodes x 1 process: the same ranks and global batch as the 2-process reference
+    assert differing_tensors(run_dir / "weights" / "last.safetensors", reference / "weights" / "last.safetensors") == []
 
 
 # --- non-finite losses --------------------------------------------------------------------------------------------
