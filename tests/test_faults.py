@@ -196,7 +196,7 @@ def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_ident
 
         text = log.read_text()
         if newest is not None:
-            assert f"resumed from {newest}" in text, f"launch {len(kills)} did not resume from {newest}:\n{text[-3000:]}"
+            assert f"resumed from {newest}" in text, f"launch {len(kills)}, not from {newest}:\n{text[-3000:]}"
         checkpoints = complete_checkpoints(run_dir)
         for checkpoint in checkpoints:
             assert_complete_and_loadable(checkpoint)
@@ -318,9 +318,10 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_b
     env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="2:nan:1,5:inf:1")
     result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "skips", *one_epoch)), env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d): step skipped \((\d) of at most 2\)",
-                         result.stderr)
-    assert sorted(skipped) == [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")], result.stderr[-3000:]
+    skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d): step skipped "
+                         r"\((\d) of at most 2\)", result.stderr)
+    expected = [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")]
+    assert sorted(skipped) == expected, result.stderr[-3000:]
     final = latest_checkpoint(tmp_path / "skips")
     assert json.loads((final / STATE_FILE).read_text())["bad_steps"] == 2
     weights = load_file(str(tmp_path / "skips" / "weights" / "last.safetensors"))
