@@ -3,6 +3,10 @@
 Every fault here is real: SIGKILL/SIGSTOP sent with os.kill to real trainer processes, damaged or crafted files on
 disk. Each test checks what a user would see: an exit code, a message, a complete checkpoint, identical weights.
 
+Runtime faults injected here: 11 SIGKILLs of a whole 2-process training (launcher and both ranks) at random steps,
+some of them while a checkpoint is being written; a SIGKILL and a SIGSTOP of one rank; a SIGKILL of one rank of a
+2-node SLURM job; 5 non-finite losses (2 skipped and counted, then 3 that stop a run allowed 2).
+
 The bad inputs of the reliability list that other test modules already cover are counted in BAD_INPUTS_ELSEWHERE
 (input -> the test that tries it), those tried here in BAD_INPUTS_HERE, so the README's counts add up.
 """
@@ -64,13 +68,32 @@ BAD_INPUTS_ELSEWHERE = {
     "pretrained weights of another architecture": "test_models.py::test_weights_of_another_architecture_are_refused",
     "crafted pickle as pretrained weights": "test_models.py::test_a_crafted_pickle_is_refused",
 }
-BAD_INPUTS_HERE = [
-    "truncated JPEG inside a shard", "zone label out of range inside a shard", "duplicate sample key inside a shard",
-    "shard with no samples", "empty (0-byte) shard file", "empty train split", "inf in the CSV",
-    "checkpoint of another architecture", "crafted pickle in a checkpoint (3 files)", "NaN loss", "Inf loss",
-    "more non-finite steps than training.max_bad_steps", "run_name escaping the output dir (--set, --hyperparams)",
-    "secret pasted into an override",
-]
+BAD_INPUTS_HERE = {
+    "truncated JPEG inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_inside_a_shard_*",
+    "zone label out of range inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_*",
+    "duplicate sample key inside a shard": "test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted",
+    "shard with no samples": "test_empty_shards_and_an_empty_train_split",
+    "empty (0-byte) shard file": "test_empty_shards_and_an_empty_train_split",
+    "empty train split": "test_empty_shards_and_an_empty_train_split",
+    "inf grade in the CSV": "test_infinite_values_in_the_csv_are_named",
+    "-inf csi in the CSV": "test_infinite_values_in_the_csv_are_named",
+    "checkpoint of another architecture": "test_a_bad_checkpoint_is_refused_*[other-architecture]",
+    "crafted pickle as DCP .metadata": "test_a_bad_checkpoint_is_refused_*[metadata-pickle]",
+    "crafted pickle as schedule.pt": "test_a_bad_checkpoint_is_refused_*[schedule-pickle]",
+    "crafted pickle as an RNG file": "test_a_bad_checkpoint_is_refused_*[rng-pickle]",
+    "run_name '../../escaped' (--set)": "test_run_names_that_escape_the_output_directory_*",
+    "run_name that is an absolute path (--hyperparams best_params.json)": "test_run_names_that_escape_*",
+    "W&B key pasted into an override": "test_secrets_never_reach_logs_or_saved_files",
+}
+
+
+
+def test_the_bad_input_table_points_at_existing_tests():
+    for where in BAD_INPUTS_ELSEWHERE.values():
+        for reference in where.split(", "):
+            module, name = reference.split("::")
+            assert f"def {name}(" in (REPO_ROOT / "tests" / module).read_text(), reference
+
 
 # A tiny ResNet (BatchNorm buffers included) keeps a checkpoint at ~5 MB, so every step can be one.
 ARCH = "test_resnet"
@@ -206,6 +229,7 @@ def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_ident
         kills.append((step_of(newest), left_partial))
         progress = max([step_of(newest)] + [step_of(p) for p in partials(run_dir)])
 
+    print(f"kills (newest complete checkpoint, checkpoint being written): {kills}")  # shown with -s / -rP
     assert partial_kills >= 1, f"no kill landed inside a checkpoint write: {kills}"
     assert len({step for step, _ in kills}) >= 10, kills
     result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
