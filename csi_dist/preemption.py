@@ -22,8 +22,8 @@ that file as stale and ignores it instead of stopping again at once. An empty fi
 request and always counts.
 
 A rank that dies or hangs gives no notice: the survivors' next collective fails (at once, or after
-``training.collective_timeout_s``), the trainer exits with status 3 (``train.EXIT_RANK_LOST``) and one survivor requeues the job
-with ``requeue_after_failure``; the requeued job resumes from the newest periodic checkpoint.
+``training.collective_timeout_s``), they exit with status 3 (``train.EXIT_RANK_LOST``) and one of them requeues
+the job with ``requeue_after_failure``; the requeued job resumes from the newest periodic checkpoint.
 """
 from __future__ import annotations
 
