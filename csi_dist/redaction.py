@@ -1,9 +1,11 @@
 """Keep secrets out of logs and saved configs: values of secret-named environment variables are masked."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 
 # WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, ... but not TOKENIZERS_PARALLELISM
 SECRET_NAME = re.compile(r"(^|_)(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE)
@@ -44,3 +46,14 @@ def install_secret_filter() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(existing, SecretFilter) for existing in handler.filters):
             handler.addFilter(SecretFilter())
+
+
+@contextlib.contextmanager
+def masked_argv():
+    """sys.argv with secrets masked, for libraries that record the command line (W&B's run metadata does)."""
+    original = sys.argv
+    sys.argv = [redact(argument) for argument in original]
+    try:
+        yield
+    finally:
+        sys.argv = original

@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 
 from csi_dist.config import Config, config_to_dict
+from csi_dist.redaction import masked_argv, redact
 
 log = logging.getLogger(__name__)
+
+
+def wandb_config(config: Config) -> dict[str, dict[str, object]]:
+    """The config as W&B stores it, with secrets masked like in the saved config and the logs."""
+    return {section: {key: redact(value) if isinstance(value, str) else value for key, value in values.items()}
+            for section, values in config_to_dict(config).items()}
 
 
 class Tracker:
@@ -30,10 +37,12 @@ class Tracker:
             # under `wandb agent` the agent has already chosen the id its sweep expects
             run_id = (os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID")
                       else None) or hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-            self.wandb_run = wandb.init(
-                project=config.logging.wandb_project, group=config.logging.wandb_group or None, name=run_name,
-                id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config_to_dict(config),
-                settings=wandb.Settings(init_timeout=120, console="off", x_disable_stats=True))
+            masked = wandb_config(config)
+            with masked_argv():
+                self.wandb_run = wandb.init(
+                    project=masked["logging"]["wandb_project"], group=masked["logging"]["wandb_group"] or None,
+                    name=run_name, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=masked,
+                    settings=wandb.Settings(init_timeout=120, console="off", x_disable_stats=True))
 
     def log(self, values: dict[str, float], step: int) -> None:
         finite = {key: float(value) for key, value in values.items()

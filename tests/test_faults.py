@@ -495,7 +495,9 @@ def test_secrets_never_reach_logs_or_saved_files(shards, tmp_path):
     secrets = {"WANDB_API_KEY": "wandb" + "0123456789abcdef" * 2 + "cafe", "HF_TOKEN": "hf_FaultSuiteToken12345"}
     env = subprocess_env(CSI_REQUEUE="0", **secrets)
     run_dir = tmp_path / "run"
+    # a token pasted into a config value W&B records (the group) must not reach W&B's files either
     result = run(python_train(*trainer_args(shards, run_dir, "--set", "logging.wandb_mode=offline",
+                                            "--set", f"logging.wandb_group=study-{secrets['HF_TOKEN']}",
                                             "--set", "training.max_steps=2")), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*"))  # W&B did write its files
