@@ -57,9 +57,15 @@ def configure_logging(accelerator: Accelerator) -> None:
     install_secret_filter()
 
 
+# How gloo and NCCL word a lost peer; e.g. a frozen peer during DDP's buffer broadcast gives gloo's bare
+# "Application timeout caused pair closure" (no source path in the message).
+COLLECTIVE_FAILURE_MARKERS = ("/gloo/", "NCCL", "pair closure", "Connection reset by peer", "Connection closed by peer",
+                              "Timed out waiting")
+
+
 def is_collective_failure(error: BaseException) -> bool:
     """A collective that failed or timed out (training.collective_timeout_s): another rank died, froze or lost
     its network. Gloo reports it as a plain RuntimeError from its transport; NCCL and the store as DistError."""
     if isinstance(error, torch.distributed.DistError):
         return True
-    return isinstance(error, RuntimeError) and ("/gloo/" in str(error) or "NCCL" in str(error))
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in COLLECTIVE_FAILURE_MARKERS)

@@ -74,7 +74,21 @@ def slurm_job_to_requeue() -> str | None:
     if "Requeue=1" not in shown.split():
         log.warning("job %s was submitted without --requeue; it will end instead of requeueing", job_id)
         return None
+    if was_cancelled(job_id):
+        log.warning("job %s was cancelled (scancel); it ends instead of requeueing", job_id)
+        return None
     return job_id
+
+
+def was_cancelled(job_id: str) -> bool:
+    """Whether someone cancelled the job. `scancel` sends the same SIGTERM as a preemption and `scontrol` only shows
+    COMPLETING then, but accounting already records CANCELLED; without accounting we cannot tell (False)."""
+    try:
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                                text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(state.startswith("CANCELLED") for state in states)
 
 
 def requeue_after_failure(run_dir: Path | None, max_requeues: int) -> bool:

@@ -256,6 +256,18 @@ def start_ranks(shards: Path, run_dir: Path, tmp_path: Path, *extra: str) -> lis
     return processes
 
 
+@pytest.mark.parametrize(("message", "lost"), [
+    ("Application timeout caused pair closure", True),  # gloo, a frozen peer during DDP's buffer broadcast
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:1: Connection reset by peer", True),
+    ("NCCL communicator was aborted on rank 3", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x6)", False),
+])
+def test_only_errors_of_a_lost_peer_count_as_a_lost_rank(message, lost):
+    from csi_dist.distributed import is_collective_failure
+    assert is_collective_failure(RuntimeError(message)) is lost
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank-killed", "rank-frozen"])

@@ -117,7 +117,8 @@ def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tm
     wait_for_checkpoint(run_dir, 4)
     run(["scancel", "--full", "--signal=KILL", job_id])  # every process of the job, no chance to save
     state = wait_for_job_end(job_id, JOB_TIMEOUT_S, start_when_requeued=False)
-    assert state != "COMPLETED", log.read_text()[-4000:]
+    # a cancelled job stays cancelled, even when a rank outlives the others for a moment and sees them gone
+    assert state != "COMPLETED" and job_field(job_id, "Restarts") in (None, "0"), log.read_text()[-4000:]
     last_periodic = checkpoint_steps(run_dir)[-1]
     assert last_periodic % 2 == 0 and last_periodic < 18
 
@@ -151,3 +152,26 @@ def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_s
     assert "received SIGUSR2" in logs and re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
+
+
+@pytest.mark.parametrize("how", ["preemption notice", "scancel"])
+def test_only_a_job_that_was_not_cancelled_is_requeued(tmp_path, how):
+    """scancel sends the SIGTERM a preemption sends; a rank asking "may I requeue?" must hear no after a cancel."""
+    answer = tmp_path / "answer.txt"
+    script = tmp_path / "ask.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        "ask() {\n  sleep 1\n"
+        f"  {sys.executable} -c 'from csi_dist.preemption import slurm_job_to_requeue as q; print(q())' "
+        f"> {answer} 2>&1\n}}\n"
+        "trap ask TERM USR1\nsleep 120 & wait\nsleep 1\n")
+    job_id = sbatch(script, ["--requeue", f"--output={tmp_path}/ask-%j.out"], [], cwd=REPO_ROOT, env=job_env())
+    wait_until(lambda: job_field(job_id, "JobState") == "RUNNING", 60, f"job {job_id} to run")
+    run(["scancel", *(["--batch", "--signal=USR1"] if how == "preemption notice" else []), job_id])
+    wait_until(lambda: answer.exists() and answer.read_text().strip(), 60, "the job's answer")
+    run(["scancel", job_id])
+    lines = answer.read_text().strip().splitlines()
+    if how == "scancel":
+        assert lines[-1] == "None" and any("was cancelled" in line for line in lines), lines
+    else:
+        assert lines[-1] == job_id, lines
