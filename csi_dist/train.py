@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from csi_dist import PROCESS_START
 from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
 from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
@@ -254,13 +255,17 @@ def train(config: Config, run_dir: Path, resume: str,
                     raise TooManyBadSteps(f"{state['bad_steps']} non-finite steps (training.max_bad_steps="
                                           f"{config.training.max_bad_steps}); lower the learning rate or check data")
             state["global_step"] += 1
+            if state["global_step"] == 1:  # the startup cost users wait for (read by csi_dist.bench)
+                tracker.log({"train/seconds_to_first_step": time.perf_counter() - PROCESS_START}, 1)
 
             if state["global_step"] % config.training.log_every_steps == 0:
                 mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_batches
                 images_per_second = window_images * world_size / (time.perf_counter() - window_start)
                 tracker.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
                              "train/images_per_second": images_per_second,
-                             "train/decode_failures": float(batch["decode_failed"].sum())}, state["global_step"])
+                             "train/decode_failures": float(batch["decode_failed"].sum()),
+                             **({"train/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                if accelerator.device.type == "cuda" else {})}, state["global_step"])
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.0f}")
                 window_loss.zero_()
                 window_start, window_images, window_batches = time.perf_counter(), 0, 0

@@ -1,0 +1,255 @@
+"""Throughput benchmark: the synthetic ceiling next to the real loader and the real trainer on phantom shards.
+
+    python -m csi_dist.bench                                   # resnet50@224 bs256 and densenet121@512 bs64
+    python -m csi_dist.bench --case resnet50@224x256 --compile --out bench.json
+
+For each case ``ARCH@SIZExBATCH`` it measures, on the GPU when there is one:
+
+* ceiling: the training step alone (bf16 autocast, channels_last, fused AdamW, WeightedCSILoss) on random tensors
+  already on the device: the most the model can do on this machine;
+* loader: the real shard reader (``csi_dist.data.reader``, the trainer's workers, decode + resize + augment) alone;
+* end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s read back from the run's
+  TensorBoard scalars after ``--warmup`` steps, its time to the first step and its peak GPU memory;
+* files (``--pil-baseline``): a plain PIL-from-files Dataset on the phantom's source PNGs, for the loader.
+
+The loader column is the data side of the step-time breakdown: when it is well above the end-to-end figure the
+step waits on compute, not on data. Phantom shards are written once per size under ``--work-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from csi_dist.config import ModelConfig, OptimizationConfig
+from csi_dist.data import shards
+from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shard_format import MANIFEST_NAME
+from csi_dist.loss import WeightedCSILoss
+from csi_dist.models import build_model
+from csi_dist.schedules import build_optimizer
+
+log = logging.getLogger("csi_dist.bench")
+
+DEFAULT_CASES = ("resnet50@224x256", "densenet121@512x64")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.ini"
+TRAIN_FRACTION = 0.7  # of the phantom's images (the shard writer's default split)
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    image_size: int
+    batch_size: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        try:
+            arch, rest = text.split("@")
+            size, batch = rest.split("x")
+            return cls(arch, int(size), int(batch))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected ARCH@SIZExBATCH such as resnet50@224x256, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"{self.arch}@{self.image_size} bs{self.batch_size}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int, compile_model: bool) -> dict:
+    """Images/s of the training step on tensors already on the device (no data loading at all)."""
+    model = build_model(ModelConfig(model_arch=case.arch, dropout_rate=0.0)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, OptimizationConfig(optimizer="adamw"), fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile_model else model
+    criterion = WeightedCSILoss()
+    images = torch.randn(case.batch_size, 1, case.image_size, case.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 5, (case.batch_size, 6), device=device)
+    mask = torch.ones(case.batch_size, dtype=torch.bool, device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            zone_logits = step_model(images)
+        loss_sum, weight_sum = criterion.weighted_sum(zone_logits, targets, mask)
+        (loss_sum / weight_sum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return {"images_per_second": steps * case.batch_size / (time.perf_counter() - start)}
+
+
+def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int) -> dict:
+    """Images/s of the real reader alone, as the trainer configures it for training."""
+    settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=True, shuffle=True,
+                              shuffle_window=1024, num_workers=workers)
+    loader = build_loader(open_split(shard_dir, "train"), settings, epoch=0, rank=0, world_size=1)
+    return _time_batches(iter(loader), batches, workers, lambda batch: batch["image"].shape[0])
+
+
+class PlainFileDataset(torch.utils.data.Dataset):
+    """The baseline users write first: PIL opens each file, grayscale, resize, to a tensor."""
+
+    def __init__(self, files: list[Path], image_size: int):
+        self.files, self.image_size = files, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.files[index]) as image:
+            image = image.convert("L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(
+            1, self.image_size, self.image_size).float().div_(255)
+
+
+def plain_file_throughput(image_dir: Path, case: Case, workers: int, batches: int) -> dict:
+    files = sorted(image_dir.glob("*.png"))
+    loader = torch.utils.data.DataLoader(PlainFileDataset(files, case.image_size), batch_size=case.batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True,
+                                         persistent_workers=False)
+    return _time_batches(iter(loader), batches, workers, lambda batch: batch.shape[0])
+
+
+def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
+    next(batches_iter)  # worker start-up is not throughput
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += count(next(batches_iter))
+    rate = images / (time.perf_counter() - start)
+    return {"images_per_second": rate, "images_per_second_per_worker": rate / max(workers, 1)}
+
+
+def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: int, workers: int,
+               compile_model: bool, strategy: str) -> dict:
+    """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps."""
+    log_every = math.gcd(steps, warmup) if warmup else steps
+    overrides = {"model.model_arch": case.arch, "model.compile": str(compile_model).lower(),
+                 "data.shard_dir": shard_dir, "data.image_size": case.image_size,
+                 "training.batch_size": case.batch_size, "training.num_workers": workers,
+                 "training.max_steps": warmup + steps, "training.n_epochs": 1, "training.log_every_steps": log_every,
+                 "optimization.optimizer": "adamw", "logging.wandb_mode": "disabled",
+                 "callbacks.checkpoint_every_steps": 0, "callbacks.early_stopping_patience": 0,
+                 "training.strategy": strategy}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "-m", "csi_dist.train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir),
+               "--resume", "never"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    scalars = read_scalars(run_dir / "tensorboard")
+    # every window holds log_every * batch images, so the overall rate is the harmonic mean of the window rates
+    measured = [value for step, value in scalars["train/images_per_second"] if step > warmup]
+    return {"images_per_second": len(measured) / sum(1 / value for value in measured),
+            "seconds_to_first_step": scalars["train/seconds_to_first_step"][0][1],
+            "peak_gpu_memory_gib": max((value for _, value in scalars.get("train/peak_gpu_memory_gib", [])),
+                                       default=None)}
+
+
+def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def phantom_shards(work_dir: Path, case: Case, steps: int, warmup: int) -> Path:
+    """Phantom shards at the case's size with enough training images for one epoch of the run."""
+    needed = math.ceil((steps + warmup + 2) * case.batch_size / TRAIN_FRACTION)
+    shard_dir = work_dir / f"phantom_{case.image_size}_{needed}"
+    if not (shard_dir / MANIFEST_NAME).is_file():
+        status = shards.main(["--demo", str(needed), "--out", str(shard_dir), "--size", str(case.image_size)])
+        if status:
+            raise RuntimeError(f"writing phantom shards into {shard_dir} failed ({status})")
+    return shard_dir
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("| case | ceiling img/s | end-to-end img/s | % of ceiling | loader img/s | loader img/s/worker "
+              "| files img/s | first step s | peak GiB |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for row in rows:
+        e2e, ceiling = row["end_to_end"], row["ceiling"]
+
+        def number(value, digits=0):
+            return "-" if value is None else f"{value:.{digits}f}"
+        lines.append(" | ".join([
+            f"| {row['case']} {row['strategy']}{' compiled' if row['compile'] else ''}",
+            number(ceiling["images_per_second"]), number(e2e["images_per_second"]),
+            number(100 * e2e["images_per_second"] / ceiling["images_per_second"], 1),
+            number(row["loader"]["images_per_second"]), number(row["loader"]["images_per_second_per_worker"], 1),
+            number(row.get("files", {}).get("images_per_second")), number(e2e["seconds_to_first_step"], 1),
+            number(e2e["peak_gpu_memory_gib"], 1)]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="csi_dist.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--case", dest="cases", type=Case.parse, action="append",
+                        help=f"ARCH@SIZExBATCH, repeatable (default: {', '.join(DEFAULT_CASES)})")
+    parser.add_argument("--steps", type=int, default=40, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before measuring (cudnn autotune, compile)")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
+    parser.add_argument("--loader-batches", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (ceiling and trainer)")
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"), help="the trainer's strategy")
+    parser.add_argument("--pil-baseline", action="store_true", help="also time a plain PIL-from-files loader")
+    parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:
+        shard_dir = phantom_shards(args.work_dir, case, args.steps, args.warmup)
+        row = {"case": str(case), **asdict(case), "device": torch.cuda.get_device_name() if device.type == "cuda"
+               else "cpu", "compile": args.compile, "workers": args.workers,
+               "strategy": args.strategy}
+        log.info("%s: ceiling", case)
+        row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("%s: loader", case)
+        row["loader"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches)
+        if args.pil_baseline:
+            row["files"] = plain_file_throughput(shard_dir / "raw" / "images", case, args.workers,
+                                                 args.loader_batches)
+        log.info("%s: end to end", case)
+        row["end_to_end"] = end_to_end(shard_dir, case, args.work_dir / "runs" / case.arch, args.steps,
+                                       args.warmup, args.workers, args.compile, args.strategy)
+        rows.append(row)
+        log.info("%s", json.dumps(row))
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "table": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
