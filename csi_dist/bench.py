@@ -101,9 +101,9 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
     return {"images_per_second": steps * case.batch_size / (time.perf_counter() - start)}
 
 
-def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int) -> dict:
-    """Images/s of the real reader alone, as the trainer configures it for training."""
-    settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=True, shuffle=True,
+def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, augment: bool = True) -> dict:
+    """Images/s of the real reader alone, as the trainer configures it for training (augment=False: as for eval)."""
+    settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=augment, shuffle=True,
                               shuffle_window=1024, num_workers=workers)
     loader = build_loader(open_split(shard_dir, "train"), settings, epoch=0, rank=0, world_size=1)
     return _time_batches(iter(loader), batches, workers, lambda batch: batch["image"].shape[0])
@@ -134,7 +134,8 @@ def plain_file_throughput(image_dir: Path, case: Case, workers: int, batches: in
 
 
 def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
-    next(batches_iter)  # worker start-up is not throughput
+    for _ in range(max(workers, 1)):  # worker start-up is not throughput: one batch from every worker first
+        next(batches_iter)
     start, images = time.perf_counter(), 0
     for _ in range(batches):
         images += count(next(batches_iter))
@@ -143,7 +144,7 @@ def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
 
 
 def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: int, workers: int,
-               compile_model: bool, strategy: str) -> dict:
+               compile_model: bool, strategy: str, trainer_overrides: list[str] = ()) -> dict:
     """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps."""
     log_every = math.gcd(steps, warmup) if warmup else steps
     overrides = {"model.model_arch": case.arch, "model.compile": str(compile_model).lower(),
@@ -156,10 +157,11 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                "-m", "csi_dist.train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir),
                "--resume", "never"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={value}"]
+    for override in [f"{key}={value}" for key, value in overrides.items()] + list(trainer_overrides):
+        command += ["--set", override]
     shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
     result = subprocess.run(command, capture_output=True, text=True)
+    (run_dir / "train.log").write_text(result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
     scalars = read_scalars(run_dir / "tensorboard")
@@ -178,9 +180,9 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def phantom_shards(work_dir: Path, case: Case, steps: int, warmup: int) -> Path:
-    """Phantom shards at the case's size with enough training images for one epoch of the run."""
-    needed = math.ceil((steps + warmup + 2) * case.batch_size / TRAIN_FRACTION)
+def phantom_shards(work_dir: Path, case: Case, batches: int) -> Path:
+    """Phantom shards at the case's size with `batches` batches of training images in one epoch."""
+    needed = math.ceil((batches + 2) * case.batch_size / TRAIN_FRACTION)
     shard_dir = work_dir / f"phantom_{case.image_size}_{needed}"
     if not (shard_dir / MANIFEST_NAME).is_file():
         status = shards.main(["--demo", str(needed), "--out", str(shard_dir), "--size", str(case.image_size)])
@@ -191,7 +193,7 @@ def phantom_shards(work_dir: Path, case: Case, steps: int, warmup: int) -> Path:
 
 def format_table(rows: list[dict]) -> str:
     header = ("| case | ceiling img/s | end-to-end img/s | % of ceiling | loader img/s | loader img/s/worker "
-              "| files img/s | first step s | peak GiB |")
+              "| loader no-augment img/s | PIL files img/s | first step s | peak GiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
         e2e, ceiling = row["end_to_end"], row["ceiling"]
@@ -203,6 +205,7 @@ def format_table(rows: list[dict]) -> str:
             number(ceiling["images_per_second"]), number(e2e["images_per_second"]),
             number(100 * e2e["images_per_second"] / ceiling["images_per_second"], 1),
             number(row["loader"]["images_per_second"]), number(row["loader"]["images_per_second_per_worker"], 1),
+            number(row.get("loader_no_augment", {}).get("images_per_second")),
             number(row.get("files", {}).get("images_per_second")), number(e2e["seconds_to_first_step"], 1),
             number(e2e["peak_gpu_memory_gib"], 1)]) + " |")
     return "\n".join(lines)
@@ -215,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10, help="steps before measuring (cudnn autotune, compile)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
-    parser.add_argument("--loader-batches", type=int, default=20)
+    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed after one from every worker")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (ceiling and trainer)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="passed to the trainer, e.g. --set training.cudnn_benchmark=false")
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"), help="the trainer's strategy")
     parser.add_argument("--pil-baseline", action="store_true", help="also time a plain PIL-from-files loader")
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
@@ -226,22 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:
-        shard_dir = phantom_shards(args.work_dir, case, args.steps, args.warmup)
+        shard_dir = phantom_shards(args.work_dir, case, max(args.steps + args.warmup,
+                                                            args.loader_batches + args.workers))
         row = {"case": str(case), **asdict(case), "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "compile": args.compile, "workers": args.workers,
-               "strategy": args.strategy}
+               "strategy": args.strategy, "trainer_overrides": args.overrides}
         log.info("%s: ceiling", case)
         row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("%s: loader", case)
         row["loader"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches)
-        if args.pil_baseline:
+        if args.pil_baseline:  # like for like: the reader without augmentation next to PIL without augmentation
+            row["loader_no_augment"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches,
+                                                         augment=False)
             row["files"] = plain_file_throughput(shard_dir / "raw" / "images", case, args.workers,
                                                  args.loader_batches)
         log.info("%s: end to end", case)
         row["end_to_end"] = end_to_end(shard_dir, case, args.work_dir / "runs" / case.arch, args.steps,
-                                       args.warmup, args.workers, args.compile, args.strategy)
+                                       args.warmup, args.workers, args.compile, args.strategy,
+                                       args.overrides)
         rows.append(row)
         log.info("%s", json.dumps(row))
     table = format_table(rows)

@@ -29,6 +29,7 @@ class TrainingConfig:
     num_workers: int = 4
     log_every_steps: int = 20
     deterministic: bool = False
+    cudnn_benchmark: bool = False  # autotuning: no faster on an H100, twice the time to the first step
     eval_every_epochs: int = 1
     max_bad_steps: int = 20  # non-finite losses tolerated (each skipped) before the run stops
     strategy: str = "auto"  # auto (from the accelerate launch config, else ddp), ddp, fsdp2 or deepspeed

@@ -42,7 +42,7 @@ def build_accelerator(config: Config, autocast: bool = True) -> Accelerator:
     if not on_cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not config.training.deterministic
+        torch.backends.cudnn.benchmark = config.training.cudnn_benchmark and not config.training.deterministic
     if config.training.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
