@@ -1,6 +1,7 @@
 """Distributed inference over a split: per-rank forward passes, one gather, padding dropped, exact global loss."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,33 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool, input_dty
     zone_targets = batch["zones"].to(device, non_blocking=True)
     sample_mask = (~batch["is_padding"] & ~batch["decode_failed"]).to(device, non_blocking=True)
     return images, zone_targets, sample_mask
+
+
+def device_batches(loader, device: torch.device, channels_last: bool, input_dtype: torch.dtype | None = None,
+                   ) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(host batch, images, zone targets, sample mask) per batch of `loader`, the tensors on `device`.
+
+    On CUDA the next batch is copied on a side stream while the current step computes (a copy on the compute
+    stream stalls the GPU for every batch: about 50 MB of float32 images at bs256 224 px). Same values, same order.
+    """
+    if device.type != "cuda":
+        for batch in loader:
+            yield batch, *move_batch(batch, device, channels_last, input_dtype)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+    pending = None
+    for batch in loader:
+        with torch.cuda.stream(copy_stream):
+            moved = move_batch(batch, device, channels_last, input_dtype)
+        if pending is not None:
+            yield pending  # the step on it is enqueued while the copy above runs
+        compute_stream.wait_stream(copy_stream)
+        for tensor in moved:
+            tensor.record_stream(compute_stream)  # not reused by the copy stream before the step has read it
+        pending = (batch, *moved)
+    if pending is not None:
+        yield pending
 
 
 @torch.no_grad()

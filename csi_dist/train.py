@@ -26,7 +26,7 @@ from csi_dist.distributed import build_accelerator, configure_logging, is_collec
 from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.early_stopping import EarlyStopping
 from csi_dist.faults import nonfinite_loss_factors
-from csi_dist.inference import move_batch, predict_split
+from csi_dist.inference import device_batches, predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
 from csi_dist.models import ModelError, backbone_spec, build_model
@@ -224,9 +224,8 @@ def train(config: Config, run_dir: Path, resume: str,
                         disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         window_loss = torch.zeros((), device=accelerator.device)
         window_start, window_images, window_batches = time.perf_counter(), 0, 0
-        for step_in_epoch, batch in enumerate(loader, start=first_step):
-            images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last,
-                                                           strategy.input_dtype)
+        batches = device_batches(loader, accelerator.device, channels_last, strategy.input_dtype)
+        for step_in_epoch, (batch, images, zone_targets, sample_mask) in enumerate(batches, start=first_step):
             is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == steps_per_epoch
             with strategy.gradient_sync(model, enabled=is_update_step):
                 with accelerator.autocast():
