@@ -49,6 +49,16 @@ def build_accelerator(config: Config, autocast: bool = True) -> Accelerator:
     return accelerator
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, if there is one, before this rank exits on a decision every rank made.
+
+    A group left alive for the interpreter's exit can abort the process ("terminate called without an active
+    exception", SIGABRT) and replace the exit status the user reads with -6.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def configure_logging(accelerator: Accelerator) -> None:
     """INFO on the main process, warnings only elsewhere, each line tagged with its rank."""
     level = logging.INFO if accelerator.is_main_process else logging.WARNING

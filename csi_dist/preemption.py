@@ -36,6 +36,8 @@ from typing import NoReturn
 
 import torch
 
+from csi_dist.distributed import leave_process_group
+
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
@@ -195,6 +197,5 @@ class PreemptionWatcher:
                               result.stderr.strip())
             else:
                 log.warning("checkpoint saved; exiting with %d (rerun the same command to resume)", EXIT_PREEMPTED)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)

@@ -22,7 +22,7 @@ from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
 from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure
+from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure, leave_process_group
 from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.early_stopping import EarlyStopping
 from csi_dist.faults import nonfinite_loss_factors
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
-    except TooManyBadSteps as error:
+    except TooManyBadSteps as error:  # every rank counts the same skipped steps: all of them stop here
         log.error("%s", error)
+        leave_process_group()
         return EXIT_TOO_MANY_BAD_STEPS
     except RuntimeError as error:
         if config is None or not is_collective_failure(error):
