@@ -20,6 +20,7 @@ from tqdm import tqdm
 from csi_dist import PROCESS_START
 from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
+from csi_dist.compilation import compile_with_run_cache
 from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure, leave_process_group
@@ -173,7 +174,7 @@ def train(config: Config, run_dir: Path, resume: str,
     schedule = LearningRateSchedule(optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
                                     n_epochs=config.training.n_epochs, monitor_mode=mode)
     if config.model.compile:
-        model = torch.compile(model)
+        model = compile_with_run_cache(model, run_dir)
     early_stopping = EarlyStopping(mode, config.callbacks.early_stopping_patience,
                                    config.callbacks.early_stopping_min_delta)
     torch.manual_seed(config.training.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
@@ -199,6 +200,7 @@ def train(config: Config, run_dir: Path, resume: str,
     watcher.install()
 
     last_saved_step = -1
+    startup_logged = False  # the first step of this process, whether the run starts or resumes
     loss_faults = nonfinite_loss_factors(rank)  # {} unless a test injects faults (csi_dist/faults.py)
 
     def checkpoint() -> None:
@@ -255,8 +257,9 @@ def train(config: Config, run_dir: Path, resume: str,
                     raise TooManyBadSteps(f"{state['bad_steps']} non-finite steps (training.max_bad_steps="
                                           f"{config.training.max_bad_steps}); lower the learning rate or check data")
             state["global_step"] += 1
-            if state["global_step"] == 1:  # the startup cost users wait for (read by csi_dist.bench)
-                tracker.log({"train/seconds_to_first_step": time.perf_counter() - PROCESS_START}, 1)
+            if not startup_logged:  # the startup cost users wait for, after a requeue too (read by csi_dist.bench)
+                tracker.log({"train/seconds_to_first_step": time.perf_counter() - PROCESS_START}, state["global_step"])
+                startup_logged = True
 
             if state["global_step"] % config.training.log_every_steps == 0:
                 mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_batches

@@ -112,6 +112,26 @@ def test_evaluate_writes_the_report_for_every_test_image(phantom_shards: Path, t
     assert (run_dir / "evaluation" / "test_report.md").is_file()
 
 
+def compiled_graphs(cache: Path) -> set[str]:
+    """The FX graphs and compiled autograd graphs inductor has stored under a TORCHINDUCTOR_CACHE_DIR."""
+    return {str(path.relative_to(cache)) for kind in ("fxgraph", "aotautograd") for path in (cache / kind).rglob("*")
+            if path.is_file()}
+
+
+@pytest.mark.slow
+def test_a_resumed_compiled_run_compiles_nothing_again(phantom_shards: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # inductor's default would be /tmp on the node
+    run_dir = tmp_path / "compiled"
+    compiled = ["--set", "model.compile=true", "--set", "training.n_epochs=1", "--set", "logging.wandb_mode=disabled"]
+    run_train(phantom_shards, run_dir, *compiled, "--set", "training.max_steps=2")
+    first = compiled_graphs(run_dir / "compile_cache")
+    assert any(name.startswith("fxgraph/") for name in first), "nothing was compiled into the run directory"
+
+    resumed = run_train(phantom_shards, run_dir, *compiled, "--set", "training.max_steps=4")
+    assert "resumed from" in resumed.stderr and "epoch 0: val_loss" in resumed.stderr
+    assert compiled_graphs(run_dir / "compile_cache") == first  # every graph came from the run's cache
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path):
     bad = tmp_path / "bad.ini"
     bad.write_text("[Training]\nbatch_sise = 8\n")
