@@ -144,33 +144,48 @@ def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
 
 
 def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: int, workers: int,
-               compile_model: bool, strategy: str, trainer_overrides: list[str] = ()) -> dict:
-    """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps."""
+               compile_model: bool, strategy: str, trainer_overrides: list[str] = (), restart: bool = False) -> dict:
+    """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps.
+
+    restart: then launch it again on the same run directory, as a requeued job would be, for as many steps more,
+    and report that process's time to its first step too (it resumes from the checkpoint and compile cache).
+    """
     log_every = math.gcd(steps, warmup) if warmup else steps
     overrides = {"model.model_arch": case.arch, "model.compile": str(compile_model).lower(),
                  "data.shard_dir": shard_dir, "data.image_size": case.image_size,
                  "training.batch_size": case.batch_size, "training.num_workers": workers,
-                 "training.max_steps": warmup + steps, "training.n_epochs": 1, "training.log_every_steps": log_every,
+                 "training.n_epochs": 1, "training.log_every_steps": log_every,
                  "optimization.optimizer": "adamw", "logging.wandb_mode": "disabled",
                  "callbacks.checkpoint_every_steps": 0, "callbacks.early_stopping_patience": 0,
                  "training.strategy": strategy}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "-m", "csi_dist.train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir),
-               "--resume", "never"]
-    for override in [f"{key}={value}" for key, value in overrides.items()] + list(trainer_overrides):
-        command += ["--set", override]
     shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
-    result = subprocess.run(command, capture_output=True, text=True)
-    (run_dir / "train.log").write_text(result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    run_trainer(run_dir, overrides | {"training.max_steps": warmup + steps}, trainer_overrides, "never")
     scalars = read_scalars(run_dir / "tensorboard")
     # every window holds log_every * batch images, so the overall rate is the harmonic mean of the window rates
     measured = [value for step, value in scalars["train/images_per_second"] if step > warmup]
-    return {"images_per_second": len(measured) / sum(1 / value for value in measured),
-            "seconds_to_first_step": scalars["train/seconds_to_first_step"][0][1],
-            "peak_gpu_memory_gib": max((value for _, value in scalars.get("train/peak_gpu_memory_gib", [])),
-                                       default=None)}
+    result = {"images_per_second": len(measured) / sum(1 / value for value in measured),
+              "seconds_to_first_step": scalars["train/seconds_to_first_step"][0][1],
+              "peak_gpu_memory_gib": max((value for _, value in scalars.get("train/peak_gpu_memory_gib", [])),
+                                         default=None)}
+    if restart:
+        run_trainer(run_dir, overrides | {"training.max_steps": 2 * (warmup + steps)}, trainer_overrides, "auto")
+        first_steps = read_scalars(run_dir / "tensorboard")["train/seconds_to_first_step"]
+        if len(first_steps) != 2:
+            raise RuntimeError(f"{run_dir}: the relaunched trainer took no step (is the epoch too short?)")
+        result["restart_seconds_to_first_step"] = first_steps[-1][1]
+    return result
+
+
+def run_trainer(run_dir: Path, overrides: dict, trainer_overrides: list[str], resume: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "-m", "csi_dist.train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), "--resume", resume]
+    for override in [f"{key}={value}" for key, value in overrides.items()] + list(trainer_overrides):
+        command += ["--set", override]
+    result = subprocess.run(command, capture_output=True, text=True)
+    with (run_dir / "train.log").open("a") as log_file:
+        log_file.write(result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 
 def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -193,7 +208,7 @@ def phantom_shards(work_dir: Path, case: Case, batches: int) -> Path:
 
 def format_table(rows: list[dict]) -> str:
     header = ("| case | ceiling img/s | end-to-end img/s | % of ceiling | loader img/s | loader img/s/worker "
-              "| loader no-augment img/s | PIL files img/s | first step s | peak GiB |")
+              "| loader no-augment img/s | PIL files img/s | first step s | restart first step s | peak GiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
         e2e, ceiling = row["end_to_end"], row["ceiling"]
@@ -207,6 +222,7 @@ def format_table(rows: list[dict]) -> str:
             number(row["loader"]["images_per_second"]), number(row["loader"]["images_per_second_per_worker"], 1),
             number(row.get("loader_no_augment", {}).get("images_per_second")),
             number(row.get("files", {}).get("images_per_second")), number(e2e["seconds_to_first_step"], 1),
+            number(e2e.get("restart_seconds_to_first_step"), 1),
             number(e2e["peak_gpu_memory_gib"], 1)]) + " |")
     return "\n".join(lines)
 
@@ -224,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to the trainer, e.g. --set training.cudnn_benchmark=false")
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"), help="the trainer's strategy")
     parser.add_argument("--pil-baseline", action="store_true", help="also time a plain PIL-from-files loader")
+    parser.add_argument("--restart", action="store_true",
+                        help="relaunch the trainer on its run directory, as a requeue would; time its first step")
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -231,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:
-        shard_dir = phantom_shards(args.work_dir, case, max(args.steps + args.warmup,
-                                                            args.loader_batches + args.workers))
+        trainer_steps = (2 if args.restart else 1) * (args.steps + args.warmup)
+        shard_dir = phantom_shards(args.work_dir, case, max(trainer_steps, args.loader_batches + args.workers))
         row = {"case": str(case), **asdict(case), "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "compile": args.compile, "workers": args.workers,
                "strategy": args.strategy, "trainer_overrides": args.overrides}
@@ -250,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: end to end", case)
         row["end_to_end"] = end_to_end(shard_dir, case, args.work_dir / "runs" / case.arch, args.steps,
                                        args.warmup, args.workers, args.compile, args.strategy,
-                                       args.overrides)
+                                       args.overrides, args.restart)
         rows.append(row)
         log.info("%s", json.dumps(row))
     table = format_table(rows)
