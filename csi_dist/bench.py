@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from csi_dist import USER_COMPILE_CACHE_DIR
 from csi_dist.config import ModelConfig, OptimizationConfig
 from csi_dist.data import shards
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
@@ -176,12 +177,21 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
     return result
 
 
+def launch_environment() -> dict[str, str]:
+    """This process's environment as the user gave it: without the torch.compile cache directory that importing
+    timm (or compiling the ceiling) filled in here, which would hand the launched trainer this process's kernels."""
+    environment = dict(os.environ)
+    if USER_COMPILE_CACHE_DIR is None:
+        environment.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    return environment
+
+
 def run_trainer(run_dir: Path, overrides: dict, trainer_overrides: list[str], resume: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                "-m", "csi_dist.train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), "--resume", resume]
     for override in [f"{key}={value}" for key, value in overrides.items()] + list(trainer_overrides):
         command += ["--set", override]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=launch_environment())
     with (run_dir / "train.log").open("a") as log_file:
         log_file.write(result.stderr)
     if result.returncode != 0:

@@ -37,7 +37,7 @@ import torch
 
 import pandas as pd
 
-from csi_dist.bench import Case, end_to_end, synthetic_ceiling
+from csi_dist.bench import Case, end_to_end, launch_environment, synthetic_ceiling
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.reader import open_split
 from csi_dist.data.shards import write_shards
@@ -144,7 +144,8 @@ def run_timm(timm_train: Path, folder: Path, case: Case, steps: int, warmup: int
         command += ["--device", "cpu", "--no-prefetcher"]
     start = time.perf_counter()
     stamped = []  # (seconds since launch, line)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=launch_environment()) as process:
         for line in process.stdout:
             stamped.append((time.perf_counter() - start, line.rstrip("\n")))
     log_path.write_text("\n".join(f"{seconds:8.2f} {line}" for seconds, line in stamped) + "\n")
