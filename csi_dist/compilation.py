@@ -21,10 +21,7 @@ def compile_with_run_cache(model: torch.nn.Module, run_dir: Path) -> torch.nn.Mo
     Inductor's default cache is /tmp on the node, which a job that SLURM requeues onto another node, or a node
     that wiped /tmp, does not have: every restart would compile again (40 s for a ResNet-50 on an H100).
     """
-    if USER_COMPILE_CACHE_DIR is not None:
-        os.environ[CACHE_VARIABLE] = USER_COMPILE_CACHE_DIR
-        log.info("torch.compile cache: %s (from %s)", USER_COMPILE_CACHE_DIR, CACHE_VARIABLE)
-    else:
-        os.environ[CACHE_VARIABLE] = str((run_dir / COMPILE_CACHE_DIR_NAME).resolve())
-        log.info("torch.compile cache: %s", os.environ[CACHE_VARIABLE])
+    cache = USER_COMPILE_CACHE_DIR or str((run_dir / COMPILE_CACHE_DIR_NAME).resolve())
+    os.environ[CACHE_VARIABLE] = cache  # set again: importing timm filled in inductor's /tmp default
+    log.info("torch.compile cache: %s%s", cache, f" (from {CACHE_VARIABLE})" if USER_COMPILE_CACHE_DIR else "")
     return torch.compile(model)

@@ -32,15 +32,16 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-
-import torch
+from typing import Callable
 
 import pandas as pd
+import torch
 
 from csi_dist.bench import Case, end_to_end, launch_environment, synthetic_ceiling
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.reader import open_split
-from csi_dist.data.shards import write_shards
+from csi_dist.data.shard_format import SPLIT_FILE_NAME
+from csi_dist.data.shards import available_cores, write_shards
 from csi_dist.data.split import SPLIT_COLUMN, load_split
 from csi_dist.domain import CSV_SEPARATOR, FILE_ID_COLUMN, PATIENT_COLUMN
 
@@ -54,23 +55,34 @@ TIMM_LAUNCHER = ("import atexit, runpy, sys, torch\n"
                  "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
-def image_folder_from_shards(shard_dir: Path, folder: Path) -> int:
-    """Write the train split's image members as <folder>/train/0/<key>.png (one class: timm's ImageFolder)."""
+def fill_image_folder(folder: Path, fill: Callable[[Path], int]) -> int:
+    """<folder>/train/0/ (one class: timm's ImageFolder), filled by `fill(class_dir)` once; returns its image count.
+
+    Filled under a temporary name and renamed, so an interrupted fill is redone rather than reused half-done.
+    """
     class_dir = folder / "train" / "0"
     if class_dir.is_dir():
         return len(list(class_dir.iterdir()))
     partial = folder / "train.partial" / "0"
     shutil.rmtree(partial.parent, ignore_errors=True)
     partial.mkdir(parents=True)
-    count = 0
-    for shard in open_split(shard_dir, "train").shards:
-        with tarfile.open(shard.path, "r:") as archive:
-            for member in archive:
-                if member.isreg() and member.name.endswith((".png", ".jpg")):
-                    (partial / Path(member.name).name).write_bytes(archive.extractfile(member).read())
-                    count += 1
+    count = fill(partial)
     partial.parent.rename(folder / "train")
     return count
+
+
+def image_folder_from_shards(shard_dir: Path, folder: Path) -> int:
+    """The train split's image members, extracted as <folder>/train/0/<key>.png."""
+    def extract(class_dir: Path) -> int:
+        count = 0
+        for shard in open_split(shard_dir, "train").shards:
+            with tarfile.open(shard.path, "r:") as archive:
+                for member in archive:
+                    if member.isreg() and member.name.endswith((".png", ".jpg")):
+                        (class_dir / Path(member.name).name).write_bytes(archive.extractfile(member).read())
+                        count += 1
+        return count
+    return fill_image_folder(folder, extract)
 
 
 def raw_radiographs(work_dir: Path, raw_size: int, unique: int, count: int) -> Path:
@@ -102,19 +114,14 @@ def raw_radiographs(work_dir: Path, raw_size: int, unique: int, count: int) -> P
 
 
 def image_folder_from_split(csv_path: Path, shard_dir: Path, folder: Path) -> int:
-    """Link the raw files of the shards' train split as <folder>/train/0/<FileID>.png (timm's ImageFolder)."""
-    class_dir = folder / "train" / "0"
-    if class_dir.is_dir():
-        return len(list(class_dir.iterdir()))
-    split = load_split(shard_dir / "split.csv")
-    train_ids = split.loc[split[SPLIT_COLUMN] == "train", FILE_ID_COLUMN]
-    partial = folder / "train.partial" / "0"
-    shutil.rmtree(partial.parent, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for file_id in train_ids:
-        os.link(csv_path.parent / "images" / f"{file_id}.png", partial / f"{file_id}.png")
-    partial.parent.rename(folder / "train")
-    return len(train_ids)
+    """The raw files of the shards' train split, hard-linked as <folder>/train/0/<FileID>.png."""
+    def link(class_dir: Path) -> int:
+        split = load_split(shard_dir / SPLIT_FILE_NAME)
+        train_ids = split.loc[split[SPLIT_COLUMN] == "train", FILE_ID_COLUMN]
+        for file_id in train_ids:
+            os.link(csv_path.parent / "images" / f"{file_id}.png", class_dir / f"{file_id}.png")
+        return len(train_ids)
+    return fill_image_folder(folder, link)
 
 
 def epochs_table(result: dict, train_images: int, epochs=(1, 10, 50)) -> dict:
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.work_dir / "image_folder"
     result = {"case": str(case), "compile": args.compile, "workers": args.workers}
     if args.raw_size:
-        # the train split is about 70 % (65 % for margin): enough raw images for one timm epoch of warmup + steps + 1 updates
+        # the train split is about 70 % (65 % for margin): enough for one timm epoch of warmup + steps + 1 updates
         count = math.ceil((args.steps + args.warmup + 2) * args.batch_size / 0.65)
         csv_path = raw_radiographs(args.work_dir, args.raw_size, args.raw_unique, count)
         args.shard_dir = args.work_dir / f"shards_{csv_path.parent.name}_to_{args.image_size}"
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                 overwrite=True)
         result.update({"raw_size": args.raw_size, "raw_images": count,
                        "shard_write_seconds": time.perf_counter() - start,
-                       "shard_write_workers": os.cpu_count(), "skipped": manifest["skipped"]["count"]})
+                       "shard_write_workers": available_cores(), "skipped": manifest["skipped"]["count"]})
         folder = args.work_dir / f"image_folder_{csv_path.parent.name}"
         images = image_folder_from_split(csv_path, args.shard_dir, folder)
     else:

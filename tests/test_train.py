@@ -122,7 +122,8 @@ def compiled_graphs(cache: Path) -> set[str]:
 def test_a_resumed_compiled_run_compiles_nothing_again(phantom_shards: Path, tmp_path: Path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # inductor's default would be /tmp on the node
     run_dir = tmp_path / "compiled"
-    compiled = ["--set", "model.compile=true", "--set", "training.n_epochs=1", "--set", "logging.wandb_mode=disabled"]
+    compiled = ["--set", "model.compile=true", "--set", "training.n_epochs=1",
+                "--set", "logging.wandb_mode=disabled"]
     run_train(phantom_shards, run_dir, *compiled, "--set", "training.max_steps=2")
     first = compiled_graphs(run_dir / "compile_cache")
     assert any(name.startswith("fxgraph/") for name in first), "nothing was compiled into the run directory"
