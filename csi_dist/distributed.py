@@ -25,11 +25,11 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def build_accelerator(config: Config, autocast: bool = True) -> Accelerator:
-    """autocast=False when the strategy handles precision itself (DeepSpeed's bf16 engine)."""
+def build_accelerator(config: Config) -> Accelerator:
+    """Accelerate's autocast is the compute precision of every strategy (fp32 weights; see strategies.py)."""
     on_cpu = not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.training.mixed_precision) if autocast else "no",
+        mixed_precision=resolve_mixed_precision(config.training.mixed_precision),
         cpu=on_cpu,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.training.collective_timeout_s))],
     )

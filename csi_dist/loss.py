@@ -29,12 +29,17 @@ class WeightedCSILoss(nn.Module):
         gradient of one process seeing the whole global batch.
         """
         logits = zone_logits.reshape(-1, NUM_CLASSES).float()
-        targets = zone_targets.reshape(-1)
-        per_zone = F.cross_entropy(logits, targets, reduction="none")
-        weights = self.class_weights.to(logits.device)[targets]
+        per_zone = F.cross_entropy(logits, zone_targets.reshape(-1), reduction="none")
+        weights = self.zone_weights(zone_targets, sample_mask)
+        return (per_zone * weights).sum(), weights.sum()
+
+    def zone_weights(self, zone_targets: torch.Tensor, sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each zone's weight in the mean (its class weight, 0 for a masked sample), flattened; needs no logits, so
+        a trainer can know the normaliser of a whole accumulation window before its first forward pass."""
+        weights = self.class_weights.to(zone_targets.device)[zone_targets.reshape(-1)]
         if sample_mask is not None:
             weights = weights * sample_mask.to(weights.dtype).repeat_interleave(zone_targets.shape[1])
-        return (per_zone * weights).sum(), weights.sum()
+        return weights
 
     def forward(self, zone_logits: torch.Tensor, zone_targets: torch.Tensor,
                 sample_mask: torch.Tensor | None = None) -> torch.Tensor:

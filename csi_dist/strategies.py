@@ -6,6 +6,15 @@ applied here with torch's and DeepSpeed's own APIs rather than through accelerat
 back to DDP on CPU (so a CPU test could never prove that sharding ran). Checkpoints of DDP and FSDP2 are
 torch.distributed.checkpoint (DCP) directories, which load on any world size (resharding); DeepSpeed writes its
 own ZeRO checkpoints, which resume on the same world size only (see README, "Strategies").
+
+One precision policy for every strategy: parameters, gradients and optimizer state in fp32, the forward pass under
+bf16 autocast (Accelerate's, where the GPU has bf16). DeepSpeed's own bf16 mode is not used: it casts the module to
+bf16, which BatchNorm's fp32 running statistics and channels_last weights cannot follow (every CNN backbone failed
+in its first step), and it applies an update before anyone can tell that the gradients were not finite.
+
+Every strategy's backward receives a loss already normalised over the whole accumulation window and all ranks
+(train.py), so the gradients of A micro-batches on W ranks add up to the gradient of one batch of A*B*W; the
+strategies only sum micro-batches and average ranks, they never divide by the accumulation count again.
 """
 from __future__ import annotations
 
@@ -23,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from csi_dist.config import Config
-from csi_dist.distributed import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,6 @@ class DDPStrategy:
     """Data parallel through accelerate; checkpoints through DCP so they reshard like FSDP2's."""
 
     name = "ddp"
-    input_dtype: torch.dtype | None = None  # images stay fp32; autocast picks the compute precision
 
     def __init__(self, accelerator, config: Config):
         self.accelerator = accelerator
@@ -74,8 +81,8 @@ class DDPStrategy:
         """
         broadcast_buffers(model)
 
-    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
-        self.accelerator.backward(loss / accumulation)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
 
     def step(self, model: nn.Module, optimizer, clip_norm: float, is_update_step: bool) -> bool | None:
         """None on a micro-step; at an update, True if the optimizer stepped, False if the gradients were
@@ -139,8 +146,8 @@ class FSDP2Strategy(DDPStrategy):
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
-        (loss / accumulation).backward()
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def _clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -182,7 +189,13 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 class DeepSpeedStrategy:
-    """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's engine, bf16 and its own checkpoints."""
+    """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's engine and its own checkpoints (fp32 weights, bf16 autocast).
+
+    The trainer owns the accumulation boundary (`gradient_sync`) and the loss scaling, so the engine's micro-step
+    counter can never disagree with the trainer about which step updates (a partial window at the end of an epoch,
+    a resume). In fp32 the ZeRO optimizers check the global gradient norm and skip a non-finite update themselves,
+    before touching the weights.
+    """
 
     name = "deepspeed"
 
@@ -190,9 +203,7 @@ class DeepSpeedStrategy:
         self.accelerator = accelerator
         self.config = config
         self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", config.training.zero_stage))
-        self.bf16 = resolve_mixed_precision(config.training.mixed_precision) == "bf16"
-        self.precision = "bf16 (DeepSpeed engine)" if self.bf16 else "no"
-        self.input_dtype = torch.bfloat16 if self.bf16 else None  # the engine holds bf16 weights
+        self.precision = accelerator.mixed_precision
         self.engine = None
 
     def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -205,7 +216,7 @@ class DeepSpeedStrategy:
             * self.accelerator.num_processes,
             "gradient_clipping": self.config.optimization.grad_clip_norm,
             "zero_optimization": {"stage": self.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-            "bf16": {"enabled": self.bf16},
+            "bf16": {"enabled": False},  # fp32 master weights; compute in bf16 under autocast (module docstring)
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
         }
@@ -216,13 +227,14 @@ class DeepSpeedStrategy:
         return self.engine, optimizer
 
     def gradient_sync(self, model: nn.Module, enabled: bool):
-        return contextlib.nullcontext()  # the engine accumulates and reduces at its own boundaries
+        self.engine.set_gradient_accumulation_boundary(enabled)  # the trainer's window, not the engine's counter
+        return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
-        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the window
 
     def step(self, model: nn.Module, optimizer, clip_norm: float, is_update_step: bool) -> bool | None:
-        self.engine.step()
+        self.engine.step()  # at a boundary: reduce, check the norm, update or skip; else only counts the micro-step
         if not is_update_step:
             return None
         norm = self.engine.get_global_grad_norm()
@@ -248,10 +260,23 @@ class DeepSpeedStrategy:
         return {key: value.float().cpu() for key, value in (state or {}).items()}
 
     def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if self.zero_stage == 3:
-            raise NotImplementedError("restoring best weights into a ZeRO-3 engine is not supported; "
-                                      "evaluate weights/best.safetensors instead")
-        self.engine.module.load_state_dict(state)
+        """Every rank: put `state` into the engine's module; under ZeRO-3 each parameter is gathered, overwritten
+        by rank 0 and partitioned again (DeepSpeed's GatheredParameters with a modifier rank)."""
+        module = self.engine.module
+        if self.zero_stage != 3:
+            module.load_state_dict(state)
+            return
+        import deepspeed
+        parameters = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(parameters.values()), modifier_rank=0):
+            if self.accelerator.is_main_process:
+                with torch.no_grad():
+                    for name, parameter in parameters.items():
+                        parameter.copy_(state[name])
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name in state:
+                    buffer.copy_(state[name])
 
     def describe(self, model: nn.Module) -> str:
         return f"DeepSpeed ZeRO-{self.zero_stage} over {self.accelerator.num_processes} process(es)"

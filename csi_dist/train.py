@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from csi_dist import PROCESS_START
+from csi_dist.accumulation import accumulation_windows, window_loss_scale
 from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
 from csi_dist.compilation import compile_with_run_cache
@@ -134,7 +135,7 @@ def train(config: Config, run_dir: Path, resume: str,
     # --- processes, logging, run directory -----------------------------------------------------------------
     strategy_name = resolve_strategy(config)
     hide_from_accelerate()
-    accelerator = build_accelerator(config, autocast=strategy_name != "deepspeed")
+    accelerator = build_accelerator(config)
     configure_logging(accelerator)
     if strategy_name == "fsdp2" and accelerator.num_processes == 1:
         log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
@@ -163,7 +164,9 @@ def train(config: Config, run_dir: Path, resume: str,
     # --- model, loss, optimizer, schedule (identical initial weights on every rank) ------------------------
     torch.manual_seed(config.training.seed)
     model = build_model(config.model)
-    channels_last = config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
+    # ZeRO flattens the parameters into contiguous buffers, so channels_last weights cannot survive it
+    channels_last = (config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
+                     and strategy_name != "deepspeed")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
@@ -225,34 +228,35 @@ def train(config: Config, run_dir: Path, resume: str,
         model.train()
         progress = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", unit="batch",
                         disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
-        window_loss = torch.zeros((), device=accelerator.device)
-        window_start, window_images, window_batches = time.perf_counter(), 0, 0
-        batches = device_batches(loader, accelerator.device, channels_last, strategy.input_dtype)
-        for step_in_epoch, (batch, images, zone_targets, sample_mask) in enumerate(batches, start=first_step):
-            is_update_step = (step_in_epoch + 1) % accumulation == 0 or step_in_epoch + 1 == steps_per_epoch
-            with strategy.gradient_sync(model, enabled=is_update_step):
-                with accelerator.autocast():
-                    zone_logits = model(images)
-                loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
-                global_mean_weight = accelerator.reduce(weight_sum.detach(), reduction="mean")
-                loss = loss_sum / global_mean_weight.clamp_min(1e-12)  # DDP's gradient = the global batch's
-                if state["global_step"] in loss_faults:
-                    loss = loss * loss_faults[state["global_step"]]
-                strategy.backward(loss, accumulation)
-            window_loss += loss.detach()
-            window_images += images.shape[0]
-            window_batches += 1
-            state["epoch_position"] += global_batch
-            progress.update(1)
-            stepped = strategy.step(model, optimizer, config.optimization.grad_clip_norm, is_update_step)
-            if stepped is None:  # a micro-step of gradient accumulation
-                continue
+        log_loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last log line
+        log_start, log_images, log_updates = time.perf_counter(), 0, 0
+        batches = device_batches(loader, accelerator.device, channels_last)
+        step_in_epoch = first_step
+        for window in accumulation_windows(batches, accumulation):
+            loss_scale = window_loss_scale(criterion, window, accelerator)
+            for micro_index, (batch, images, zone_targets, sample_mask) in enumerate(window):
+                is_update_step = micro_index == len(window) - 1
+                with strategy.gradient_sync(model, enabled=is_update_step):
+                    with accelerator.autocast():
+                        zone_logits = model(images)
+                    loss_sum, _ = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
+                    loss = loss_sum * loss_scale  # this micro-batch's share of the window's global mean
+                    if state["global_step"] in loss_faults:
+                        loss = loss * loss_faults[state["global_step"]]
+                    strategy.backward(loss)
+                log_loss += loss.detach()
+                log_images += images.shape[0]
+                state["epoch_position"] += global_batch
+                step_in_epoch += 1
+                progress.update(1)
+                stepped = strategy.step(model, optimizer, config.optimization.grad_clip_norm, is_update_step)
+            log_updates += 1
             if stepped:
                 schedule.after_optimizer_step()
             else:
                 state["bad_steps"] += 1
                 log.warning("non-finite loss/gradients at epoch %d step %d: step skipped (%d of at most %d)",
-                            epoch, step_in_epoch, state["bad_steps"], config.training.max_bad_steps)
+                            epoch, step_in_epoch - 1, state["bad_steps"], config.training.max_bad_steps)
                 if state["bad_steps"] > config.training.max_bad_steps:
                     raise TooManyBadSteps(f"{state['bad_steps']} non-finite steps (training.max_bad_steps="
                                           f"{config.training.max_bad_steps}); lower the learning rate or check data")
@@ -262,16 +266,16 @@ def train(config: Config, run_dir: Path, resume: str,
                 startup_logged = True
 
             if state["global_step"] % config.training.log_every_steps == 0:
-                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_batches
-                images_per_second = window_images * world_size / (time.perf_counter() - window_start)
+                mean_loss = accelerator.reduce(log_loss, reduction="mean").item() / log_updates
+                images_per_second = log_images * world_size / (time.perf_counter() - log_start)
                 tracker.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
                              "train/images_per_second": images_per_second,
                              "train/decode_failures": float(batch["decode_failed"].sum()),
                              **({"train/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
                                 if accelerator.device.type == "cuda" else {})}, state["global_step"])
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.0f}")
-                window_loss.zero_()
-                window_start, window_images, window_batches = time.perf_counter(), 0, 0
+                log_loss.zero_()
+                log_start, log_images, log_updates = time.perf_counter(), 0, 0
             if watcher.should_stop(state["global_step"], accelerator):
                 checkpoint()
                 progress.close()
@@ -290,7 +294,7 @@ def train(config: Config, run_dir: Path, resume: str,
         strategy.synchronize_buffers(model)
         val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
                                   pin_memory=accelerator.device.type == "cuda")
-        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last, strategy.input_dtype)
+        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last)
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth) if predictions.file_ids else {}
         record.update({"val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
