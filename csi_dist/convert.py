@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 from csi_dist.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
 from csi_dist.config import load_config
-from csi_dist.models import build_model
+from csi_dist.models import build_model, model_input_size
 
 log = logging.getLogger("csi_dist.convert")
 
@@ -31,7 +31,9 @@ def full_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{checkpoint_dir} holds neither a DCP nor a DeepSpeed checkpoint")
     check_dcp_metadata(state_dir)
     config_path = checkpoint_dir.parent.parent / "resolved_config.ini"
-    model = build_model(load_config(config_path).model)  # the template DCP fills, resharding as needed
+    config = load_config(config_path)
+    # the template DCP fills, resharding as needed (a ViT's position embeddings have the training size)
+    model = build_model(config.model, model_input_size(config.model, config.data.image_size))
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

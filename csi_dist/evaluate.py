@@ -20,7 +20,7 @@ from csi_dist.distributed import build_accelerator, configure_logging
 from csi_dist.inference import predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
-from csi_dist.models import ModelError, backbone_spec, build_model
+from csi_dist.models import build_model, model_input_size, uses_channels_last
 from csi_dist.report import write_evaluation
 from csi_dist.train import loader_settings
 
@@ -51,19 +51,19 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
                          [f"data.shard_dir={shard_dir}"] if shard_dir else [])
     accelerator = build_accelerator(config)
     configure_logging(accelerator)
-    spec = backbone_spec(config.model.model_arch)
-    model = build_model(config.model)
+    image_size = model_input_size(config.model, config.data.image_size)
+    model = build_model(config.model, image_size)
     path = weights_path(run_dir, weights)
     try:
         model.load_state_dict(load_weights(path))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
-    channels_last = config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
+    channels_last = uses_channels_last(config.model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
-    settings = loader_settings(config, config.data.image_size or spec.input_size, train=False)
+    settings = loader_settings(config, image_size, train=False)
     results = {}
     for split in splits:
         loader = build_loader(open_split(config.data.shard_dir, split), settings, epoch=0,

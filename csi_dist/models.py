@@ -167,14 +167,51 @@ def _load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str | Non
     log.info("loaded %d backbone tensors from %s (%d left at initialisation)", len(state), path, len(missing))
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The CSI model for `cfg.model_arch`, single-channel input, output B x 6 x 5 zone logits."""
+def is_vision_transformer(spec: BackboneSpec) -> bool:
+    """A ViT: built for one input size (its position embeddings), and never channels_last."""
+    return spec.timm_name is not None and spec.timm_name.startswith(("vit_", "test_vit"))
+
+
+def _vit_kwargs(spec: BackboneSpec, image_size: int | None) -> dict[str, object]:
+    """A ViT follows the data's size (`data.image_size`): timm sizes its position embeddings for it, and resamples
+    pretrained ones when they are loaded. The size must be a whole number of patches."""
+    kwargs = dict(spec.timm_kwargs)
+    if image_size is None or not is_vision_transformer(spec):
+        return kwargs
+    patch = _patch_size(spec.timm_name)
+    if image_size % patch:
+        raise ModelError(f"data.image_size = {image_size} does not fit {spec.timm_name}: a ViT needs a multiple of "
+                         f"its patch size {patch} (e.g. {image_size // patch * patch or patch} or "
+                         f"{(image_size // patch + 1) * patch})")
+    return kwargs | {"img_size": image_size}
+
+
+def model_input_size(cfg: ModelConfig, data_image_size: int) -> int:
+    """The side length the model sees: `data.image_size`, or the backbone's native size when that is 0."""
+    return data_image_size or backbone_spec(cfg.model_arch).input_size
+
+
+def uses_channels_last(cfg: ModelConfig) -> bool:
+    """channels_last memory for the timm CNNs that gain from it (not ViTs, not Custom_1)."""
+    spec = backbone_spec(cfg.model_arch)
+    return cfg.channels_last and spec.timm_name is not None and not is_vision_transformer(spec)
+
+
+def _patch_size(timm_name: str) -> int:
+    """From timm's naming (vit_base_patch14_dinov2 -> 14); its test ViTs use 16."""
+    match = re.search(r"patch(\d+)", timm_name)
+    return int(match.group(1)) if match else 16
+
+
+def build_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
+    """The CSI model for `cfg.model_arch`, single-channel input, output B x 6 x 5 zone logits; a ViT is built for
+    `image_size` (default: its native size)."""
     spec = backbone_spec(cfg.model_arch)
     if spec.timm_name is None:
         backbone: nn.Module = Custom1Backbone(in_chans=1)
     else:
         backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=1,
-                                     **dict(spec.timm_kwargs))
+                                     **_vit_kwargs(spec, image_size))
     if cfg.pretrained_weights:
         _load_backbone_weights(backbone, Path(cfg.pretrained_weights), spec.timm_name)
     return CSIModel(backbone, backbone.num_features, cfg.dropout_rate)

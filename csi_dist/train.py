@@ -31,7 +31,7 @@ from csi_dist.faults import nonfinite_loss_factors
 from csi_dist.inference import device_batches, predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
-from csi_dist.models import ModelError, backbone_spec, build_model
+from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
 from csi_dist.preemption import PreemptionWatcher, requeue_after_failure
 from csi_dist.redaction import install_secret_filter
 from csi_dist.schedules import LearningRateSchedule, build_optimizer
@@ -149,8 +149,7 @@ def train(config: Config, run_dir: Path, resume: str,
              strategy_name, strategy.precision)
 
     # --- data ----------------------------------------------------------------------------------------------
-    spec = backbone_spec(config.model.model_arch)
-    image_size = config.data.image_size or spec.input_size
+    image_size = model_input_size(config.model, config.data.image_size)
     train_set = open_split(config.data.shard_dir, "train")
     val_set = open_split(config.data.shard_dir, "val")
     train_settings = loader_settings(config, image_size, train=True)
@@ -163,10 +162,9 @@ def train(config: Config, run_dir: Path, resume: str,
 
     # --- model, loss, optimizer, schedule (identical initial weights on every rank) ------------------------
     torch.manual_seed(config.training.seed)
-    model = build_model(config.model)
-    # ZeRO flattens the parameters into contiguous buffers, so channels_last weights cannot survive it
-    channels_last = (config.model.channels_last and spec.timm_name is not None and not spec.timm_name.startswith("vit")
-                     and strategy_name != "deepspeed")
+    model = build_model(config.model, image_size)
+    # only DDP keeps parameters as they are: FSDP2 refuses non-contiguous ones and ZeRO flattens them into buffers
+    channels_last = uses_channels_last(config.model) and strategy_name == "ddp"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)

@@ -1,0 +1,101 @@
+"""Parity: every strategy and accumulation layout trains the same model as one process on one large batch (fp32, CPU).
+
+The model is timm's `test_convnext` (LayerNorm, no BatchNorm), so its maths does not depend on how a batch is split;
+SGD keeps rounding differences from being amplified. 114 training images make 8 updates of 16 an epoch, so with 8
+images a micro-step the last window of each epoch holds ONE micro-batch of 2 real images and 6 padding copies: a
+partial window, weighted like the large batch's last step. Stated tolerance (fp32, reductions in another order):
+train loss per update within 1e-5 relative, every final weight within 1e-5 absolute.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO_ROOT, subprocess_env, torchrun_command
+from test_train import phantom_shards  # noqa: F401 - the shared phantom fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+PARITY_SETTINGS = ["data.image_size=32", "data.augment=false", "training.num_workers=0", "logging.wandb_mode=disabled",
+                   "training.n_epochs=2", "training.log_every_steps=1", "model.model_arch=test_convnext",
+                   "model.dropout_rate=0", "optimization.optimizer=sgd", "optimization.learning_rate=0.05",
+                   "training.mixed_precision=no"]
+STRATEGIES = {"ddp": "training.strategy=ddp", "fsdp2": "training.strategy=fsdp2",
+              **{f"zero{stage}": f"training.strategy=deepspeed,training.zero_stage={stage}" for stage in (1, 2, 3)}}
+LOSS_RTOL = WEIGHT_ATOL = 1e-5
+
+
+def train_runs(nproc: int, out: Path, settings: list[str], runs: dict[str, str], timeout: int = 900,
+               **env: str) -> dict[str, int]:
+    """Each run of `runs` ({name: comma-separated overrides}) trained one after the other in one launch of `nproc`
+    processes (tests/scripts/train_runs.py); returns {name: exit status}."""
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--config", "configs/demo.ini", *[arg for item in settings for arg in ("--set", item)]]
+    command = torchrun_command(nproc, "tests/scripts/train_runs.py", str(out / "statuses.json"),
+                               *[f"{out / name}={overrides}" for name, overrides in runs.items()])
+    result = subprocess.run(command, env=subprocess_env(CSI_TRAIN_ARGS=shlex.join(common), **env), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    statuses = json.loads((out / "statuses.json").read_text())
+    return {Path(run_dir).name: status for run_dir, status in statuses.items()}
+
+
+def loss_curve(run_dir: Path) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.value for event in events.Scalars("train/loss")]
+
+
+def assert_same_training(run_dir: Path, reference: Path, loss_rtol: float, weight_atol: float) -> None:
+    assert loss_curve(run_dir) == pytest.approx(loss_curve(reference), rel=loss_rtol), run_dir.name
+    mine, theirs = (load_file(str(path / "weights" / "last.safetensors")) for path in (run_dir, reference))
+    assert mine.keys() == theirs.keys()
+    worst = max(float((mine[key] - theirs[key]).abs().max()) for key in theirs)
+    assert worst <= weight_atol, f"{run_dir.name}: a final weight differs by {worst:.3g} from {reference.name}"
+
+
+@pytest.fixture(scope="module")
+def parity_runs(phantom_shards, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("parity")
+    settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS]
+    # one process: 1 x 16 and 1 x 8 x A2 (FSDP2 on one process is DDP, so it is not repeated there)
+    single = {f"{name}_1x16": f"{strategy},training.batch_size=16" for name, strategy in STRATEGIES.items()
+              if name != "fsdp2"}
+    single |= {f"{name}_1x8xA2": f"{strategy},training.batch_size=8,training.gradient_accumulation_steps=2"
+               for name, strategy in STRATEGIES.items() if name != "fsdp2"}
+    double = {f"{name}_2x8": f"{strategy},training.batch_size=8" for name, strategy in STRATEGIES.items()}
+    double |= {f"{name}_2x4xA2": f"{strategy},training.batch_size=4,training.gradient_accumulation_steps=2"
+               for name, strategy in STRATEGIES.items()}
+    statuses = train_runs(1, out, settings, single) | train_runs(2, out, settings, double)
+    assert statuses == {name: 0 for name in {**single, **double}}  # ZeRO-3 runs keep best weights and exit 0 too
+    return out
+
+
+PARITY_CELLS = [f"{name}_{layout}" for name in STRATEGIES for layout in ("1x16", "1x8xA2", "2x8", "2x4xA2")
+                if f"{name}_{layout}" not in ("ddp_1x16", "fsdp2_1x16", "fsdp2_1x8xA2")]
+
+
+@pytest.mark.parametrize("cell", PARITY_CELLS)
+def test_every_strategy_and_layout_trains_like_one_batch_of_16(parity_runs: Path, cell: str):
+    assert_same_training(parity_runs / cell, parity_runs / "ddp_1x16", LOSS_RTOL, WEIGHT_ATOL)
+
+
+def test_deepspeed_trains_batchnorm_cnns_in_bf16_and_vits_follow_the_data_size(phantom_shards,  # noqa: F811
+                                                                             tmp_path: Path):
+    """DeepSpeed in bf16 used to die in the first step of every BatchNorm CNN (BatchNorm statistics in fp32 against a
+    bf16 module); a ViT built for 518 px died on any other `data.image_size`."""
+    settings = [f"data.shard_dir={phantom_shards}", "training.num_workers=0", "logging.wandb_mode=disabled",
+                "training.mixed_precision=bf16", "training.max_steps=2", "training.batch_size=4"]
+    runs = {f"custom1_zero{stage}": f"training.strategy=deepspeed,training.zero_stage={stage},data.image_size=32"
+            for stage in (1, 2, 3)}
+    runs["raddino_56px"] = "model.model_arch=RadDINO,data.image_size=56"
+    assert train_runs(1, tmp_path, settings, runs) == {name: 0 for name in runs}
+    for name in runs:
+        weights = load_file(str(tmp_path / name / "weights" / "last.safetensors"))
+        assert all(value.isfinite().all() for value in weights.values()), name
