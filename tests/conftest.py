@@ -35,3 +35,13 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(tmp_path_factory) -> Path:
+    """160 phantom radiographs at 32 px in shards (114 train, 24 val, 22 test), shared read-only by the trainer,
+    strategy and parity tests."""
+    from csi_dist.data.shards import write_demo
+    out = tmp_path_factory.mktemp("phantom") / "shards"
+    write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
+    return out

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from test_train import phantom_shards  # noqa: F401 - the shared phantom fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -32,17 +31,21 @@ LOSS_RTOL = WEIGHT_ATOL = 1e-5
 
 
 def train_runs(nproc: int, out: Path, settings: list[str], runs: dict[str, str], timeout: int = 900,
-               **env: str) -> dict[str, int]:
+               env: dict[str, str] | None = None, common: list[str] | None = None) -> dict[str, int]:
     """Each run of `runs` ({name: comma-separated overrides}) trained one after the other in one launch of `nproc`
-    processes (tests/scripts/train_runs.py); returns {name: exit status}."""
+    processes (tests/scripts/train_runs.py); returns {name: exit status}. `env` replaces the CPU test environment
+    (the GPU tier passes its own); `common` replaces the trainer's leading arguments."""
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--config", "configs/demo.ini", *[arg for item in settings for arg in ("--set", item)]]
-    command = torchrun_command(nproc, "tests/scripts/train_runs.py", str(out / "statuses.json"),
+    common = (["--config", "configs/demo.ini"] if common is None else common) + [
+        arg for item in settings for arg in ("--set", item)]
+    statuses_path = out / f"statuses-{len(list(out.glob('statuses-*.json')))}.json"
+    command = torchrun_command(nproc, "tests/scripts/train_runs.py", str(statuses_path),
                                *[f"{out / name}={overrides}" for name, overrides in runs.items()])
-    result = subprocess.run(command, env=subprocess_env(CSI_TRAIN_ARGS=shlex.join(common), **env), cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, env={**(env or subprocess_env()), "CSI_TRAIN_ARGS": shlex.join(common)},
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    (out / f"{statuses_path.stem}.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
-    statuses = json.loads((out / "statuses.json").read_text())
+    statuses = json.loads(statuses_path.read_text())
     return {Path(run_dir).name: status for run_dir, status in statuses.items()}
 
 
@@ -61,7 +64,7 @@ def assert_same_training(run_dir: Path, reference: Path, loss_rtol: float, weigh
 
 
 @pytest.fixture(scope="module")
-def parity_runs(phantom_shards, tmp_path_factory) -> Path:  # noqa: F811
+def parity_runs(phantom_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parity")
     settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS]
     # one process: 1 x 16 and 1 x 8 x A2 (FSDP2 on one process is DDP, so it is not repeated there)
@@ -86,7 +89,7 @@ def test_every_strategy_and_layout_trains_like_one_batch_of_16(parity_runs: Path
     assert_same_training(parity_runs / cell, parity_runs / "ddp_1x16", LOSS_RTOL, WEIGHT_ATOL)
 
 
-def test_deepspeed_trains_batchnorm_cnns_in_bf16_and_vits_follow_the_data_size(phantom_shards,  # noqa: F811
+def test_deepspeed_trains_batchnorm_cnns_in_bf16_and_vits_follow_the_data_size(phantom_shards,
                                                                              tmp_path: Path):
     """DeepSpeed in bf16 used to die in the first step of every BatchNorm CNN (BatchNorm statistics in fp32 against a
     bf16 module); a ViT built for 518 px died on any other `data.image_size`."""

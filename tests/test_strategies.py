@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, free_port, subprocess_env
-from test_train import phantom_shards, run_train, tensors_equal  # noqa: F401 - the shared phantom fixture
+from test_train import run_train, tensors_equal
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 COMMON = ["--set", "training.n_epochs=2", "--set", "training.num_workers=0", "--set", "logging.wandb_mode=disabled",
@@ -34,13 +34,13 @@ def assert_same_curve(run: list[dict], reference: list[dict], rel: float = 1e-2)
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(phantom_shards, tmp_path_factory) -> Path:  # noqa: F811
+def ddp_reference(phantom_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     run_train(phantom_shards, run_dir, *COMMON, nproc=2)
     return run_dir
 
 
-def test_fsdp2_from_the_accelerate_config_shards_resumes_and_reshards(phantom_shards, ddp_reference,  # noqa: F811
+def test_fsdp2_from_the_accelerate_config_shards_resumes_and_reshards(phantom_shards, ddp_reference,
                                                                      tmp_path: Path):
     run_dir = tmp_path / "fsdp2"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -96,7 +96,7 @@ def test_fsdp2_from_the_accelerate_config_shards_resumes_and_reshards(phantom_sh
     assert tensors_equal(converted, run_dir / "weights" / "last.safetensors")
 
 
-def test_deepspeed_zero2_partitions_optimizer_state_and_resumes_exactly(phantom_shards, ddp_reference,  # noqa: F811
+def test_deepspeed_zero2_partitions_optimizer_state_and_resumes_exactly(phantom_shards, ddp_reference,
                                                                        tmp_path: Path):
     run_dir = tmp_path / "zero2"
     result = run_train(phantom_shards, run_dir, *COMMON, "--set", "training.strategy=deepspeed",

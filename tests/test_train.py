@@ -11,18 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from csi_dist.data.shards import write_demo
 from wandb_reader import history_rows
 
 SMALL = ["--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
          "--set", "callbacks.keep_last_checkpoints=100", "--set", "training.log_every_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def phantom_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantom") / "shards"
-    write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
-    return out
 
 
 def run_train(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, check: bool = True,

@@ -1,11 +1,13 @@
 """Several trainer runs in one launch, one after the other (the parity suite: imports and process start paid once).
 
-argv: RESULTS_JSON then one RUN_DIR=OVERRIDE,OVERRIDE,... per run; each run is `csi_dist.train.main` with
-`--run-dir RUN_DIR --set OVERRIDE ...` and the common arguments in the CSI_TRAIN_ARGS environment variable. Rank 0
+argv: RESULTS_JSON then one RUN_DIR=OVERRIDE,OVERRIDE,... per run; each run is `csi_dist.train.main` (or the `main`
+of the module in CSI_RUN_MODULE, e.g. csi_dist.evaluate) with `--run-dir RUN_DIR --set OVERRIDE ...` and the
+common arguments in the CSI_TRAIN_ARGS environment variable. Rank 0
 writes {RUN_DIR: exit status} (an exception counts as 1, its traceback is printed), so a test reads the exit status
 of every run as a user would see it. The runs share one process group: each run's end would destroy it (and
 accelerate and DeepSpeed keep handles on it), so it is destroyed once, after the last run.
 """
+import importlib
 import json
 import os
 import shlex
@@ -14,8 +16,8 @@ import traceback
 
 import torch.distributed
 
-from csi_dist.train import main
 
+main = importlib.import_module(os.environ.get("CSI_RUN_MODULE", "csi_dist.train")).main
 results_path, *runs = sys.argv[1:]
 common = shlex.split(os.environ.get("CSI_TRAIN_ARGS", ""))
 destroy_process_group = torch.distributed.destroy_process_group
