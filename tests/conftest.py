@@ -22,7 +22,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for launched trainers: CPU gloo, offline W&B, quiet DeepSpeed probing."""
     env = dict(os.environ)
     env.update({"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu",
-                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
     env.update(extra)
     return env
 
