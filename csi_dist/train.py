@@ -141,6 +141,8 @@ def train(config: Config, run_dir: Path, resume: str,
         log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
         strategy_name = "ddp"
     strategy = build_strategy(strategy_name, accelerator, config)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak logged is this run's, also for a second train() in a process
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +283,9 @@ def train(config: Config, run_dir: Path, resume: str,
                 watcher.finish_after_checkpoint(accelerator)
             every = config.callbacks.checkpoint_every_steps
             if every and state["global_step"] % every == 0 and state["epoch_position"] < train_set.num_samples:
+                checkpoint_start = time.perf_counter()
                 checkpoint()
+                log_start += time.perf_counter() - checkpoint_start  # images/s counts training, not checkpoint writes
             if state["global_step"] >= max_steps:
                 break
         progress.close()

@@ -14,10 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
+from csi_dist.config import load_config
+from csi_dist.models import build_model, model_input_size
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -55,12 +58,36 @@ def loss_curve(run_dir: Path) -> list[float]:
     return [event.value for event in events.Scalars("train/loss")]
 
 
-def assert_same_training(run_dir: Path, reference: Path, loss_rtol: float, weight_atol: float) -> None:
-    assert loss_curve(run_dir) == pytest.approx(loss_curve(reference), rel=loss_rtol), run_dir.name
+def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights the run started from, rebuilt from its saved config (the trainer seeds with training.seed)."""
+    config = load_config(run_dir / "resolved_config.ini")
+    torch.manual_seed(config.training.seed)
+    return build_model(config.model, model_input_size(config.model, config.data.image_size)).state_dict()
+
+
+def l2(tensors: dict[str, torch.Tensor]) -> float:
+    return sum(float(tensor.double().square().sum()) for tensor in tensors.values()) ** 0.5
+
+
+def training_differences(run_dir: Path, reference: Path) -> dict[str, float]:
+    """How far a run is from the reference: the largest relative difference of the per-update train loss, the largest
+    absolute difference of a final weight, and the distance between the final weights relative to how far the
+    reference's training moved them from their common start."""
+    mine_curve, their_curve = loss_curve(run_dir), loss_curve(reference)
+    assert len(mine_curve) == len(their_curve), f"{run_dir.name}: {len(mine_curve)} updates, not {len(their_curve)}"
     mine, theirs = (load_file(str(path / "weights" / "last.safetensors")) for path in (run_dir, reference))
     assert mine.keys() == theirs.keys()
-    worst = max(float((mine[key] - theirs[key]).abs().max()) for key in theirs)
-    assert worst <= weight_atol, f"{run_dir.name}: a final weight differs by {worst:.3g} from {reference.name}"
+    start = initial_weights(reference)
+    return {"loss_rel": max(abs(a - b) / abs(b) for a, b in zip(mine_curve, their_curve)),
+            "weight_abs": max(float((mine[key] - theirs[key]).abs().max()) for key in theirs),
+            "update_rel_l2": l2({key: mine[key] - theirs[key] for key in theirs})
+            / l2({key: theirs[key] - start[key] for key in theirs})}
+
+
+def assert_same_training(run_dir: Path, reference: Path, loss_rtol: float, weight_atol: float) -> None:
+    differences = training_differences(run_dir, reference)
+    assert differences["loss_rel"] <= loss_rtol and differences["weight_abs"] <= weight_atol, (run_dir.name,
+                                                                                               differences)
 
 
 @pytest.fixture(scope="module")

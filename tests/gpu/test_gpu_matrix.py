@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import subprocess_env
 from csi_dist.data.shards import write_demo
-from test_parity import PARITY_SETTINGS, assert_same_training, train_runs
+from test_parity import PARITY_SETTINGS, train_runs, training_differences
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]
@@ -27,8 +27,10 @@ STRATEGIES = {"ddp": "training.strategy=ddp", "fsdp2": "training.strategy=fsdp2"
 CELLS = {f"{arch}-{name}": f"{strategy},model.model_arch={arch},data.image_size={size}"
          for arch, size in BACKBONES.items() for name, strategy in STRATEGIES.items()}
 CELLS["ResNet50-ddp-compiled"] = CELLS["ResNet50-ddp"] + ",model.compile=true"
-# bf16 autocast rounds every product to 8 bits of mantissa, differently for each batch split: stated tolerance
-BF16_LOSS_RTOL, BF16_WEIGHT_ATOL = 2e-2, 2e-3
+# bf16 autocast rounds every product to 8 bits of mantissa, differently for each batch split and kernel choice, so
+# single weights wander (up to 0.007 here, H200). Stated tolerance: the loss per update within 2 %, and the final
+# weights within 2 % of the distance training moved them (the old accumulation bug: 5.4 % and 3.2 % in fp32)
+BF16_LOSS_RTOL, BF16_UPDATE_REL_L2 = 2e-2, 2e-2
 
 
 def gpu_env(**extra: str) -> dict[str, str]:
@@ -107,7 +109,13 @@ def bf16_parity(gpu_shards, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("cell", ["ddp_1x8xA2", "zero1_1x16", "zero1_1x8xA2", "zero2_1x16", "zero2_1x8xA2",
                                   "zero3_1x16", "zero3_1x8xA2"])
 def test_bf16_parity_on_one_gpu(bf16_parity: Path, cell: str):
-    assert_same_training(bf16_parity / cell, bf16_parity / "ddp_1x16", BF16_LOSS_RTOL, BF16_WEIGHT_ATOL)
+    differences = training_differences(bf16_parity / cell, bf16_parity / "ddp_1x16")
+    report = os.environ.get("CSI_GPU_MATRIX")
+    if report:
+        with open(Path(report).with_name("bf16_parity.jsonl"), "a") as handle:
+            handle.write(json.dumps({"cell": cell, **differences}) + "\n")
+    assert differences["loss_rel"] <= BF16_LOSS_RTOL and differences["update_rel_l2"] <= BF16_UPDATE_REL_L2, (
+        cell, differences)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
