@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -64,8 +65,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def strict_json_value(value: object) -> object:
+    """`value` with every NaN or infinite float replaced by None: strict JSON (null), which every reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
 def atomic_write_json(path: Path, payload: object) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, allow_nan=True).encode("utf-8"))
+    """Strict JSON (NaN and infinities as null), written atomically."""
+    atomic_write_bytes(path, json.dumps(strict_json_value(payload), indent=2, allow_nan=False).encode("utf-8"))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:

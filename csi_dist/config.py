@@ -4,11 +4,15 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import difflib
+import inspect
 import logging
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi_dist.domain import monitored_metric
 from csi_dist.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -21,16 +25,16 @@ class ConfigError(ValueError):
 @dataclass
 class TrainingConfig:
     batch_size: int = 32  # per process (per GPU)
-    n_epochs: int = 100
-    seed: int = 42
-    gradient_accumulation_steps: int = 1
+    n_epochs: int = 100  # passes over the train split
+    seed: int = 42  # seeds weights, data order, augmentation and dropout (per rank and worker)
+    gradient_accumulation_steps: int = 1  # micro-batches per update: one update = batch_size x this x processes images
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else no
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
-    num_workers: int = 4
-    log_every_steps: int = 20
-    deterministic: bool = False
+    num_workers: int = 4  # data-loader processes per rank (0 = load in the training process)
+    log_every_steps: int = 20  # optimizer steps between train/* log lines and scalars
+    deterministic: bool = False  # deterministic torch algorithms (slower); for bit-reproducible GPU runs
     cudnn_benchmark: bool = False  # autotuning: no faster on an H100, twice the time to the first step
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # validate every N epochs (and after the last one); early stopping counts evaluations
     max_bad_steps: int = 20  # non-finite losses tolerated (each skipped) before the run stops
     strategy: str = "auto"  # auto (from the accelerate launch config, else ddp), ddp, fsdp2 or deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage when the strategy is deepspeed
@@ -39,62 +43,62 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    shard_dir: str = "data/demo_shards"
+    shard_dir: str = "data/demo_shards"  # directory of csi-shards output (manifest.json, split shards)
     image_size: int = 0  # 0 = the backbone's native input size
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
-    augment: bool = True
+    augment: bool = True  # random affine and intensity jitter on training images
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
 
 
 @dataclass
 class ModelConfig:
-    model_arch: str = "ResNet50"
+    model_arch: str = "ResNet50"  # ResNet50, CheXNet, RadDINO, Custom_1 or any timm model name
     pretrained_weights: str = ""  # local file; nothing is downloaded at run time
-    dropout_rate: float = 0.5
-    channels_last: bool = True
-    compile: bool = False
+    dropout_rate: float = 0.5  # dropout before the zone head
+    channels_last: bool = True  # channels_last memory for timm CNNs (used under DDP only)
+    compile: bool = False  # torch.compile the model (kernels cached in the run directory)
 
 
 @dataclass
 class OptimizationConfig:
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    scheduler: str = "ReduceLROnPlateau"
+    optimizer: str = "adam"  # adam, adamw or sgd
+    learning_rate: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.01  # L2 (adam, sgd) or decoupled (adamw) weight decay
+    momentum: float = 0.9  # SGD momentum
+    scheduler: str = "ReduceLROnPlateau"  # ReduceLROnPlateau, StepLR, cosine (per step, after warmup) or none
     patience: int = 5  # ReduceLROnPlateau patience, in evaluations
-    factor: float = 0.5
+    factor: float = 0.5  # ReduceLROnPlateau: multiply the LR by this on a plateau
     step_size: int = 10  # StepLR, in epochs
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
+    gamma: float = 0.1  # StepLR: multiply the LR by this every step_size epochs
+    warmup_epochs: float = 0.0  # linear warmup from 0 (fractions of an epoch allowed)
+    min_lr: float = 0.0  # lower bound of the LR schedules
     grad_clip_norm: float = 0.0  # 0 = no clipping
 
 
 @dataclass
 class LossConfig:
-    unknown_weight: float = 0.3
+    unknown_weight: float = 0.3  # class weight of unknown zones (4) in WeightedCSILoss; grades 0-3 weigh 1
 
 
 @dataclass
 class CallbacksConfig:
     early_stopping_patience: int = 10  # in evaluations; 0 = off
-    early_stopping_min_delta: float = 0.001
+    early_stopping_min_delta: float = 0.001  # smallest change of the monitored value that counts as an improvement
     monitor: str = "val_loss"  # val_loss (minimised) or a validation metric key such as f1_weighted (maximised)
     checkpoint_every_steps: int = 0  # periodic checkpoints inside an epoch (0 = off)
-    checkpoint_every_epochs: int = 1
-    keep_last_checkpoints: int = 2
-    preemption_check_every_steps: int = 10
+    checkpoint_every_epochs: int = 1  # complete checkpoints at the end of every N epochs
+    keep_last_checkpoints: int = 2  # complete checkpoints kept (older ones are deleted after a newer one is complete)
+    preemption_check_every_steps: int = 10  # optimizer steps between checks for a SLURM preemption notice
     max_failure_requeues: int = 3  # SLURM requeues of a run after a rank died or hung (preemptions not counted)
 
 
 @dataclass
 class LoggingConfig:
     run_name: str = ""  # empty = <timestamp>_<model_arch>
-    output_dir: str = "checkpoints"
+    output_dir: str = "checkpoints"  # parent of run directories
     wandb_mode: str = "offline"  # offline, online or disabled
-    wandb_project: str = "csi_dist"
-    wandb_group: str = ""
+    wandb_project: str = "csi_dist"  # W&B project
+    wandb_group: str = ""  # W&B group (e.g. a sweep)
 
 
 @dataclass
@@ -137,6 +141,49 @@ CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: [low, high], either end open or absent."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Every numeric key's accepted values; a value outside is an error naming the file, section and key.
+RANGES: dict[tuple[str, str], Range] = {
+    **{("training", key): Range(1) for key in ("batch_size", "n_epochs", "gradient_accumulation_steps",
+                                               "log_every_steps", "eval_every_epochs", "collective_timeout_s")},
+    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "seed")},
+    ("training", "zero_stage"): Range(1, 3),
+    ("data", "image_size"): Range(0),
+    ("data", "shuffle_window"): Range(0),
+    ("model", "dropout_rate"): Range(0, 1, high_open=True),
+    ("optimization", "learning_rate"): Range(0, low_open=True),
+    **{("optimization", key): Range(0) for key in ("weight_decay", "patience", "warmup_epochs", "min_lr",
+                                                   "grad_clip_norm")},
+    ("optimization", "momentum"): Range(0, 1, high_open=True),
+    ("optimization", "factor"): Range(0, 1, low_open=True, high_open=True),
+    ("optimization", "step_size"): Range(1),
+    ("optimization", "gamma"): Range(0, 1, low_open=True),
+    ("loss", "unknown_weight"): Range(0),
+    **{("callbacks", key): Range(0) for key in ("early_stopping_patience", "early_stopping_min_delta",
+                                                "checkpoint_every_steps", "max_failure_requeues")},
+    **{("callbacks", key): Range(1) for key in ("checkpoint_every_epochs", "keep_last_checkpoints",
+                                                "preemption_check_every_steps")},
+}
+
+
 def _section_type(section: str) -> type:
     return typing.get_type_hints(Config)[section]
 
@@ -161,10 +208,14 @@ def _parse_value(raw: str, kind: type, where: str) -> object:
                 raise ValueError(text)
             return int(as_float)
         if kind is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
         return text.strip("\"'")
     except ValueError:
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+        expected = "a finite float" if kind is float else kind.__name__
+        raise ConfigError(f"{where}: expected {expected}, got {raw!r}") from None
 
 
 def _resolve_key(section: str, key: str, where: str) -> tuple[str, str] | None:
@@ -200,10 +251,22 @@ def section_of(key: str) -> str:
 def _set_value(config: Config, section: str, key: str, raw: str, where: str) -> None:
     kind = _field_types(section)[key]
     value = _parse_value(raw, kind, where)
+    _check_value(section, key, value, where)
+    setattr(getattr(config, section), key, value)
+
+
+def _check_value(section: str, key: str, value: object, where: str) -> None:
     choices = CHOICES.get((section, key))
     if choices and str(value).lower() not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-    setattr(getattr(config, section), key, value)
+    accepted = RANGES.get((section, key))
+    if accepted is not None and value not in accepted:
+        raise ConfigError(f"{where}: {value!r} is out of range; {section}.{key} must be {accepted}")
+    if (section, key) == ("callbacks", "monitor"):
+        try:
+            monitored_metric(str(value))
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -249,20 +312,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _validate(config: Config) -> None:
-    checks = [
-        (config.training.batch_size >= 1, "training.batch_size must be >= 1"),
-        (config.training.n_epochs >= 1, "training.n_epochs must be >= 1"),
-        (config.training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1"),
-        (config.optimization.learning_rate > 0, "optimization.learning_rate must be > 0"),
-        (0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate must be in [0, 1)"),
-        (config.loss.unknown_weight >= 0, "loss.unknown_weight must be >= 0"),
-        (config.callbacks.keep_last_checkpoints >= 1, "callbacks.keep_last_checkpoints must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Whole-config checks (each value was checked where it was set; these are the defaults and key pairs)."""
+    for section in SECTION_FIELDS:
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            _check_value(section, key, value, f"{section}.{key} (default)")
     if Path(config.logging.run_name).name != config.logging.run_name or config.logging.run_name in ("..", "."):
         raise ConfigError(f"logging.run_name {config.logging.run_name!r} must be a plain name, not a path")
+
+
+def _field_comments(section: str) -> dict[str, str]:
+    """The comment after each field of a section's dataclass: the meaning shown by --help-config."""
+    source = inspect.getsource(_section_type(section))
+    return {match.group(1): match.group(2).strip()
+            for match in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$", source, flags=re.MULTILINE)}
+
+
+def config_reference() -> str:
+    """Every key with its type, default, accepted values and meaning, as a markdown table (from this module)."""
+    lines = ["| key | type | default | accepts | meaning |", "|---|---|---|---|---|"]
+    for section in SECTION_FIELDS:
+        comments = _field_comments(section)
+        defaults = dataclasses.asdict(_section_type(section)())
+        for key, kind in _field_types(section).items():
+            accepts = (", ".join(CHOICES[(section, key)]) if (section, key) in CHOICES
+                       else str(RANGES[(section, key)]) if (section, key) in RANGES
+                       else "val_loss or a validation metric" if (section, key) == ("callbacks", "monitor")
+                       else "")
+            lines.append(f"| {section}.{key} | {kind.__name__} | {defaults[key]!r} | {accepts} | "
+                         f"{comments.get(key, '')} |")
+    return "\n".join(lines)
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, object]]:

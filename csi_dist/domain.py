@@ -30,3 +30,30 @@ def ahf_class(csi_average: float) -> int:
     if csi_average <= AHF_THRESHOLDS[1]:
         return 1
     return 2
+
+
+# Which way each validation metric a run can monitor (callbacks.monitor) or a sweep can optimise improves: the one
+# table that early stopping, ReduceLROnPlateau, best weights and a sweep's "auto" direction all read.
+# "loss" is the weighted validation loss; the rest are csi_dist.metrics.compute_metrics keys.
+METRIC_DIRECTIONS: dict[str, str] = {
+    "loss": "min",
+    **{name: "max" for name in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro", "accuracy",
+                                "f1_macro_zone_mean", "unknown_recall", "unknown_precision", "ahf_accuracy",
+                                "ahf_f1_macro", "ahf_auroc", "csi_pearson_r", "csi_csv_pearson_r")},
+    **{name: "min" for name in ("csi_mae", "csi_rmse", "csi_csv_mae", "csi_csv_rmse")},
+}
+
+
+def monitored_metric(monitor: str) -> str:
+    """The metric key of a monitor name, which may carry the history's "val_" prefix (val_loss, val_f1_weighted);
+    a name that is no metric raises ValueError listing the valid ones."""
+    key = monitor.removeprefix("val_")
+    if key not in METRIC_DIRECTIONS:
+        raise ValueError(f"{monitor!r} is not a validation metric; use one of val_loss, "
+                         f"{', '.join(name for name in METRIC_DIRECTIONS if name != 'loss')} (val_ prefix optional)")
+    return key
+
+
+def metric_direction(monitor: str) -> str:
+    """"min" or "max": whether a smaller or a larger value of the monitored metric is better."""
+    return METRIC_DIRECTIONS[monitored_metric(monitor)]

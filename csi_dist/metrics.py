@@ -4,7 +4,7 @@ Inputs are the model's per-zone probabilities ``zone_probs`` (N, 6, 5), the zone
 coded as in :mod:`csi_dist.domain` (0-3 grades, 4 unknown), and optionally the CSV ``csi`` column and a real
 binary AHF label (both (N,) floats, NaN where missing). Predictions are the argmax of the probabilities.
 
-Keys returned by :func:`compute_metrics` (all plain floats; NaN means "undefined on this data"):
+Keys returned by :func:`compute_metrics` (plain floats, counts as ints; NaN means "undefined on this data"):
 
 Grades, pooled over all zones, on graded targets only (target 0-3). A predicted 4 on a graded target is an error:
 it lowers recall and accuracy. Macro averages run over the grade labels present in those targets or their
@@ -117,7 +117,7 @@ def compute_metrics(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth:
                              f"at image indices {np.flatnonzero(bad)[:5].tolist()}")
     predictions = zone_predictions(zone_probs)
 
-    metrics: dict[str, float] = {"n_images": float(n_images)}
+    metrics: dict[str, float] = {"n_images": int(n_images)}
     pooled = _grade_metrics(zone_targets.ravel(), predictions.ravel())
     metrics["n_graded_zones"] = pooled.pop("support")
     metrics.update(pooled)
@@ -151,7 +151,7 @@ def compute_metrics(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth:
     if ahf_truth is not None:
         score = expected_csi(zone_probs)
         labelled = np.isfinite(ahf_truth) & np.isfinite(score)
-        metrics["ahf_auroc_n_images"] = float(labelled.sum())
+        metrics["ahf_auroc_n_images"] = int(labelled.sum())
         both_classes = np.unique(ahf_truth[labelled]).size == 2
         metrics["ahf_auroc"] = (float(roc_auc_score(ahf_truth[labelled], score[labelled])) if both_classes
                                 else math.nan)
@@ -164,7 +164,7 @@ def _grade_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, fl
     targets, predictions = targets[graded], predictions[graded]
     if targets.size == 0:
         return {key: math.nan for key in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-                                          "accuracy")} | {"support": 0.0}
+                                          "accuracy")} | {"support": 0}
     # grade labels only: a predicted 4 then counts as a miss of the true grade (recall) without adding an
     # unknown class whose empty support would drag every macro mean down
     labels = sorted(set(np.unique(targets).tolist()) | (set(np.unique(predictions).tolist()) - {UNKNOWN_CLASS}))
@@ -173,7 +173,7 @@ def _grade_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, fl
     return {"f1_macro": float(f1_macro),
             "f1_weighted": float(f1_score(targets, predictions, labels=labels, average="weighted", zero_division=0)),
             "precision_macro": float(precision), "recall_macro": float(recall),
-            "accuracy": float(accuracy_score(targets, predictions)), "support": float(targets.size)}
+            "accuracy": float(accuracy_score(targets, predictions)), "support": int(targets.size)}
 
 
 def _regression_metrics(prefix: str, truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -182,7 +182,7 @@ def _regression_metrics(prefix: str, truth: np.ndarray, predicted: np.ndarray) -
     return {f"{prefix}_mae": float(np.abs(error).mean()) if error.size else math.nan,
             f"{prefix}_rmse": float(np.sqrt((error ** 2).mean())) if error.size else math.nan,
             f"{prefix}_pearson_r": pearson_r(truth[defined], predicted[defined]),
-            f"{prefix}_n_images": float(defined.sum())}
+            f"{prefix}_n_images": int(defined.sum())}
 
 
 def _nanmean(values: list[float]) -> float:

@@ -31,6 +31,7 @@ from sklearn.preprocessing import label_binarize
 
 from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR,
                              FILE_ID_COLUMN, GRADES, NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES)
+from csi_dist.checkpoint import strict_json_value
 from csi_dist.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
                               zone_predictions)
 
@@ -66,10 +67,8 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
                        ahf_truth).to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False)
 
     paths["metrics"] = out_dir / f"{split}_metrics.json"
-    # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers)
-    json_ready = {key: None if value is None or math.isnan(float(value)) else float(value)
-                  for key, value in metrics.items()}
-    paths["metrics"].write_text(json.dumps(json_ready, indent=2, allow_nan=False) + "\n")
+    # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers); counts stay integers
+    paths["metrics"].write_text(json.dumps(strict_json_value(metrics), indent=2, allow_nan=False) + "\n")
 
     for name, matrix in confusion_matrices(zone_probs, zone_targets).items():
         paths[f"confusion_{name}"] = out_dir / f"{split}_confusion_{name}.png"

@@ -31,6 +31,7 @@ from pathlib import Path
 import optuna
 
 from csi_dist.config import ConfigError, load_config
+from csi_dist.domain import metric_direction, monitored_metric
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ class SearchSpace:
     def study_direction(self) -> str:
         if self.direction != "auto":
             return self.direction
-        from csi_dist.train import monitor_mode  # one rule for "is this metric minimised" (loss, csi_*)
-        return "minimize" if monitor_mode(self.objective) == "min" else "maximize"
+        return "minimize" if metric_direction(self.objective) == "min" else "maximize"
 
     def suggest(self, trial: optuna.Trial) -> dict[str, object]:
         """Sample the trial's parameters; returns every override it applies (sampled and `otherwise` values)."""
@@ -209,7 +209,10 @@ def load_space(path: str | Path) -> SearchSpace:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
     study = dict(data.get("study") or {})
-    objective = str(study.pop("objective", "f1_weighted"))
+    try:
+        objective = monitored_metric(str(study.pop("objective", "f1_weighted")))
+    except ValueError as error:
+        raise ConfigError(f"{path}: study.objective: {error}") from None
     direction = str(study.pop("direction", "auto")).lower()
     if study:
         raise ConfigError(f"{path}: study: unknown key(s) {', '.join(sorted(study))} (objective, direction)")

@@ -22,10 +22,11 @@ from csi_dist.accumulation import accumulation_windows, window_loss_scale
 from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  save_weights, set_rng_state, atomic_write_json, load_weights)
 from csi_dist.compilation import compile_with_run_cache
-from csi_dist.config import Config, ConfigError, load_config, save_config, section_of
+from csi_dist.config import Config, ConfigError, config_reference, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure, leave_process_group
 from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
+from csi_dist.domain import metric_direction, monitored_metric
 from csi_dist.early_stopping import EarlyStopping
 from csi_dist.faults import nonfinite_loss_factors
 from csi_dist.inference import device_batches, predict_split
@@ -57,7 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help="default: <logging.output_dir>/<logging.run_name>")
     parser.add_argument("--resume", default="auto",
                         help="auto (newest complete checkpoint of the run dir, if any), never, or a checkpoint path")
-    parser.add_argument("--debug", action="store_true", help="a few tiny steps, no workers, no W&B")
+    parser.add_argument("--debug", action="store_true",
+                        help="a few tiny steps, no workers, no W&B, into <run dir>-debug (never the real run)")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its type, default, "
+                        "accepted values and meaning, then exit")
     return parser.parse_args(argv)
 
 
@@ -92,19 +96,23 @@ def loader_settings(config: Config, image_size: int, *, train: bool) -> LoaderSe
                           seed=config.training.seed, num_workers=config.training.num_workers)
 
 
-def monitor_mode(monitor: str) -> str:
-    return "min" if monitor.endswith("loss") or monitor.startswith("csi_") else "max"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     install_secret_filter()
+    if args.help_config:
+        print(config_reference())
+        return 0
     config = run_dir = None
     try:
+        if args.config is None:
+            raise ConfigError("no --config given: name an INI file, e.g. --config configs/demo.ini (the seed "
+                              "project's files load unchanged); `python -m csi_dist.train --help-config` lists every key")
         overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
         config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
         run_dir = resolve_run_dir(config, args.run_dir)
+        if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
+            run_dir = run_dir.with_name(f"{run_dir.name}-debug")
         return train(config, run_dir, args.resume)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
@@ -158,6 +166,10 @@ def train(config: Config, run_dir: Path, resume: str,
     val_settings = loader_settings(config, image_size, train=False)
     if train_set.num_samples == 0:
         raise ShardError(f"{config.data.shard_dir}: the train split is empty")
+    if val_set.num_samples == 0:
+        log.warning("%s: the val split is EMPTY: no validation metrics, no best weights, no early stopping or "
+                    "ReduceLROnPlateau; the run trains blind for %d epochs", config.data.shard_dir,
+                    config.training.n_epochs)
     global_batch = config.training.batch_size * world_size
     steps_per_epoch = math.ceil(train_set.num_samples / global_batch)  # the same on every rank (shard_plan)
     updates_per_epoch = math.ceil(steps_per_epoch / config.training.gradient_accumulation_steps)
@@ -170,7 +182,8 @@ def train(config: Config, run_dir: Path, resume: str,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
-    mode = monitor_mode(config.callbacks.monitor)
+    mode = metric_direction(config.callbacks.monitor)
+    monitored_key = monitored_metric(config.callbacks.monitor)
     model, optimizer = strategy.prepare(model, lambda wrapped: build_optimizer(
         wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy_name == "ddp"))
     log.info("%s", strategy.describe(model))
@@ -292,6 +305,12 @@ def train(config: Config, run_dir: Path, resume: str,
 
         # --- end of epoch: evaluate, schedule, early stopping, best weights, checkpoint ----------------------
         epoch_finished = state["epoch_position"] >= train_set.num_samples
+        if epoch_finished and (epoch + 1) % config.training.eval_every_epochs and epoch + 1 < config.training.n_epochs:
+            schedule.after_epoch()  # training.eval_every_epochs: this epoch ends without a validation
+            state["epoch"], state["epoch_position"] = epoch + 1, 0
+            if state["epoch"] % config.callbacks.checkpoint_every_epochs == 0:
+                checkpoint()
+            continue
         record = {"epoch": epoch, "global_step": state["global_step"], "lr": optimizer.param_groups[0]["lr"]}
         strategy.synchronize_buffers(model)
         val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
@@ -301,8 +320,7 @@ def train(config: Config, run_dir: Path, resume: str,
                                   predictions.ahf_truth) if predictions.file_ids else {}
         record.update({"val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
                        **{f"val_{key}": value for key, value in metrics.items() if "/" not in key}})
-        monitored = predictions.loss if config.callbacks.monitor == "val_loss" else metrics.get(
-            config.callbacks.monitor, math.nan)
+        monitored = predictions.loss if monitored_key == "loss" else metrics.get(monitored_key, math.nan)
         schedule.after_evaluation(monitored)
         if epoch_finished:
             schedule.after_epoch()
@@ -332,6 +350,10 @@ def train(config: Config, run_dir: Path, resume: str,
             checkpoint()
 
     # --- final weights: the last state, then the best one restored for whoever continues with this model -------
+    if state["global_step"] and state["bad_steps"] >= state["global_step"]:
+        raise TooManyBadSteps(f"every one of the {state['global_step']} optimizer steps had a non-finite loss or "
+                              f"gradient and was skipped: the model learned nothing (check the learning rate, "
+                              f"loss.unknown_weight and the data)")
     checkpoint()
     last_weights = strategy.full_state_dict(model)
     if accelerator.is_main_process:
@@ -340,6 +362,8 @@ def train(config: Config, run_dir: Path, resume: str,
     best_path = run_dir / "weights" / "best.safetensors"
     if best_path.is_file():
         strategy.load_full_state_dict(model, load_weights(best_path))
+    if val_set.num_samples == 0:
+        stop_reason += " WITHOUT VALIDATION (the val split is empty)"
     log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
              state["global_step"], config.callbacks.monitor, early_stopping.best_value, early_stopping.best_epoch)
     tracker.summary({"stop_reason": stop_reason, "best_epoch": early_stopping.best_epoch,

@@ -81,3 +81,32 @@ def test_shipped_configs_load(repo_root: Path):
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize(("section", "key", "value", "expected"), [
+    ("Callbacks", "checkpoint_every_epochs", "0", "must be >= 1"),
+    ("Training", "log_every_steps", "0", "must be >= 1"),
+    ("Data", "image_size", "-32", "must be >= 0"),
+    ("Training", "num_workers", "-1", "must be >= 0"),
+    ("Optimization", "weight_decay", "-1", "must be >= 0"),
+    ("Optimization", "warmup_epochs", "-1", "must be >= 0"),
+    ("Loss", "unknown_weight", "inf", "expected a finite float"),
+    ("Model", "dropout_rate", "1.0", "must be [0, 1)"),
+    ("Callbacks", "monitor", "csi_pearson_rr", "is not a validation metric"),
+])
+def test_out_of_range_settings_are_named_with_file_section_and_key(tmp_path: Path, section, key, value, expected):
+    path = tmp_path / "bad.ini"
+    path.write_text(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path} [{section}] {key}" in str(error.value) and expected in str(error.value)
+
+
+def test_monitored_metrics_improve_in_the_right_direction_everywhere():
+    from csi_dist.domain import metric_direction
+    from csi_dist.sweep_space import SearchSpace
+    assert [metric_direction(name) for name in ("val_loss", "csi_pearson_r", "csi_mae", "val_f1_weighted")] == [
+        "min", "max", "min", "max"]
+    assert SearchSpace(path=Path("x.yaml"), params=[], objective="csi_pearson_r").study_direction() == "maximize"
+    config = load_config(None, ["callbacks.monitor=val_f1_weighted"])  # the history's spelling is accepted too
+    assert config.callbacks.monitor == "val_f1_weighted"

@@ -1,0 +1,75 @@
+"""Honest run outcomes (issue 14): a run that learned nothing or could not validate never ends "completed" silently.
+
+Trainer runs go through tests/scripts/train_runs.py, several per launch, and are read back as a user would: the
+exit status, the log, training_history.json with a strict JSON parser, the run directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from csi_dist.config import config_reference, load_config
+from csi_dist.train import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_STEPS, main
+from shard_factory import write_shards
+from test_parity import train_runs
+
+pytestmark = [pytest.mark.slow]
+SMALL = ["data.image_size=32", "training.batch_size=8", "training.num_workers=0", "logging.wandb_mode=disabled"]
+
+
+def strict_json(path: Path) -> object:
+    def refuse(constant: str):
+        raise AssertionError(f"{path}: bare {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_every_update_skipped_is_an_error_not_a_completed_run(phantom_shards, tmp_path: Path):
+    settings = [f"data.shard_dir={phantom_shards}", *SMALL, "training.max_steps=3"]
+    statuses = train_runs(1, tmp_path, settings, {"all_skipped": ""},
+                          env=subprocess_env(CSI_FAULT_NONFINITE_LOSS="0:nan,1:inf,2:nan"))
+    assert statuses == {"all_skipped": EXIT_TOO_MANY_BAD_STEPS}
+    log = (tmp_path / "statuses-0.log").read_text()
+    assert "every one of the 3 optimizer steps had a non-finite loss or gradient and was skipped" in log
+    assert "training finished (completed)" not in log
+
+
+def test_eval_every_epochs_an_empty_val_split_and_strict_history(phantom_shards, tmp_path: Path):
+    no_val = write_shards(tmp_path / "no_val", {"train": [20], "val": [], "test": [4]}, image_size=16)
+    runs = {"every_second_epoch": f"data.shard_dir={phantom_shards},training.n_epochs=3,training.eval_every_epochs=2",
+            "empty_val": f"data.shard_dir={no_val},training.n_epochs=2"}
+    assert train_runs(1, tmp_path, SMALL, runs) == {name: 0 for name in runs}
+    history = strict_json(tmp_path / "every_second_epoch" / "training_history.json")
+    assert [record["epoch"] for record in history] == [1, 2]  # every 2nd epoch, and the last one
+    log = (tmp_path / "statuses-0.log").read_text()
+    assert "the val split is EMPTY" in log
+    assert "training finished (completed WITHOUT VALIDATION (the val split is empty))" in log
+    empty = strict_json(tmp_path / "empty_val" / "training_history.json")
+    assert [record["val_loss"] for record in empty] == [None, None]  # null, not a bare NaN
+
+
+def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_shards, tmp_path: Path, caplog):
+    assert main([]) == EXIT_CONFIG_ERROR
+    assert "no --config given" in caplog.text
+    real = tmp_path / "demo"
+    assert main(["--config", "configs/demo.ini", "--run-dir", str(real), "--debug",
+                 "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]) == 0
+    assert not real.exists()  # the real run's checkpoints and weights are never touched by --debug
+    assert (tmp_path / "demo-debug" / "weights" / "last.safetensors").is_file()
+
+
+def test_help_config_lists_every_key_with_its_range_and_meaning(capsys):
+    assert main(["--help-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == config_reference()
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines()[2:]}
+    defaults = load_config(None)
+    for section, values in vars(defaults).items():
+        for key in vars(values):
+            assert f"{section}.{key}" in rows
+            meaning = rows[f"{section}.{key}"].rstrip("|").rsplit("|", 1)[1].strip()
+            assert meaning, f"{section}.{key} has no meaning in --help-config"
+    assert "| >= 1 |" in rows["callbacks.checkpoint_every_epochs"]
+    assert "| [0, 1) |" in rows["model.dropout_rate"]
