@@ -1,6 +1,7 @@
 """Label CSV reading: coding rules and the error messages users see for bad files."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pandas as pd
@@ -11,9 +12,16 @@ from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, PATIENT_COLU
 from data_helpers import HEADER, label_row, write_csv
 
 
+def write_csv_encoded(path, rows, encoding, header=HEADER):
+    """`write_csv`, then the same text re-saved in `encoding` (what Excel on Windows writes is cp1252)."""
+    text = write_csv(path, rows, header=header).read_text(encoding="utf-8")
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
 def test_reads_users_format_with_codings(tmp_path):
     csv_path = write_csv(tmp_path / "labels.csv", [
-        label_row("28694662.0", (0, 1, 2, 3, None, 0), "1.2", "P1", "1"),
+        label_row("28694662", (0, 1, 2, 3, None, 0), "1.2", "P1", "1"),
         label_row("28694663", ("2.0", "", "nan", 1, 1, 1), "", "P1", ""),
         label_row("28694664", (None,) * 6, "", "", "0.0"),
     ], header=[*HEADER, PATIENT_COLUMN, AHF_COLUMN])
@@ -33,7 +41,7 @@ def test_reads_users_format_with_codings(tmp_path):
 
 def test_excluded_ids_are_dropped(tmp_path):
     csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2"), label_row("3")])
-    labels = read_label_csv(csv_path, exclude_ids={"2.0", "99"})
+    labels = read_label_csv(csv_path, exclude_ids={"2", "99"})
     assert labels[FILE_ID_COLUMN].tolist() == ["1", "3"]
 
 
@@ -53,7 +61,7 @@ def test_comma_separated_header_suggests_separator(tmp_path):
 
 
 def test_duplicate_file_id_names_both_lines(tmp_path):
-    csv_path = write_csv(tmp_path / "labels.csv", [label_row("7"), label_row("8"), label_row("7.0")])
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("7"), label_row("8"), label_row(" 7 ")])
     with pytest.raises(LabelError, match=r"duplicate.*'7'.*lines 2 and 4"):
         read_label_csv(csv_path)
 
@@ -80,3 +88,66 @@ def test_bad_csi_value_is_an_error(tmp_path):
     csv_path = write_csv(tmp_path / "labels.csv", [label_row("1", (0,) * 6, "high")])
     with pytest.raises(LabelError, match="line 2, column csi"):
         read_label_csv(csv_path)
+
+
+def test_file_ids_and_patient_ids_are_read_exactly_as_written(tmp_path):
+    file_ids = ["20200101.00", "20200101", "00123", "7.0", "1e5"]
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row(file_id, (0,) * 6, "0", "007") for file_id in file_ids],
+                         header=[*HEADER, PATIENT_COLUMN])
+    labels = read_label_csv(csv_path, exclude_ids={"7"})
+    assert labels[FILE_ID_COLUMN].tolist() == file_ids  # "7" excludes only an id written "7"
+    assert labels[PATIENT_COLUMN].tolist() == ["007"] * len(file_ids)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
+def test_utf8_with_or_without_bom_is_read_silently(tmp_path, caplog, encoding):
+    csv_path = write_csv_encoded(tmp_path / "labels.csv", [label_row("µ1", (0,) * 6, "0", "Hélène")], encoding,
+                                 header=[*HEADER, PATIENT_COLUMN])
+    with caplog.at_level(logging.WARNING):
+        labels = read_label_csv(csv_path)
+    assert labels[FILE_ID_COLUMN].tolist() == ["µ1"] and labels[PATIENT_COLUMN].tolist() == ["Hélène"]
+    assert caplog.text == ""
+
+
+def test_cp1252_csv_is_read_with_a_warning_naming_file_and_encoding(tmp_path, caplog):
+    csv_path = write_csv_encoded(tmp_path / "labels.csv", [label_row("1", (0,) * 6, "0", "P1"),
+                                                           label_row("µ2", (0,) * 6, "0", "Hélène")], "cp1252",
+                                 header=[*HEADER, PATIENT_COLUMN])
+    with caplog.at_level(logging.WARNING):
+        labels = read_label_csv(csv_path)
+    assert labels[FILE_ID_COLUMN].tolist() == ["1", "µ2"] and labels[PATIENT_COLUMN].tolist() == ["P1", "Hélène"]
+    assert str(csv_path) in caplog.text and "cp1252" in caplog.text and "line 3" in caplog.text
+
+
+def test_forced_encoding_is_used_without_guessing(tmp_path, caplog):
+    csv_path = write_csv_encoded(tmp_path / "labels.csv", [label_row("µ1")], "cp1252")
+    with caplog.at_level(logging.WARNING):
+        assert read_label_csv(csv_path, encoding="cp1252")[FILE_ID_COLUMN].tolist() == ["µ1"]
+    assert caplog.text == ""
+    # Every byte is valid latin-1, so forcing it gives that reading (cp1252's µ is latin-1's µ too; € is not).
+    euro_path = write_csv_encoded(tmp_path / "euro.csv", [label_row("€1")], "cp1252")
+    assert read_label_csv(euro_path, encoding="latin-1")[FILE_ID_COLUMN].tolist() == ["\x801"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_forced_encoding_that_cannot_decode_names_file_encoding_and_line(tmp_path, encoding):
+    csv_path = write_csv_encoded(tmp_path / "labels.csv", [label_row("1"), label_row("µ2")], "cp1252")
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path, encoding=encoding)
+    message = str(error.value)
+    assert str(csv_path) in message and repr(encoding) in message and "line 3" in message
+
+
+def test_unknown_encoding_name_is_a_label_error(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1")])
+    with pytest.raises(LabelError, match="unknown encoding 'klingon'"):
+        read_label_csv(csv_path, encoding="klingon")
+
+
+def test_file_neither_utf8_nor_cp1252_is_a_label_error(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row("1")])
+    csv_path.write_bytes(csv_path.read_bytes() + b"\x81\x9d;0;0;0;0;0;0;0\n")  # bytes cp1252 leaves undefined
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path)
+    message = str(error.value)
+    assert str(csv_path) in message and "cp1252" in message and "line 3" in message

@@ -121,6 +121,24 @@ def test_cli_bad_csv_exits_2_with_message(tmp_path, caplog):
     assert "line 3, column left_sup" in caplog.text and "Traceback" not in caplog.text
 
 
+def test_cli_encoding_reads_excel_cp1252_csv_and_finds_images_of_text_ids(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    file_ids = ["20200101.00", "µ2"]
+    for file_id in file_ids:
+        write_png(images / f"{file_id}.png", gradient_image())
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row(file_id) for file_id in file_ids])
+    csv_path.write_bytes(csv_path.read_text(encoding="utf-8").encode("cp1252"))
+    common = ["write", "--csv", str(csv_path), "--images", str(images), "--size", "16", "--workers", "1",
+              "--split-fractions", "1", "0", "0"]
+
+    assert main([*common, "--out", str(tmp_path / "o"), "--encoding", "cp1252"]) == 0
+    manifest = json.loads((tmp_path / "o" / MANIFEST_NAME).read_text())
+    assert manifest["skipped"]["count"] == 0 and manifest["splits"]["train"]["count"] == 2
+    assert main([*common, "--out", str(tmp_path / "p"), "--encoding", "utf-8"]) == 2
+    assert f"{csv_path}: line 3" in caplog.text and "'utf-8'" in caplog.text and "Traceback" not in caplog.text
+
+
 def test_cli_refuses_existing_output_and_reuses_split_file(phantom, tmp_path):
     common = ["--csv", str(phantom), "--images", str(phantom.parent / "images"), "--size", "16", "--workers", "1"]
     assert main(["write", *common, "--out", str(tmp_path / "a"), "--seed", "5"]) == 0

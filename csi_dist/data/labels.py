@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN)
 # The CSV line (header = line 1) each row came from, so later errors and skips can point back at the file.
 LINE_COLUMN = "csv_line"
 EMPTY_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null"})
-_INTEGER_FLOAT = re.compile(r"^([+-]?\d+)\.0*$")
+# What Excel on Windows writes when a CSV is not saved as UTF-8.
+FALLBACK_ENCODING = "cp1252"
 CSI_MISMATCH_TOLERANCE = 0.01
 
 
@@ -35,11 +36,38 @@ class LabelError(ValueError):
     """A label CSV that cannot be used as it is; the message names the file, line, column and value."""
 
 
-def normalize_file_id(raw: str) -> str:
-    """FileID as a string: whitespace stripped and an integer-like float's ".0" dropped ("28694662.0" -> "28694662")."""
-    file_id = raw.strip()
-    match = _INTEGER_FLOAT.match(file_id)
-    return match.group(1) if match else file_id
+def _decode(raw: bytes, encoding: str, path: Path) -> str:
+    try:
+        text = raw.decode(encoding)
+    except LookupError as err:
+        raise LabelError(f"{path}: unknown encoding {encoding!r}; expected a Python codec name such as "
+                         f"'utf-8' or {FALLBACK_ENCODING!r}") from err
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise LabelError(f"{path}: line {line}: byte {raw[err.start:err.start + 1]!r} cannot be decoded as "
+                         f"{encoding!r}; re-save the file as UTF-8 or pass the encoding it was saved in") from err
+    # A BOM is the spreadsheet's encoding mark, not part of the first column name, whichever utf-8 name was forced.
+    return text.removeprefix("\ufeff")
+
+
+def _read_csv_text(path: Path, encoding: str | None = None) -> str:
+    """The text of `path` in `encoding`; None reads UTF-8 (BOM or not) and falls back to cp1252 with a warning."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise LabelError(f"{path}: cannot open label CSV: {err}") from err
+    if encoding is not None:
+        return _decode(raw, encoding, path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        # Excel on Windows saves "CSV" in the ANSI code page; guessing it beats failing on every accented name.
+        line = raw.count(b"\n", 0, err.start) + 1
+        logger.warning("%s: not valid UTF-8 (byte %r on line %d); read as %s, the Windows Excel encoding. "
+                       "If names look wrong, give the file's encoding (csi-shards write --encoding, "
+                       "read_label_csv(encoding=...)).",
+                       path, raw[err.start:err.start + 1], line, FALLBACK_ENCODING)
+    return _decode(raw, FALLBACK_ENCODING, path)
 
 
 def _parse_zone(value: str, where: str) -> int:
@@ -96,7 +124,8 @@ def _check_header(header: list[str], path: Path) -> None:
     raise LabelError(f"{path}: line 1: missing required column(s) {missing}; columns found: {header}.{hint}")
 
 
-def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None) -> pd.DataFrame:
+def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
+                   encoding: str | None = None) -> pd.DataFrame:
     """Read a label CSV and return one row per image, in file order.
 
     Columns returned: FileID (str), the six zones of `ZONE_NAMES` (int, 0-3 grades, 4 unknown), csi (float),
@@ -106,14 +135,13 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None) -> pd.
     Coding rules: an empty/NaN zone is 4 (unknown); "2.0" is read as 2; an explicit 4 is accepted as unknown.
     An empty csi is computed as the mean of the graded (non-unknown) zones, NaN when no zone is graded.
     Any other value, a missing required column, a duplicate FileID or a file without data rows raises `LabelError`.
-    Rows whose FileID is in `exclude_ids` (compared after the same ".0" normalisation) are dropped.
+    FileID and patient_id are text exactly as written (surrounding whitespace stripped): "20200101.00" and
+    "00123" stay as they are, since they name image files. Rows whose FileID is in `exclude_ids` are dropped.
+    `encoding` None reads UTF-8 with or without BOM and falls back to cp1252 with a warning; a given encoding
+    is used as is, and bytes it cannot decode raise `LabelError`.
     """
     path = Path(path)
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports start with a BOM
-    except OSError as err:
-        raise LabelError(f"{path}: cannot open label CSV: {err}") from err
-    with handle:
+    with io.StringIO(_read_csv_text(path, encoding), newline="") as handle:
         reader = csv.reader(handle, delimiter=CSV_SEPARATOR)
         header = [name.strip() for name in next(reader, [])]
         _check_header(header, path)
@@ -130,7 +158,7 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None) -> pd.
             if len(fields) != len(header):
                 raise LabelError(f"{path}: line {line}: found {len(fields)} fields, expected {len(header)} "
                                  f"(one per header column, separated by {CSV_SEPARATOR!r})")
-            file_id = normalize_file_id(fields[column_index[FILE_ID_COLUMN]])
+            file_id = fields[column_index[FILE_ID_COLUMN]].strip()
             if not file_id:
                 raise LabelError(f"{path}: line {line}, column {FILE_ID_COLUMN}: empty FileID; expected an image id")
             if file_id in first_line_of:
@@ -178,7 +206,7 @@ def _warn_on_csi_mismatch(labels: pd.DataFrame, path: Path) -> None:
 def _drop_excluded(labels: pd.DataFrame, exclude_ids: set[str] | None, path: Path) -> pd.DataFrame:
     if not exclude_ids:
         return labels
-    excluded = {normalize_file_id(str(file_id)) for file_id in exclude_ids}
+    excluded = {str(file_id).strip() for file_id in exclude_ids}
     is_excluded = labels[FILE_ID_COLUMN].isin(excluded)
     not_found = sorted(excluded - set(labels[FILE_ID_COLUMN]))
     if not_found:

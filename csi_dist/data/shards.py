@@ -229,13 +229,15 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
                  jpeg_quality: int = DEFAULT_JPEG_QUALITY, shard_max_mb: float = DEFAULT_SHARD_MAX_MB,
                  samples_per_shard: int | None = None, workers: int | None = None, split_seed: int = DEFAULT_SEED,
                  split_fractions: Sequence[float] = DEFAULT_FRACTIONS, split_file: str | Path | None = None,
-                 exclude_ids: set[str] | None = None, strict: bool = False, overwrite: bool = False) -> dict:
+                 exclude_ids: set[str] | None = None, strict: bool = False, overwrite: bool = False,
+                 csv_encoding: str | None = None) -> dict:
     """Write the shards, split.csv and (last, atomically) manifest.json of shard_format into `out_dir`.
 
     Samples whose image is missing or cannot be decoded are skipped and listed in manifest["skipped"]; with
     `strict` any skip raises `ShardWriteError` and no manifest is written. A split that receives no sample
     (tiny datasets) is written as count 0 with no shards. Shards close at `samples_per_shard` samples when given,
-    otherwise once they hold `shard_max_mb` MB of payload. Returns the manifest.
+    otherwise once they hold `shard_max_mb` MB of payload. `csv_encoding` is passed to `read_label_csv` (None:
+    UTF-8, falling back to cp1252 with a warning). Returns the manifest.
     """
     if image_format not in IMAGE_EXTENSIONS:
         raise ShardWriteError(f"image format {image_format!r}; expected one of {IMAGE_EXTENSIONS}")
@@ -244,7 +246,7 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
                               f"samples_per_shard={samples_per_shard}; expected positive size and count, quality 1-100")
     csv_path, images_dir, out_dir = Path(csv_path), Path(images_dir), Path(out_dir)
     workers = workers or available_cores()
-    labels = read_label_csv(csv_path, exclude_ids)
+    labels = read_label_csv(csv_path, exclude_ids, encoding=csv_encoding)
     split = apply_split_file(labels, split_file) if split_file else split_patients(labels, split_fractions, split_seed)
     labels = labels.assign(**{SPLIT_COLUMN: split[SPLIT_COLUMN].to_numpy(), "key": sample_keys(labels[FILE_ID_COLUMN])})
     image_index = build_image_index(images_dir)
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     write = commands.add_parser("write", help="write shards from a label CSV and an image directory")
     write.add_argument("--csv", type=Path, required=True, help="label CSV (';'-separated, FileID + 6 zones + csi)")
+    write.add_argument("--encoding", help="encoding of --csv, e.g. utf-8 or cp1252 (default: UTF-8 with or without "
+                       "BOM, else cp1252 with a warning)")
     write.add_argument("--images", type=Path, required=True, help="directory of <FileID>.png/.jpg/.dcm/.nii.gz")
     write.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
     write.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image side in pixels")
@@ -445,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          jpeg_quality=args.jpeg_quality, shard_max_mb=args.shard_max_mb,
                          samples_per_shard=args.samples_per_shard, workers=args.workers, split_seed=args.seed,
                          split_fractions=args.split_fractions, split_file=args.split_file, exclude_ids=exclude,
-                         strict=args.strict, overwrite=args.overwrite)
+                         strict=args.strict, overwrite=args.overwrite, csv_encoding=args.encoding)
         else:
             write_demo(args.demo_out, args.demo, image_size=args.demo_size, workers=args.demo_workers)
     except (LabelError, SplitError, ImageError, ShardWriteError) as err:
