@@ -37,8 +37,11 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
-                slope: float | None = None, intercept: float | None = None) -> Path:
-    """Write a minimal single-frame uncompressed DICOM (uint16 pixels) with pydicom."""
+                slope: float | None = None, intercept: float | None = None, bits: int = 16, **elements) -> Path:
+    """Write a minimal single-frame uncompressed DICOM (8- or 16-bit unsigned pixels) with pydicom.
+
+    `elements` are further DICOM keywords set as given (a palette's LUT descriptors and data, say).
+    """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -53,9 +56,9 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     dataset.Rows, dataset.Columns = pixels.shape
     dataset.SamplesPerPixel = 1
     dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 16
-    dataset.HighBit = 15
+    dataset.BitsAllocated = bits
+    dataset.BitsStored = bits
+    dataset.HighBit = bits - 1
     dataset.PixelRepresentation = 0
     if window is not None:
         dataset.WindowCenter, dataset.WindowWidth = window
@@ -63,6 +66,8 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
         dataset.RescaleSlope = slope
     if intercept is not None:
         dataset.RescaleIntercept = intercept
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in elements.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
     dataset.save_as(path, enforce_file_format=True)
     return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ logger = logging.getLogger(__name__)
 # Tried in this order; a FileID with several matching files uses the first.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".nii.gz", ".nii")
 PERCENTILE_WINDOW: tuple[float, float] = (0.5, 99.5)
+# A constant image has no contrast to window. Black would make it look like padding or an empty exposure and put it at
+# the far end of the normalisation range; mid-grey is neutral, and the same whatever the constant was.
+CONSTANT_IMAGE_GREY = 128
 # ITU-R BT.601 luma, the weights PIL's "L" conversion uses; written out so RGB handling does not depend on a mode.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -65,6 +69,16 @@ def build_image_index(image_dir: str | Path) -> dict[str, Path]:
     return index
 
 
+def image_for(index: dict[str, Path], file_id: str) -> Path | None:
+    """The image of `file_id` in a `build_image_index` map: the FileID exactly as written, else, for a whole number
+    written with a ".0" tail (a numeric column saved by Excel, e.g. 28694662.0), the seed project's int(FileID) name
+    (28694662.png). An exact match always wins, so 20200101.00.png is found as itself."""
+    if file_id in index:
+        return index[file_id]
+    whole_number = re.fullmatch(r"(\d+)\.0+", file_id)
+    return index.get(whole_number.group(1)) if whole_number else None
+
+
 def find_image(image_dir: str | Path, file_id: str) -> Path:
     """Path of the image of `file_id` in `image_dir`, trying `IMAGE_SUFFIXES` in order (case-insensitive)."""
     image_dir = Path(image_dir)
@@ -90,13 +104,18 @@ def window_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def percentile_window(pixels: np.ndarray) -> np.ndarray:
-    """Window to 8 bits between the `PERCENTILE_WINDOW` percentiles, robust to a few hot or dead pixels."""
+    """Window to 8 bits between the `PERCENTILE_WINDOW` percentiles, robust to a few hot or dead pixels.
+
+    A constant image becomes `CONSTANT_IMAGE_GREY` everywhere.
+    """
     finite = pixels[np.isfinite(pixels)]
     if finite.size == 0:
         return np.zeros(pixels.shape, dtype=np.uint8)
     low, high = np.percentile(finite, PERCENTILE_WINDOW)
     if not high > low:  # nearly constant image: fall back to the full range before giving up
         low, high = float(finite.min()), float(finite.max())
+    if not high > low:
+        return np.full(pixels.shape, CONSTANT_IMAGE_GREY, dtype=np.uint8)
     return window_to_uint8(np.nan_to_num(pixels, nan=low), low, high)
 
 
@@ -148,6 +167,25 @@ def _voi_window(pixels: np.ndarray, dataset) -> np.ndarray | None:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _palette_to_grey(path: Path, indices: np.ndarray, dataset) -> np.ndarray:
+    """PALETTE COLOR: look the stored indices up in the file's palette, then take the colours' luminance.
+
+    The palette fixes the displayed colour of every index, so neither Rescale nor VOI windowing applies
+    (PS3.3 C.7.6.3.1.2), and the luminance is scaled from the palette's full range, not windowed.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = apply_color_lut(indices, dataset)
+        entry_bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+    except Exception as err:  # missing or malformed LUT elements raise ValueError, AttributeError, IndexError, ...
+        raise CorruptImageError(path, f"PALETTE COLOR image whose palette cannot be applied: "
+                                      f"{type(err).__name__}: {err}") from err
+    full_scale = float(2 ** entry_bits - 1)
+    grey = _to_luminance(rgb) * (255.0 / full_scale)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+
+
 def _load_dicom(path: Path) -> np.ndarray:
     import pydicom
 
@@ -156,6 +194,8 @@ def _load_dicom(path: Path) -> np.ndarray:
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise ValueError(f"multi-frame DICOM with {dataset.NumberOfFrames} frames; expected one 2-D image")
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return _palette_to_grey(path, pixels, dataset)
     if int(dataset.get("SamplesPerPixel", 1)) > 1:
         if photometric != "RGB":  # pydicom converts YBR to RGB only on request
             from pydicom.pixels import convert_color_space
@@ -173,20 +213,67 @@ def _load_dicom(path: Path) -> np.ndarray:
     return image
 
 
-def _load_nifti(path: Path) -> np.ndarray:
-    """Read a NIfTI export of the seed project and undo its orientation.
+def _is_seed_export(image) -> bool:
+    """Whether a NIfTI has the seed project's exporter layout (see `_load_nifti`).
 
-    The seed exporter rotated each radiograph 90 degrees counter-clockwise (numpy `rot90`) and stored it H x W x 1.
-    Its exact inverse is: squeeze the singleton axis, transpose, then mirror left-right, which restores the
-    original DICOM orientation (patient right on the image left for a PA view).
+    That exporter wrote through nibabel from a bare affine (sform "aligned", no qform), stored the image as
+    X x Y x 1 and used a diagonal affine with negated x and y. A file from another writer with exactly this
+    signature is indistinguishable and is read as a seed export too.
+    """
+    header = image.header
+    rotation_zoom = image.affine[:3, :3]
+    diagonal = np.diag(rotation_zoom)
+    return (len(image.shape) == 3 and image.shape[2] == 1
+            and int(header["sform_code"]) == 2 and int(header["qform_code"]) == 0
+            and np.allclose(rotation_zoom, np.diag(diagonal))
+            and diagonal[0] < 0 and diagonal[1] < 0 and diagonal[2] > 0)
+
+
+def _ras_plane_to_display(path: Path, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Turn a NIfTI image plane into rows and columns the way a radiograph is displayed.
+
+    The voxel axes are first reordered and flipped to nibabel's closest canonical (RAS+) orientation, so that axis
+    0 runs to the patient's right, 1 anteriorly and 2 superiorly. The image plane is what is left after dropping
+    the file's through-plane axis (its last axis of size 1). Of the two in-plane axes the later one (superior, or
+    anterior for an axial plane) is vertical with its far end at the top, the earlier one (right, or anterior for
+    a sagittal plane) horizontal with its far end at the image's left: for a frontal radiograph, the patient's
+    right on the viewer's left and the apices at the top.
+    """
+    import nibabel.orientations as orientations
+
+    while volume.ndim > 3 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim == 2:
+        volume = volume[..., None]
+    through_plane = [axis for axis in range(volume.ndim) if volume.shape[axis] == 1]
+    if volume.ndim != 3 or not through_plane:
+        raise ValueError(f"NIfTI of shape {volume.shape}; expected a 2-D image or X x Y x 1")
+    ornt = orientations.io_orientation(affine)
+    if np.isnan(ornt).any():
+        raise ValueError(f"NIfTI affine has a voxel axis with no direction; cannot orient it:\n{affine}")
+    canonical = orientations.apply_orientation(volume, ornt)
+    dropped = int(ornt[through_plane[-1], 0])
+    plane = np.take(canonical, 0, axis=dropped)  # remaining axes in RAS order: horizontal, then vertical
+    logger.debug("%s: NIfTI axes %s read as display rows/columns", path, "".join(orientations.aff2axcodes(affine)))
+    return plane.T[::-1, ::-1]
+
+
+def _load_nifti(path: Path) -> np.ndarray:
+    """Read a NIfTI radiograph in display orientation (patient's right on the image's left, superior at the top).
+
+    The voxel axes are oriented from the file's affine (`_ras_plane_to_display`), except for the seed project's
+    exports (`_is_seed_export`). Its exporter rotated each radiograph 90 degrees counter-clockwise (numpy `rot90`),
+    stored it H x W x 1 and wrote an affine as if it had only transposed it, so its affine mirrors the patient
+    left-right. Those files get the exporter's exact inverse instead: squeeze the singleton axis, transpose, then
+    mirror left-right, which restores the original DICOM orientation.
     """
     import nibabel
 
-    volume = np.asarray(nibabel.load(path).get_fdata(dtype=np.float32))
-    pixels = np.squeeze(volume)
-    if pixels.ndim != 2:
-        raise ValueError(f"NIfTI of shape {volume.shape}; expected a 2-D image or H x W x 1")
-    return percentile_window(np.fliplr(pixels.T))
+    image = nibabel.load(path)
+    volume = np.asarray(image.get_fdata(dtype=np.float32))
+    if _is_seed_export(image):
+        return percentile_window(np.fliplr(volume[..., 0].T))
+    return percentile_window(_ras_plane_to_display(path, volume, image.affine))
 
 
 def load_grayscale(path: str | Path) -> np.ndarray:
@@ -194,7 +281,8 @@ def load_grayscale(path: str | Path) -> np.ndarray:
 
     8-bit PNG/JPEG are kept as stored (RGB converted with `LUMA_WEIGHTS`); 16-bit or float images are windowed
     between the 0.5th and 99.5th percentiles. DICOM gets Rescale slope/intercept, then its VOI window (first preset)
-    or the percentile window, then MONOCHROME1 inversion. NIfTI is re-oriented as described in `_load_nifti`.
+    or the percentile window, then MONOCHROME1 inversion; PALETTE COLOR DICOM goes through its palette to luminance.
+    NIfTI is oriented as described in `_load_nifti`. A constant 16-bit or float image becomes mid-grey.
     Raises `MissingImageError` when the file does not exist and `CorruptImageError` when it cannot be decoded.
     """
     path = Path(path)
@@ -208,6 +296,8 @@ def load_grayscale(path: str | Path) -> np.ndarray:
             image = _load_nifti(path)
         else:
             image = _load_pil(path)
+    except ImageError:
+        raise
     except Exception as err:  # decoders raise many types (OSError, SyntaxError, zlib.error, EOFError, ...)
         raise CorruptImageError(path, f"cannot decode image: {type(err).__name__}: {err}") from err
     if image.ndim != 2 or min(image.shape) == 0:

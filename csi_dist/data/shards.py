@@ -22,7 +22,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from csi_dist.data.images import ImageError, IMAGE_SUFFIXES, build_image_index, load_grayscale, resize_square
+from csi_dist.data.images import (ImageError, IMAGE_SUFFIXES, build_image_index, image_for, load_grayscale,
+                                  resize_square)
 from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import (
@@ -255,7 +256,7 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
 
     skipped: list[dict] = []
     ordered = pd.concat([labels[labels[SPLIT_COLUMN] == name] for name in SPLIT_NAMES])
-    found = ordered[FILE_ID_COLUMN].map(image_index)
+    found = ordered[FILE_ID_COLUMN].map(lambda file_id: image_for(image_index, file_id))
     for _, row in ordered[found.isna()].iterrows():
         skipped.append({"file_id": row[FILE_ID_COLUMN], "row": int(row[LINE_COLUMN]),
                         "reason": f"MissingImageError: no {row[FILE_ID_COLUMN]}{{{','.join(IMAGE_SUFFIXES)}}} "
