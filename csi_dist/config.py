@@ -48,6 +48,7 @@ class DataConfig:
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
     augment: bool = True  # random affine and intensity jitter on training images
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
+    max_bad_fraction: float = 0.01  # share of a split's samples that may be undecodable (skipped) before a run stops
 
 
 @dataclass
@@ -168,6 +169,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("training", "zero_stage"): Range(1, 3),
     ("data", "image_size"): Range(0),
     ("data", "shuffle_window"): Range(0),
+    ("data", "max_bad_fraction"): Range(0, 1),
     ("model", "dropout_rate"): Range(0, 1, high_open=True),
     ("optimization", "learning_rate"): Range(0, low_open=True),
     **{("optimization", key): Range(0) for key in ("weight_decay", "patience", "warmup_epochs", "min_lr",

@@ -105,7 +105,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         csi_truth=gathered["csi"][keep][order].numpy(),
         ahf_truth=gathered["ahf"][keep][order].numpy(),
         loss=float(loss_sum / weight_sum.clamp_min(1e-12)),
-        decode_failures=int(gathered["failed"].sum()),
+        decode_failures=int((gathered["failed"] & ~gathered["padding"]).sum()),  # padding copies not counted
     )
 
 

@@ -24,6 +24,7 @@ from csi_dist.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
 from csi_dist.compilation import compile_with_run_cache
 from csi_dist.config import Config, ConfigError, config_reference, load_config, save_config, section_of
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data_quality import TooManyBadSamples, check_bad_samples
 from csi_dist.distributed import build_accelerator, configure_logging, is_collective_failure, leave_process_group
 from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.domain import metric_direction, monitored_metric
@@ -43,6 +44,7 @@ log = logging.getLogger("csi_dist.train")
 EXIT_CONFIG_ERROR = 2
 EXIT_RANK_LOST = 3
 EXIT_TOO_MANY_BAD_STEPS = 4
+EXIT_TOO_MANY_BAD_SAMPLES = 5
 
 
 class TooManyBadSteps(RuntimeError):
@@ -96,6 +98,10 @@ def loader_settings(config: Config, image_size: int, *, train: bool) -> LoaderSe
                           seed=config.training.seed, num_workers=config.training.num_workers)
 
 
+def all_ranks_sum(accelerator, count: int) -> int:
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum").item())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -121,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         leave_process_group()
         return EXIT_TOO_MANY_BAD_STEPS
+    except TooManyBadSamples as error:  # decided on counts summed over all ranks: all of them stop here
+        log.error("%s", error)
+        leave_process_group()
+        return EXIT_TOO_MANY_BAD_SAMPLES
     except RuntimeError as error:
         if config is None or not is_collective_failure(error):
             raise
@@ -242,6 +252,7 @@ def train(config: Config, run_dir: Path, resume: str,
         progress = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", unit="batch",
                         disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         log_loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last log line
+        decode_failures = 0  # this rank's undecodable real samples of the epoch (host counts: no GPU sync)
         log_start, log_images, log_updates = time.perf_counter(), 0, 0
         batches = device_batches(loader, accelerator.device, channels_last)
         step_in_epoch = first_step
@@ -258,6 +269,7 @@ def train(config: Config, run_dir: Path, resume: str,
                         loss = loss * loss_faults[state["global_step"]]
                     strategy.backward(loss)
                 log_loss += loss.detach()
+                decode_failures += int((batch["decode_failed"] & ~batch["is_padding"]).sum())
                 log_images += images.shape[0]
                 state["epoch_position"] += global_batch
                 step_in_epoch += 1
@@ -279,11 +291,14 @@ def train(config: Config, run_dir: Path, resume: str,
                 startup_logged = True
 
             if state["global_step"] % config.training.log_every_steps == 0:
+                epoch_failures = all_ranks_sum(accelerator, decode_failures)
+                check_bad_samples("train", epoch_failures, train_set.num_samples, config.data.max_bad_fraction,
+                                  config.data.shard_dir)
                 mean_loss = accelerator.reduce(log_loss, reduction="mean").item() / log_updates
                 images_per_second = log_images * world_size / (time.perf_counter() - log_start)
                 tracker.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
                              "train/images_per_second": images_per_second,
-                             "train/decode_failures": float(batch["decode_failed"].sum()),
+                             "train/decode_failures": epoch_failures,
                              **({"train/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
                                 if accelerator.device.type == "cuda" else {})}, state["global_step"])
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.0f}")
@@ -305,6 +320,9 @@ def train(config: Config, run_dir: Path, resume: str,
 
         # --- end of epoch: evaluate, schedule, early stopping, best weights, checkpoint ----------------------
         epoch_finished = state["epoch_position"] >= train_set.num_samples
+        epoch_failures = all_ranks_sum(accelerator, decode_failures)
+        check_bad_samples("train", epoch_failures, train_set.num_samples, config.data.max_bad_fraction,
+                          config.data.shard_dir)
         if epoch_finished and (epoch + 1) % config.training.eval_every_epochs and epoch + 1 < config.training.n_epochs:
             schedule.after_epoch()  # training.eval_every_epochs: this epoch ends without a validation
             state["epoch"], state["epoch_position"] = epoch + 1, 0
@@ -318,7 +336,10 @@ def train(config: Config, run_dir: Path, resume: str,
         predictions = predict_split(model, val_loader, criterion, accelerator, channels_last)
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth) if predictions.file_ids else {}
-        record.update({"val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
+        check_bad_samples("val", predictions.decode_failures, val_set.num_samples, config.data.max_bad_fraction,
+                          config.data.shard_dir)
+        record.update({"train_decode_failures": epoch_failures,
+                       "val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
                        **{f"val_{key}": value for key, value in metrics.items() if "/" not in key}})
         monitored = predictions.loss if monitored_key == "loss" else metrics.get(monitored_key, math.nan)
         schedule.after_evaluation(monitored)

@@ -5,14 +5,16 @@ exit status, the log, training_history.json with a strict JSON parser, the run d
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import subprocess_env
 from csi_dist.config import config_reference, load_config
-from csi_dist.train import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_STEPS, main
+from csi_dist.train import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS, main
 from shard_factory import write_shards
 from test_parity import train_runs
 
@@ -73,3 +75,26 @@ def test_help_config_lists_every_key_with_its_range_and_meaning(capsys):
             assert meaning, f"{section}.{key} has no meaning in --help-config"
     assert "| >= 1 |" in rows["callbacks.checkpoint_every_epochs"]
     assert "| [0, 1) |" in rows["model.dropout_rate"]
+
+
+def test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures(tmp_path: Path):
+    """A train shard of random bytes used to give `training finished (completed)` after training on nothing; a corrupt
+    val image repeated by the sampler's padding used to count twice."""
+    unreadable = write_shards(tmp_path / "unreadable", {"train": [24], "val": [4], "test": [4]}, image_size=16)
+    shard = unreadable / "train" / "shard-000000.tar"
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+    manifest = json.loads((unreadable / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (unreadable / "manifest.json").write_text(json.dumps(manifest))
+    # val: 5 samples in batches of 4 -> 3 padding copies, the first of them a copy of the corrupt val-00000
+    corrupt_val = write_shards(tmp_path / "corrupt_val", {"train": [24], "val": [5], "test": [4]}, image_size=16,
+                               corrupt_ids=frozenset({"val-00000"}))
+    runs = {"unreadable": f"data.shard_dir={unreadable}",
+            "corrupt_val": f"data.shard_dir={corrupt_val},data.max_bad_fraction=0.25"}
+    settings = [*SMALL, "training.batch_size=4", "training.n_epochs=1", "data.image_size=16"]
+    assert train_runs(1, tmp_path, settings, runs) == {"unreadable": EXIT_TOO_MANY_BAD_SAMPLES, "corrupt_val": 0}
+    log = (tmp_path / "statuses-0.log").read_text()
+    assert (f"24 of the 24 train samples in {unreadable} could not be read or decoded this epoch, more than "
+            f"data.max_bad_fraction = 0.01 allows (0)") in log
+    history = strict_json(tmp_path / "corrupt_val" / "training_history.json")
+    assert [(record["train_decode_failures"], record["val_decode_failures"]) for record in history] == [(0, 1)]
