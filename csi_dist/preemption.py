@@ -46,7 +46,8 @@ FAILURE_REQUEUE_DIR = "failure_requeues"
 # Exit status of every rank after a preemption checkpoint: 75 is EX_TEMPFAIL from sysexits.h ("try again later").
 # Inside SLURM the job has been requeued by then; outside, rerunning the same command line resumes the run.
 EXIT_PREEMPTED = 75
-HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# SIGINT is Ctrl-C: the first one is a notice like the others, a second one interrupts at once.
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 def current_segment_id() -> str:
@@ -140,23 +141,29 @@ class PreemptionWatcher:
         self._owner_pid = os.getpid()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._handle_signal)
+            # restart interrupted system calls: a notice arriving while torch.save writes a checkpoint file must not
+            # fail that write (torch's C++ writer does not retry EINTR: "unexpected pos ... vs ...")
+            signal.siginterrupt(signum, False)
         if self.request_file.exists() and not self._request_file_counts():
             log.info("ignoring %s left by an earlier job segment", self.request_file)
             self.request_file.unlink(missing_ok=True)
 
     def _handle_signal(self, signum: int, frame) -> None:
         if os.getpid() != self._owner_pid:
-            # A forked DataLoader worker inherits this handler. The main process takes the decision; the
-            # worker ignores the notice but must still die on SIGTERM, as it would without us.
-            if signum == signal.SIGTERM:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+            # A forked DataLoader worker inherits this handler and ignores every notice, SIGTERM too: SLURM,
+            # `timeout` and Ctrl-C signal the whole process group, and a worker that died first would kill its rank
+            # ("DataLoader worker ... is killed by signal") before the rank could save. The rank decides, then ends
+            # its workers itself; a worker whose rank is gone exits by torch's own watchdog.
             return
+        if signum == signal.SIGINT and self.received_signal == "SIGINT":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         name = signal.Signals(signum).name
         if self.received_signal is None:
             self.received_signal = name
             # logging is not reentrant-safe in a handler, but the record is short and the flag is already set
-            log.warning("received %s: will checkpoint and stop at the next check step", name)
+            log.warning("received %s: will checkpoint and stop at the next check step%s", name,
+                        " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
 
     def _request_file_counts(self) -> bool:
         try:

@@ -133,8 +133,9 @@ def test_should_stop_is_free_between_check_steps_and_sees_the_flag_on_check_step
     assert watcher.should_stop(5, accelerator) is True and accelerator.reductions == 1
 
 
-def test_forked_worker_ignores_notice_signals_but_still_dies_on_sigterm(tmp_path):
-    """A DataLoader worker is a fork of the main process and inherits the handlers."""
+def test_forked_worker_ignores_every_notice_sigterm_included(tmp_path):
+    """A DataLoader worker is a fork of the main process and inherits the handlers; a SIGTERM to the process group
+    must not kill it before its rank has saved (the rank ends its workers itself)."""
     code = f"""
 import os, signal, sys, time
 from csi_dist.preemption import PreemptionWatcher
@@ -142,14 +143,38 @@ watcher = PreemptionWatcher({str(tmp_path)!r})
 watcher.install()
 worker = os.fork()
 if worker == 0:
-    os.kill(os.getpid(), signal.SIGUSR1)   # ignored in the worker
+    for notice in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        os.kill(os.getpid(), notice)   # all ignored in the worker
     time.sleep(0.2)
-    os.kill(os.getpid(), signal.SIGTERM)   # default action: the worker dies
-    time.sleep(5)
-    os._exit(0)
+    os._exit(7)
 _, status = os.waitpid(worker, 0)
 print("worker", os.waitstatus_to_exitcode(status), "main flag", watcher.received_signal)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env=subprocess_env())
-    assert result.stdout.strip() == f"worker {-signal.SIGTERM} main flag None", result.stderr
+    assert result.stdout.strip() == "worker 7 main flag None", result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(phantom_shards, tmp_path, signum):
+    """What `timeout`, SLURM at the end of a step and Ctrl-C do: signal the trainer AND its data-loader workers."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
+               "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32", "--set",
+               "training.batch_size=4", "--set", "training.num_workers=2", "--set", "training.n_epochs=50",
+               "--set", "callbacks.preemption_check_every_steps=1", "--set", "callbacks.checkpoint_every_steps=5",
+               "--set", "logging.wandb_mode=disabled"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(CSI_REQUEUE="0"), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "step-00000005").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "the trainer ended before its first checkpoint"
+        time.sleep(0.1)
+    os.killpg(process.pid, signum)  # the process group: the trainer and its DataLoader workers
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and f"received {signal.Signals(signum).name}" in stderr
+    saved = json.loads((sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())
+    assert saved["global_step"] > 5  # the stop saved its own checkpoint, after the periodic one
+
