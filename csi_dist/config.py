@@ -48,7 +48,7 @@ class DataConfig:
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
     augment: bool = True  # random affine and intensity jitter on training images
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
-    max_bad_fraction: float = 0.01  # share of a split's samples that may be undecodable (skipped) before a run stops
+    max_bad_fraction: float = 0.01  # share of a split that may be undecodable (skipped) before a run stops
 
 
 @dataclass

@@ -67,6 +67,31 @@ BAD_INPUTS_ELSEWHERE = {
     "missing pretrained weights file": "test_models.py::test_unknown_arch_and_missing_weights_are_clear_errors",
     "pretrained weights of another architecture": "test_models.py::test_weights_of_another_architecture_are_refused",
     "crafted pickle as pretrained weights": "test_models.py::test_a_crafted_pickle_is_refused",
+    "label CSV saved as cp1252 by Excel (read, with a warning)":
+        "test_labels.py::test_cp1252_csv_is_read_with_a_warning_naming_file_and_encoding, "
+        "test_shard_writer.py::test_cli_encoding_reads_excel_cp1252_csv_and_finds_images_of_text_ids",
+    "label CSV in none of the encodings / a forced encoding that cannot decode it":
+        "test_labels.py::test_file_neither_utf8_nor_cp1252_is_a_label_error, "
+        "test_labels.py::test_forced_encoding_that_cannot_decode_names_file_encoding_and_line",
+    "FileIDs that look like numbers (20200101.00, 00123)":
+        "test_labels.py::test_file_ids_and_patient_ids_are_read_exactly_as_written, "
+        "test_images.py::test_file_ids_find_their_image_as_written_or_in_the_seed_integer_form",
+    "plain 2-D NIfTI (oriented from its affine)":
+        "test_images.py::test_nifti_orientation_puts_patient_right_superior_top_left",
+    "NIfTI volume": "test_images.py::test_nifti_volume_is_refused_by_name",
+    "PALETTE COLOR DICOM (with and without a palette)":
+        "test_images.py::test_dicom_palette_color_is_converted_through_its_palette, "
+        "test_images.py::test_dicom_palette_color_without_palette_is_refused_by_name",
+    "constant 16-bit image": "test_images.py::test_constant_image_is_mid_grey_not_black",
+    "config values out of range, a non-finite float, a monitor that is no metric":
+        "test_config.py::test_out_of_range_settings_are_named_with_file_section_and_key",
+    "no --config": "test_outcomes.py::test_no_config_is_an_error_and_debug_runs_write_their_own_directory",
+    "train shard of random bytes (the run stops, exit 5)":
+        "test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
+    "corrupt val image repeated by the padding (counted once)":
+        "test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
+    "empty val split (warned, named in the outcome)":
+        "test_outcomes.py::test_eval_every_epochs_an_empty_val_split_and_strict_history",
 }
 BAD_INPUTS_HERE = {
     "truncated JPEG inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_inside_a_shard_*",
