@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 DELETING_SUFFIX = ".deleting"
+# A complete checkpoint moved aside while a new save of the same step takes its name; it counts as complete until
+# that new one has its final name (a kill between the two renames must not leave zero complete checkpoints).
+REPLACED_SUFFIX = ".replaced"
 STRATEGY_STATE_DIR = "state"
 DCP_METADATA_FILE = ".metadata"
 SCHEDULE_FILE = "schedule.pt"
@@ -131,8 +134,16 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [path for path in root.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.match(path.name)]
-    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
+    found = [path for path in root.iterdir() if path.is_dir() and (
+        CHECKPOINT_PATTERN.match(path.name) or _is_orphan_replaced(path))]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name.removesuffix(REPLACED_SUFFIX))[1]))
+
+
+def _is_orphan_replaced(path: Path) -> bool:
+    """A checkpoint moved aside for a new save of its step that never got its name: still the complete one."""
+    name = path.name.removesuffix(REPLACED_SUFFIX)
+    return (path.name.endswith(REPLACED_SUFFIX) and CHECKPOINT_PATTERN.match(name) is not None
+            and not (path.parent / name).exists())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -167,6 +178,9 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
         shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
         for debris in root.glob(f"step-*{DELETING_SUFFIX}"):  # of a removal that was killed
             shutil.rmtree(debris, ignore_errors=True)
+        for replaced in root.glob(f"step-*{REPLACED_SUFFIX}"):  # of a replacement that was killed
+            if not _is_orphan_replaced(replaced):
+                shutil.rmtree(replaced, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     strategy.save(model, optimizer, partial / STRATEGY_STATE_DIR)
@@ -180,10 +194,13 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
     if accelerator.is_main_process:
         _fsync_tree(partial)
         _fsync_dir(partial)
+        replaced = final.with_name(final.name + REPLACED_SUFFIX)
         if final.exists():  # the same step saved twice (e.g. a run resumed from its final checkpoint)
-            _remove_checkpoint(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)  # still complete, and found as such, until the new one has the name
         partial.rename(final)
         _fsync_dir(root)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             _remove_checkpoint(old)
         log.info("checkpoint saved: %s", final)
