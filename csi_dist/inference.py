@@ -1,7 +1,7 @@
 """Distributed inference over a split: per-rank forward passes, one gather, padding dropped, exact global loss."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +62,17 @@ def device_batches(loader, device: torch.device, channels_last: bool, input_dtyp
         yield pending
 
 
+class StopRequested(Exception):
+    """Every rank agreed to stop (a preemption notice) in the middle of a split's predictions."""
+
+
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: WeightedCSILoss, accelerator,
-                  channels_last: bool, input_dtype: torch.dtype | None = None) -> SplitPredictions:
+                  channels_last: bool, input_dtype: torch.dtype | None = None,
+                  should_stop: Callable[[int], bool] | None = None) -> SplitPredictions:
+    """Predictions of every rank's part of a split, gathered. `should_stop(batches_done)` is asked after each batch
+    (the same answer on every rank, e.g. PreemptionWatcher.should_stop): True raises StopRequested, so a notice
+    that arrives during a long validation is not lost."""
     model.eval()
     probs, targets, csi, ahf, index, padding, failed, file_ids = [], [], [], [], [], [], [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -84,6 +92,8 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         padding.append(batch["is_padding"].to(accelerator.device))
         failed.append(batch["decode_failed"].to(accelerator.device))
         file_ids.extend(batch["file_id"])
+        if should_stop is not None and should_stop(len(probs)):
+            raise StopRequested
     if not probs:  # an empty split: every rank has zero steps
         empty = np.zeros((0,))
         return SplitPredictions([], np.zeros((0, 6, 5)), np.zeros((0, 6), dtype=np.int64), empty, empty,

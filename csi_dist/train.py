@@ -30,7 +30,7 @@ from csi_dist.strategies import build_strategy, hide_from_accelerate, resolve_st
 from csi_dist.domain import metric_direction, monitored_metric
 from csi_dist.early_stopping import EarlyStopping
 from csi_dist.faults import nonfinite_loss_factors
-from csi_dist.inference import device_batches, predict_split
+from csi_dist.inference import StopRequested, device_batches, predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
 from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
@@ -333,7 +333,13 @@ def train(config: Config, run_dir: Path, resume: str,
         strategy.synchronize_buffers(model)
         val_loader = build_loader(val_set, val_settings, epoch=0, rank=rank, world_size=world_size,
                                   pin_memory=accelerator.device.type == "cuda")
-        predictions = predict_split(model, val_loader, criterion, accelerator, channels_last)
+        try:
+            predictions = predict_split(model, val_loader, criterion, accelerator, channels_last,
+                                        should_stop=lambda batches: watcher.should_stop(batches, accelerator))
+        except StopRequested:  # a notice during validation: save the trained epoch; a resume validates it
+            checkpoint()
+            tracker.close()
+            watcher.finish_after_checkpoint(accelerator)
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth) if predictions.file_ids else {}
         check_bad_samples("val", predictions.decode_failures, val_set.num_samples, config.data.max_bad_fraction,

@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from csi_dist.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME, PreemptionWatcher
+from shard_factory import write_shards
 
 TOY = REPO_ROOT / "tests" / "fixtures" / "toy_preempt_train.py"
 STEPS = 40
@@ -178,3 +179,27 @@ def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(phantom_shar
     saved = json.loads((sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())
     assert saved["global_step"] > 5  # the stop saved its own checkpoint, after the periodic one
 
+
+
+@pytest.mark.slow
+def test_a_notice_during_validation_is_not_lost_and_the_resume_validates_that_epoch(tmp_path):
+    """One training step per epoch and checks every 2 steps: the notice can only be seen inside validation."""
+    shards = write_shards(tmp_path / "shards", {"train": [4], "val": [40], "test": [4]}, image_size=16)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / REQUEST_FILE_NAME).touch()  # a manual request, as if the notice had just arrived
+    command = [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
+               "--set", f"data.shard_dir={shards}", "--set", "data.image_size=16", "--set", "training.batch_size=4",
+               "--set", "training.num_workers=0", "--set", "training.n_epochs=2", "--set",
+               "callbacks.preemption_check_every_steps=2", "--set", "logging.wandb_mode=disabled"]
+    stopped = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(CSI_REQUEUE="0"), capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert "all ranks stop at step 2" in stopped.stderr  # the 2nd validation batch of epoch 0
+    saved = json.loads((run_dir / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert (saved["epoch"], saved["epoch_position"], saved["history"]) == (0, 4, [])  # trained, not yet validated
+    resumed = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(CSI_REQUEUE="0"), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((run_dir / "training_history.json").read_text())
+    assert [(record["epoch"], record["global_step"]) for record in history] == [(0, 1), (1, 2)]
