@@ -206,3 +206,26 @@ class PreemptionWatcher:
                 log.warning("checkpoint saved; exiting with %d (rerun the same command to resume)", EXIT_PREEMPTED)
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m csi_dist.preemption requeue-after-failure RUN_DIR`: the requeue decision of slurm/train.sbatch after
+    its training step failed. It runs in the batch shell, outside the step, where SLURM's SIGTERM to the step (sent
+    as soon as one task fails, `--kill-on-bad-exit`) cannot kill it halfway as it can a surviving rank's."""
+    import argparse
+
+    from csi_dist.config import CallbacksConfig, ConfigError, load_config
+    parser = argparse.ArgumentParser(prog="csi_dist.preemption", description=main.__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["requeue-after-failure"])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        max_requeues = load_config(args.run_dir / "resolved_config.ini").callbacks.max_failure_requeues
+    except ConfigError:  # the run never started (no resolved config): the default bound
+        max_requeues = CallbacksConfig().max_failure_requeues
+    return 0 if requeue_after_failure(args.run_dir, max_requeues) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -341,14 +341,18 @@ def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "2-workers"])
+def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path, workers):
+    """With data-loader workers on, SLURM's SIGTERM to the step (--kill-on-bad-exit) used to kill the survivor's own
+    requeue call: the job ended FAILED. The batch script now takes the decision after the step."""
     problem = cluster_problem()
     if problem:
         pytest.skip(problem)
     run_dir = tmp_path / "run"
     job_id = sbatch(REPO_ROOT / "slurm" / "train.sbatch",
                     ["--nodes=2", "--job-name=rank-lost", f"--output={tmp_path}/%x-%j.out"],
-                    trainer_args(shards, run_dir)[2:], cwd=REPO_ROOT, env=subprocess_env(CSI_REPO=str(REPO_ROOT)))
+                    [*trainer_args(shards, run_dir)[2:], "--set", f"training.num_workers={workers}"], cwd=REPO_ROOT,
+                    env=subprocess_env(CSI_REPO=str(REPO_ROOT)))
     log = tmp_path / f"rank-lost-{job_id}.out"
     try:
         wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= 3, 180,
