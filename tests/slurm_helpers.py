@@ -54,11 +54,15 @@ def wait_for_job_end(job_id: str, timeout: float, start_when_requeued: bool = Tr
     A requeued job waits cred_expire (10 s) before it may start again; `StartTime=now` skips that wait.
     """
     deadline = time.monotonic() + timeout
+    pending_since = None
     while time.monotonic() < deadline:
         state = job_field(job_id, "JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
-        if state == "PENDING" and start_when_requeued and job_field(job_id, "Restarts") not in (None, "0"):
+        requeued = state == "PENDING" and job_field(job_id, "Restarts") not in (None, "0")
+        pending_since = (pending_since or time.monotonic()) if requeued else None
+        # not at once: a start forced while the old segment is still being killed fails ("Job credential revoked")
+        if requeued and start_when_requeued and time.monotonic() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
                            timeout=30)
         time.sleep(0.5)

@@ -112,6 +112,24 @@ def test_signalled_job_is_requeued_and_matches_the_uninterrupted_run(tmp_path, d
                              reference_run[1] / "weights" / "last.safetensors") == []
 
 
+def test_scontrol_requeue_is_a_notice_the_ranks_save_on_with_workers_on(tmp_path, demo_shards, reference_run):
+    """`scontrol requeue` sends SIGTERM to every process of the job: the launchers, the ranks and their DataLoader
+    workers (on here). The workers used to die first and take their ranks down with a traceback; now the ranks save
+    a checkpoint at the step they agree on, and the requeued job resumes from it."""
+    job_id, run_dir, log = submit_training(tmp_path, demo_shards, "requeued")
+    wait_for_checkpoint(run_dir, 2)
+    run(["scontrol", "requeue", job_id])
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    text = log.read_text()
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-4000:]}"
+    assert "is killed by signal" not in text, text[-4000:]
+    stop_step = int(re.search(r"preemption requested \(.*\): all ranks stop at step (\d+)", text).group(1))
+    resumed = re.search(r"resumed from \S*step-(\d{8})", text)
+    assert resumed and int(resumed.group(1)) == stop_step, text[-4000:]
+    assert differing_tensors(run_dir / "weights" / "last.safetensors",
+                             reference_run[1] / "weights" / "last.safetensors") == []
+
+
 def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tmp_path, demo_shards, reference_run):
     job_id, run_dir, log = submit_training(tmp_path, demo_shards, "killed")
     wait_for_checkpoint(run_dir, 4)
