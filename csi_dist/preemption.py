@@ -34,10 +34,6 @@ import subprocess
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
-from csi_dist.distributed import leave_process_group
-
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
@@ -180,6 +176,7 @@ class PreemptionWatcher:
         if global_step % self.check_every_steps != 0:
             return False
         local_request = self.received_signal is not None or self._request_file_counts()
+        import torch  # here, not at the top: csi_dist.submit and the batch-script requeue run without torch
         flag = torch.tensor([int(local_request)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="max")
@@ -204,6 +201,7 @@ class PreemptionWatcher:
                               result.stderr.strip())
             else:
                 log.warning("checkpoint saved; exiting with %d (rerun the same command to resume)", EXIT_PREEMPTED)
+        from csi_dist.distributed import leave_process_group
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import submitit
+
+from csi_dist.preemption import REQUEST_FILE_NAME
 
 log = logging.getLogger("csi_dist.submit")
 
@@ -81,7 +84,29 @@ def with_fixed_run_dir(trainer_argv: list[str], job_name: str) -> list[str]:
     return [*trainer_argv, "--run-dir", str(Path("runs") / f"{job_name}-{datetime.now():%Y%m%d_%H%M%S}")]
 
 
-def build_executor(args: argparse.Namespace) -> submitit.Executor:
+def run_dir_of(trainer_argv: list[str]) -> Path:
+    for position, arg in enumerate(trainer_argv):
+        if arg == "--run-dir":
+            return Path(trainer_argv[position + 1])
+        if arg.startswith("--run-dir="):
+            return Path(arg.split("=", 1)[1])
+    raise ValueError("no --run-dir in the trainer's arguments (with_fixed_run_dir adds one)")
+
+
+def batch_notice_lines(run_dir: Path) -> list[str]:
+    """Batch-script lines that turn `scancel --batch --signal=USR1` (or --signal=B:USR1) into the trainer's preemption
+    request file, as slurm/train.sbatch does; without them the signal killed submitit's batch shell.
+
+    bash runs a trap only once the foreground command ends, and submitit runs srun in the foreground: the notice
+    would wait for the end of training. So `srun` becomes a function that runs the real one in the background and
+    waits for it; a trapped signal interrupts `wait`, the trap writes the file at once, and the wait goes on."""
+    request = shlex.quote(str(run_dir.resolve() / REQUEST_FILE_NAME))
+    return [f"trap 'echo \"$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}\" > {request}' USR1",
+            'srun() { command srun "$@" & local pid=$! status; while :; do wait "$pid"; status=$?; '
+            '[ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null && continue; return "$status"; done; }']
+
+
+def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor:
     tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
     if args.local:
         if args.nodes != 1:
@@ -98,7 +123,8 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
     if args.mem_gb:
         parameters["mem_gb"] = args.mem_gb
     if not args.local:
-        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True})
+        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True},
+                          slurm_setup=batch_notice_lines(run_dir))
         if args.partition:
             parameters["slurm_partition"] = args.partition
     executor.update_parameters(**parameters)
@@ -109,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args, trainer_argv = parse_args(argv)
     trainer_argv = with_fixed_run_dir(trainer_argv, args.job_name)
-    executor = build_executor(args)
+    executor = build_executor(args, run_dir_of(trainer_argv))
     job = executor.submit(TrainingTask(trainer_argv, use_gpus=args.gpus_per_node > 0))
     print(f"submitted job {job.job_id}")
     print(f"log: {job.paths.stdout}")

@@ -150,7 +150,10 @@ def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tm
                              reference_run[1] / "weights" / "last.safetensors") == []
 
 
-def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_shards, reference_run):
+@pytest.mark.parametrize("notice", ["USR2 to the steps", "USR1 to the batch shell"])
+def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_shards, reference_run, notice):
+    """submitit's own notice (USR2 to the steps) and the one train.sbatch handles (USR1 to the batch shell, which
+    used to kill submitit's batch script outright): both checkpoint, requeue and end bit-identical."""
     run_dir = tmp_path / "run"
     submitted = subprocess.run(
         [sys.executable, "-m", "csi_dist.submit", "--nodes", "2", "--timeout-min", "60", "--job-name", "submitit",
@@ -160,14 +163,18 @@ def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_s
     job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
     log = Path(re.search(r"log: (\S+)", submitted.stdout).group(1))
     wait_for_checkpoint(run_dir, 2)
-    # submitit's preemption signal goes to the job step: the ranks themselves receive it
-    run(["scancel", "--signal=USR2", job_id])
+    if notice == "USR2 to the steps":  # submitit's preemption signal: the ranks themselves receive it
+        run(["scancel", "--signal=USR2", job_id])
+    else:
+        run(["scancel", "--batch", "--signal=USR1", job_id])
     state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
     logs = "".join(path.read_text() for path in (tmp_path / "submitit").glob(f"{job_id}_*_log.*"))
     assert state == "COMPLETED", f"job {job_id} {state}:\n{logs[-4000:]}"
     assert log.is_file()
     assert job_field(job_id, "Restarts") == "1"
-    assert "received SIGUSR2" in logs and re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
+    assert "received SIGUSR2" in logs or notice != "USR2 to the steps", logs[-4000:]
+    assert re.search(r"preemption requested \(.*\): all ranks stop at step \d+", logs), logs[-4000:]
+    assert re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
 
