@@ -39,6 +39,10 @@ def build_accelerator(config: Config) -> Accelerator:
             f"WORLD_SIZE={expected} but accelerate formed a group of {accelerator.num_processes}: on CPU launch with "
             f"`accelerate launch --multi_gpu --num_processes N` and ACCELERATE_USE_CPU=1, or torchrun "
             f"(`accelerate launch --cpu --num_processes N` starts one process)")
+    threads = cpu_threads_per_process(accelerator.num_processes)
+    torch.set_num_threads(threads)
+    log.info("%d intra-op CPU thread(s) per process (OMP_NUM_THREADS=%s)", threads,
+             os.environ.get("OMP_NUM_THREADS", "unset"))
     if not on_cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -47,6 +51,16 @@ def build_accelerator(config: Config) -> Accelerator:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     return accelerator
+
+
+def cpu_threads_per_process(world_size: int) -> int:
+    """OMP_NUM_THREADS when set, else 1 for a multi-process run (what `accelerate launch` and torchrun export) and
+    torch's default for one process. Set by the trainer itself, so that ranks started by submitit or srun directly
+    compute exactly what ranks started by accelerate compute (CPU reductions depend on the thread count)."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return 1 if world_size > 1 else torch.get_num_threads()
 
 
 def leave_process_group() -> None:
