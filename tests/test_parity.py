@@ -122,8 +122,11 @@ def test_deepspeed_trains_batchnorm_cnns_in_bf16_and_vits_follow_the_data_size(p
     bf16 module); a ViT built for 518 px died on any other `data.image_size`."""
     settings = [f"data.shard_dir={phantom_shards}", "training.num_workers=0", "logging.wandb_mode=disabled",
                 "training.mixed_precision=bf16", "training.max_steps=2", "training.batch_size=4"]
-    runs = {f"custom1_zero{stage}": f"training.strategy=deepspeed,training.zero_stage={stage},data.image_size=32"
-            for stage in (1, 2, 3)}
+    # timm's test_resnet: a BatchNorm CNN. (Custom_1 in bf16 autocast on a CPU gets non-finite gradients in about
+    # half its steps, intermittently, under every strategy: a CPU kernel's fault, not seen on GPUs; they are skipped
+    # and counted, but a 2-step run could then end "learned nothing".)
+    runs = {f"resnet_zero{stage}": f"training.strategy=deepspeed,training.zero_stage={stage},data.image_size=32,"
+                                   f"model.model_arch=test_resnet" for stage in (1, 2, 3)}
     runs["raddino_56px"] = "model.model_arch=RadDINO,data.image_size=56"
     assert train_runs(1, tmp_path, settings, runs) == {name: 0 for name in runs}
     for name in runs:

@@ -137,8 +137,10 @@ def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tm
     state = wait_for_job_end(job_id, JOB_TIMEOUT_S, start_when_requeued=False)
     # a cancelled job stays cancelled, even when a rank outlives the others for a moment and sees them gone
     assert state != "COMPLETED" and job_field(job_id, "Restarts") in (None, "0"), log.read_text()[-4000:]
+    # the newest complete checkpoint: a periodic one, or one the ranks saved together on the SIGTERM that SLURM
+    # sends the remaining processes of a step whose launcher was killed (their data-loader workers ignore it)
     last_periodic = checkpoint_steps(run_dir)[-1]
-    assert last_periodic % 2 == 0 and last_periodic < 18
+    assert last_periodic < 18
 
     # the same command line again: --resume auto takes the newest complete checkpoint
     second_id, _, second_log = submit_training(tmp_path, demo_shards, "killed")
