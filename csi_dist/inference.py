@@ -24,10 +24,10 @@ class SplitPredictions:
     decode_failures: int
 
 
-def move_batch(batch: dict, device: torch.device, channels_last: bool, input_dtype: torch.dtype | None = None,
+def move_batch(batch: dict, device: torch.device, channels_last: bool,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images, zone targets and the mask of samples that count (not padding, decodable) on the device."""
-    images = batch["image"].to(device, dtype=input_dtype, non_blocking=True)
+    images = batch["image"].to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     zone_targets = batch["zones"].to(device, non_blocking=True)
@@ -35,7 +35,7 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool, input_dty
     return images, zone_targets, sample_mask
 
 
-def device_batches(loader, device: torch.device, channels_last: bool, input_dtype: torch.dtype | None = None,
+def device_batches(loader, device: torch.device, channels_last: bool,
                    ) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(host batch, images, zone targets, sample mask) per batch of `loader`, the tensors on `device`.
 
@@ -44,14 +44,14 @@ def device_batches(loader, device: torch.device, channels_last: bool, input_dtyp
     """
     if device.type != "cuda":
         for batch in loader:
-            yield batch, *move_batch(batch, device, channels_last, input_dtype)
+            yield batch, *move_batch(batch, device, channels_last)
         return
     copy_stream = torch.cuda.Stream(device)
     compute_stream = torch.cuda.current_stream(device)
     pending = None
     for batch in loader:
         with torch.cuda.stream(copy_stream):
-            moved = move_batch(batch, device, channels_last, input_dtype)
+            moved = move_batch(batch, device, channels_last)
         if pending is not None:
             yield pending  # the step on it is enqueued while the copy above runs
         compute_stream.wait_stream(copy_stream)
@@ -68,8 +68,7 @@ class StopRequested(Exception):
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: WeightedCSILoss, accelerator,
-                  channels_last: bool, input_dtype: torch.dtype | None = None,
-                  should_stop: Callable[[int], bool] | None = None) -> SplitPredictions:
+                  channels_last: bool, should_stop: Callable[[int], bool] | None = None) -> SplitPredictions:
     """Predictions of every rank's part of a split, gathered. `should_stop(batches_done)` is asked after each batch
     (the same answer on every rank, e.g. PreemptionWatcher.should_stop): True raises StopRequested, so a notice
     that arrives during a long validation is not lost."""
@@ -78,7 +77,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last, input_dtype)
+        images, zone_targets, sample_mask = move_batch(batch, accelerator.device, channels_last)
         with accelerator.autocast():
             zone_logits = model(images)
         batch_loss_sum, batch_weight = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)

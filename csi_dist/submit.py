@@ -77,20 +77,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def with_fixed_run_dir(trainer_argv: list[str], job_name: str) -> list[str]:
-    """The trainer's argv with an explicit --run-dir, so that every requeue of the job finds the same run."""
-    if any(arg == "--run-dir" or arg.startswith("--run-dir=") for arg in trainer_argv):
-        return trainer_argv
-    return [*trainer_argv, "--run-dir", str(Path("runs") / f"{job_name}-{datetime.now():%Y%m%d_%H%M%S}")]
-
-
-def run_dir_of(trainer_argv: list[str]) -> Path:
+def run_dir_of(trainer_argv: list[str]) -> Path | None:
+    """The trainer's --run-dir, or None when its arguments name none."""
     for position, arg in enumerate(trainer_argv):
-        if arg == "--run-dir":
+        if arg == "--run-dir" and position + 1 < len(trainer_argv):
             return Path(trainer_argv[position + 1])
         if arg.startswith("--run-dir="):
             return Path(arg.split("=", 1)[1])
-    raise ValueError("no --run-dir in the trainer's arguments (with_fixed_run_dir adds one)")
+    return None
+
+
+def with_fixed_run_dir(trainer_argv: list[str], job_name: str) -> list[str]:
+    """The trainer's argv with an explicit --run-dir, so that every requeue of the job finds the same run."""
+    if run_dir_of(trainer_argv) is not None:
+        return trainer_argv
+    return [*trainer_argv, "--run-dir", str(Path("runs") / f"{job_name}-{datetime.now():%Y%m%d_%H%M%S}")]
 
 
 def batch_notice_lines(run_dir: Path) -> list[str]:

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config is None:
             raise ConfigError("no --config given: name an INI file, e.g. --config configs/demo.ini (the seed "
-                              "project's files load unchanged); `python -m csi_dist.train --help-config` lists every key")
+                              "project's files load unchanged); `python -m csi_dist.train --help-config` lists "
+                              "every key")
         overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
         config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
         run_dir = resolve_run_dir(config, args.run_dir)
@@ -291,10 +292,14 @@ def train(config: Config, run_dir: Path, resume: str,
                 startup_logged = True
 
             if state["global_step"] % config.training.log_every_steps == 0:
-                epoch_failures = all_ranks_sum(accelerator, decode_failures)
+                # one collective and one host sync per log line: the loss window and the epoch's decode failures
+                failures = torch.tensor(float(decode_failures), device=accelerator.device)
+                loss_total, failures_total = accelerator.reduce(torch.stack([log_loss, failures]),
+                                                                reduction="sum").tolist()
+                epoch_failures = int(failures_total)
                 check_bad_samples("train", epoch_failures, train_set.num_samples, config.data.max_bad_fraction,
                                   config.data.shard_dir)
-                mean_loss = accelerator.reduce(log_loss, reduction="mean").item() / log_updates
+                mean_loss = loss_total / world_size / log_updates
                 images_per_second = log_images * world_size / (time.perf_counter() - log_start)
                 tracker.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
                              "train/images_per_second": images_per_second,

@@ -26,11 +26,11 @@ def host_batches(count: int, batch_size: int = 4, size: int = 8) -> list[dict]:
 def test_device_batches_equal_a_plain_copy_in_order(device_name, channels_last):
     device = torch.device(device_name)
     batches = host_batches(5)
-    moved = list(device_batches(iter(batches), device, channels_last, torch.bfloat16))
+    moved = list(device_batches(iter(batches), device, channels_last))
     assert len(moved) == len(batches)
     for (host, images, zone_targets, sample_mask), original in zip(moved, batches):
         assert host is original  # the host batch comes along (decode counters are read from it)
-        expected = move_batch(original, device, channels_last, torch.bfloat16)
+        expected = move_batch(original, device, channels_last)
         for got, want in zip((images, zone_targets, sample_mask), expected):
             assert got.device.type == device.type and got.dtype == want.dtype
             assert torch.equal(got, want)
