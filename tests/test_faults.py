@@ -341,10 +341,12 @@ def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "2-workers"])
-def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path, workers):
+@pytest.mark.parametrize("victims", ["rank", "launcher-and-rank"])
+def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path, victims):
     """With data-loader workers on, SLURM's SIGTERM to the step (--kill-on-bad-exit) used to kill the survivor's own
-    requeue call: the job ended FAILED. The batch script now takes the decision after the step."""
+    requeue call: the job ended FAILED. The batch script now takes the decision after the step. `launcher-and-rank`
+    is a node going away: node 1's accelerate launcher and its rank die together."""
+    workers = 2
     problem = cluster_problem()
     if problem:
         pytest.skip(problem)
@@ -358,6 +360,10 @@ def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(s
         wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= 3, 180,
                  "the job to train", interval=0.2)
         victim = wait_for(lambda: rank_process(run_dir, 1), 30, "the process of rank 1")
+        if victims == "launcher-and-rank":
+            launcher = victim.parent()
+            assert "accelerate" in " ".join(launcher.cmdline()), launcher.cmdline()
+            os.kill(launcher.pid, signal.SIGKILL)
         os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer or a crashing node would
         state = wait_for_job_end(job_id, 240)
     finally:
