@@ -17,10 +17,11 @@ from csi_dist.checkpoint import CheckpointError, load_weights
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.reader import ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.inference import predict_split
+from csi_dist.inference import StopRequested, predict_split
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.metrics import compute_metrics
-from csi_dist.models import build_model, model_input_size, uses_channels_last
+from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
+from csi_dist.preemption import PreemptionWatcher
 from csi_dist.report import write_evaluation
 from csi_dist.train import loader_settings
 
@@ -51,6 +52,8 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
                          [f"data.shard_dir={shard_dir}"] if shard_dir else [])
     accelerator = build_accelerator(config)
     configure_logging(accelerator)
+    watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
+    watcher.install()
     image_size = model_input_size(config.model, config.data.image_size)
     model = build_model(config.model, image_size)
     path = weights_path(run_dir, weights)
@@ -65,11 +68,20 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
     settings = loader_settings(config, image_size, train=False)
     results = {}
+    batches_done = 0  # over all splits: the first batch is a check step, then every preemption_check_every_steps
     for split in splits:
         loader = build_loader(open_split(config.data.shard_dir, split), settings, epoch=0,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               pin_memory=accelerator.device.type == "cuda")
-        predictions = predict_split(model, loader, criterion, accelerator, channels_last)
+        try:
+            predictions = predict_split(model, loader, criterion, accelerator, channels_last,
+                                        should_stop=lambda batches: watcher.should_stop(batches_done + batches - 1,
+                                                                                        accelerator))
+        except StopRequested:  # nothing partial is written: the files of a split are all there or not at all
+            log.warning("evaluation stopped by a preemption notice during split %s (%s written)", split,
+                        ", ".join(results) or "no split")
+            watcher.finish_after_checkpoint(accelerator, resumes_from="the start (an evaluation is rerun whole)")
+        batches_done += len(loader)
         if not accelerator.is_main_process:
             continue
         if not predictions.file_ids:

@@ -186,21 +186,22 @@ class PreemptionWatcher:
             log.warning("preemption requested (%s): all ranks stop at step %d", reason, global_step)
         return stop
 
-    def finish_after_checkpoint(self, accelerator) -> NoReturn:
-        """Call on all ranks after they saved together: requeue from rank 0, then exit with EXIT_PREEMPTED."""
+    def finish_after_checkpoint(self, accelerator, resumes_from: str = "the checkpoint just saved") -> NoReturn:
+        """Call on all ranks after they saved together: requeue from rank 0, then exit with EXIT_PREEMPTED.
+        `resumes_from` says where a rerun picks up (an evaluation saves nothing and starts again)."""
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.request_file.unlink(missing_ok=True)
             job_id = slurm_job_to_requeue()
             if job_id is not None:
-                log.warning("requeueing SLURM job %s; it will resume from the checkpoint just saved", job_id)
+                log.warning("requeueing SLURM job %s; it will resume from %s", job_id, resumes_from)
                 result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
                                         timeout=60)
                 if result.returncode != 0:
                     log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
                               result.stderr.strip())
             else:
-                log.warning("checkpoint saved; exiting with %d (rerun the same command to resume)", EXIT_PREEMPTED)
+                log.warning("exiting with %d: rerun the same command to resume from %s", EXIT_PREEMPTED, resumes_from)
         from csi_dist.distributed import leave_process_group
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import REPO_ROOT, subprocess_env
 from csi_dist.config import config_reference, load_config
 from csi_dist.train import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS, main
 from shard_factory import write_shards
@@ -98,3 +100,14 @@ def test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures
             f"data.max_bad_fraction = 0.01 allows (0)") in log
     history = strict_json(tmp_path / "corrupt_val" / "training_history.json")
     assert [(record["train_decode_failures"], record["val_decode_failures"]) for record in history] == [(0, 1)]
+
+
+def test_evaluate_names_a_model_it_cannot_build_and_exits_2(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = Path("configs/demo.ini").read_text().replace("model_arch = Custom_1", "model_arch = no_such_backbone")
+    (run_dir / "resolved_config.ini").write_text(config)
+    result = subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(run_dir)], cwd=REPO_ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "unknown model_arch 'no_such_backbone'" in result.stderr and "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
+from csi_dist.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME
 from wandb_reader import history_rows
 
 SMALL = ["--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
@@ -102,6 +103,16 @@ def test_evaluate_writes_the_report_for_every_test_image(phantom_shards: Path, t
     metrics = json.loads((run_dir / "evaluation" / "test_metrics.json").read_text())
     assert metrics["n_images"] == manifest["splits"]["test"]["count"]
     assert (run_dir / "evaluation" / "test_report.md").is_file()
+
+    # a notice (here the request file train.sbatch's trap writes) stops the evaluation with 75 and no partial report
+    (run_dir / REQUEST_FILE_NAME).touch()
+    stopped = subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test",
+                              "--out", str(tmp_path / "stopped")], env=subprocess_env(CSI_REQUEUE="0"), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert "evaluation stopped by a preemption notice" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (tmp_path / "stopped" / "test_report.md").exists()
+    assert not (run_dir / REQUEST_FILE_NAME).exists()  # handled, so the rerun evaluates
 
 
 def compiled_graphs(cache: Path) -> set[str]:
