@@ -12,6 +12,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from csi_dist.data.shard_format import FORMAT_VERSION, MANIFEST_NAME
+from csi_dist.data.shard_index import index_tar, index_to_json
 
 
 def png_bytes(value: int, size: int) -> bytes:
@@ -21,11 +22,13 @@ def png_bytes(value: int, size: int) -> bytes:
 
 
 def write_shards(root: Path, shard_sizes: dict[str, list[int]], image_size: int = 16,
-                 corrupt_ids: frozenset[str] = frozenset(), edit_sample: Callable[[dict], dict] | None = None) -> Path:
+                 corrupt_ids: frozenset[str] = frozenset(), edit_sample: Callable[[dict], dict] | None = None,
+                 sample_index: bool = True) -> Path:
     """Shards whose sample i has FileID f"{split}-{i:05d}" and a constant image of value i (mod 256).
 
     `edit_sample(sample)` may change a sample's tar members (a dict of `__key__`, `png`, `json`) before it is
-    written; the manifest's counts stay those of `shard_sizes`.
+    written; the manifest's counts stay those of `shard_sizes`. `sample_index=False` writes a manifest as
+    csi-shards did before the per-sample index.
     """
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT_VERSION, "image_size": image_size, "image_format": "png", "has_ahf_labels": True,
@@ -48,6 +51,8 @@ def write_shards(root: Path, shard_sizes: dict[str, list[int]], image_size: int 
             data = (root / relative).read_bytes()
             entries.append({"path": relative, "count": size, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
+            if sample_index:
+                entries[-1]["samples"] = index_to_json(index_tar(root / relative))
         manifest["splits"][split] = {"count": index, "shards": entries}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return root

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -97,6 +98,8 @@ BAD_INPUTS_HERE = {
     "truncated JPEG inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_inside_a_shard_*",
     "zone label out of range inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_*",
     "duplicate sample key inside a shard": "test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted",
+    "random bytes over 3 samples of a shard (only those 3 skipped)":
+        "test_corrupt_bytes_inside_a_shard_cost_only_the_samples_they_hit",
     "shard with no samples": "test_empty_shards_and_an_empty_train_split",
     "empty (0-byte) shard file": "test_empty_shards_and_an_empty_train_split",
     "empty train split": "test_empty_shards_and_an_empty_train_split",
@@ -118,6 +121,8 @@ def test_the_bad_input_table_points_at_existing_tests():
         for reference in where.split(", "):
             module, name = reference.split("::")
             assert f"def {name}(" in (REPO_ROOT / "tests" / module).read_text(), reference
+    tried = len(BAD_INPUTS_ELSEWHERE) + len(BAD_INPUTS_HERE)
+    assert f"**Bad inputs tried: {tried}**" in (REPO_ROOT / "README.md").read_text()
 
 
 # A tiny ResNet (BatchNorm buffers included) keeps a checkpoint at ~5 MB, so every step can be one.
@@ -458,12 +463,13 @@ def jpeg_bytes(size: int = 32) -> bytes:
 
 
 def decode_failures(shard_dir: Path, split: str = "train") -> tuple[int, list[str]]:
-    """(steps, file ids of the samples counted as undecodable) of one epoch on one rank."""
+    """(steps, indexes of the samples counted as undecodable, padding copies left out) of one epoch on one rank."""
     loader = build_loader(open_split(shard_dir, split), LoaderSettings(batch_size=4, image_size=16), epoch=0, rank=0,
                           world_size=1)
     batches = list(loader)
-    failed = [int(index) for batch in batches for index, bad in zip(batch["sample_index"], batch["decode_failed"])
-              if bad]
+    failed = [int(index) for batch in batches
+              for index, bad, padding in zip(batch["sample_index"], batch["decode_failed"], batch["is_padding"])
+              if bad and not padding]
     return len(batches), failed
 
 
@@ -486,6 +492,32 @@ def test_truncated_jpeg_and_out_of_range_label_inside_a_shard_are_counted_skips(
                      caplog.text), caplog.text
     assert re.search(r"sample 'train-00006' of \S*shard-000001.tar: ValueError: zones \[0, 1, 7, 0, 0, 0\] are not "
                      r"6 values in 0..4", caplog.text), caplog.text
+
+
+def test_corrupt_bytes_inside_a_shard_cost_only_the_samples_they_hit(tmp_path, caplog):
+    """Random bytes over the tar headers and images of 3 samples used to make the whole shard unreadable: 9 of 9
+    samples lost. The manifest's per-sample index (offsets and checksums) confines the damage to those 3."""
+    root = write_shards(tmp_path / "s", {"train": [9]})
+    shard = root / "train" / "shard-000000.tar"
+    with tarfile.open(shard) as archive:
+        spans = {member.name: (member.offset, member.offset_data + member.size) for member in archive}
+    data = bytearray(shard.read_bytes())
+    random_bytes = np.random.default_rng(0)
+    for key in ("train-00002", "train-00005", "train-00007"):
+        start, end = spans[f"{key}.png"]
+        data[start:end] = random_bytes.bytes(end - start)  # the image member's headers and data
+    shard.write_bytes(bytes(data))
+    steps, failed = decode_failures(root)
+    assert steps == 3 and failed == [2, 5, 7]
+    assert re.search(r"skipping undecodable sample 'train-00005' of \S*shard-000000.tar: .*checksum", caplog.text), \
+        caplog.text
+
+
+def test_shards_whose_manifest_has_no_sample_index_are_still_read(tmp_path):
+    """Manifests written before the per-sample index: the reader indexes the tar headers itself."""
+    root = write_shards(tmp_path / "s", {"train": [5, 4]}, sample_index=False)
+    steps, failed = decode_failures(root)
+    assert steps == 3 and failed == []
 
 
 def test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted(tmp_path, caplog):

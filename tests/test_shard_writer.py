@@ -161,14 +161,20 @@ def test_verify_reports_truncated_and_missing_shards(phantom, tmp_path, caplog):
     assert f"{train_shards[0]}: truncated" in caplog.text and f"{train_shards[1]}: missing shard" in caplog.text
 
 
-def test_verify_reports_modified_shard(phantom, tmp_path):
+def test_verify_reports_modified_shard_and_names_the_damaged_sample(phantom, tmp_path):
     out = tmp_path / "shards"
     manifest = write_shards(phantom, phantom.parent / "images", out, image_size=16, workers=1)
-    shard = out / manifest["splits"]["val"]["shards"][0]["path"]
+    entry = manifest["splits"]["val"]["shards"][0]
+    shard = out / entry["path"]
+    with tarfile.open(shard) as archive:  # where the tar itself says the second sample's image lies
+        image = next(member for member in archive if member.name.endswith(".png") and
+                     member.name.startswith(entry["samples"][1]["key"] + "."))
     data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF  # inside the first member's payload: same size, different content
+    data[image.offset_data + image.size // 2] ^= 0xFF  # same size, different content
     shard.write_bytes(bytes(data))
-    assert any("modified" in problem for problem in verify_shards(out))
+    problems = verify_shards(out)
+    assert f"{entry['path']}: modified: sha256 differs from the manifest" in problems
+    assert f"{entry['path']}: 1 damaged sample(s) (skipped when read): {entry['samples'][1]['key']}" in problems
 
 
 def test_sample_keys_are_safe_and_unique():

@@ -1,7 +1,8 @@
 """Distributed shard reader: manifest checks, indexed reads from WebDataset tar shards, batches on the host.
 
-Each worker indexes a shard once (member offsets from the tar headers) and then reads the samples its plan asks
-for with a seek and a read, so any rank can start at any position of the epoch (see shard_plan).
+Each worker reads the samples its plan asks for with a seek and a read, at the offsets of the manifest's per-sample
+index (see shard_index), so any rank can start at any position of the epoch (see shard_plan) and a damaged sample
+costs only itself.
 
 Never pass these loaders through `accelerator.prepare()`: they already split by rank and worker (accelerate would
 split them again and silently drop data). The trainer moves batches to the device itself.
@@ -15,12 +16,13 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
+from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import DecodeError, decode_grayscale, sample_generator, to_model_input
 from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
@@ -37,6 +39,7 @@ class ShardInfo:
     path: Path
     count: int
     size_bytes: int
+    index: tuple[IndexedSample, ...] | None = None  # from the manifest; None: index the tar headers when read
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,11 @@ def open_split(shard_dir: str | Path, split: str) -> ShardSet:
         if size != entry["bytes"]:
             raise ShardError(f"shard {path} has {size} bytes, the manifest says {entry['bytes']}: truncated or "
                              f"modified (run `csi-shards verify {shard_dir}`)")
-        shards.append(ShardInfo(path, int(entry["count"]), size))
+        try:
+            index = None if entry.get("samples") is None else tuple(index_from_json(entry["samples"], str(path)))
+        except ValueError as error:
+            raise ShardError(str(error)) from None
+        shards.append(ShardInfo(path, int(entry["count"]), size, index))
     return ShardSet(split, tuple(shards), int(manifest["image_size"]), bool(manifest.get("has_ahf_labels", False)))
 
 
@@ -98,54 +105,41 @@ class LoaderSettings:
     num_workers: int = 0
 
 
-class ShardIndex:
-    """Offsets and sizes of every sample's members in one tar shard, read from its headers."""
-
-    def __init__(self, shard: ShardInfo):
-        self.shard = shard
-        self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-        with tarfile.open(shard.path, "r:") as archive:
-            for member in archive:
-                if not member.isreg():
-                    continue
-                key, extension = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                if not self.samples or self.samples[-1][0] != key:
-                    self.samples.append((key, {}))
-                self.samples[-1][1][extension.lower()] = (member.offset_data, member.size)
-        if len(self.samples) != shard.count:
-            raise ShardError(f"shard {shard.path} holds {len(self.samples)} samples, the manifest says {shard.count}")
-
-
 class ShardReader:
     """Random access to samples of a shard set, with indexes and open files kept per worker."""
 
     def __init__(self, shard_set: ShardSet):
         self.shard_set = shard_set
-        self.indexes: dict[int, ShardIndex | str] = {}
-        self.files: dict[int, object] = {}
+        self.indexes: dict[int, list[IndexedSample] | str] = {}
+        self.files: dict[int, BinaryIO] = {}
 
-    def read(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
-        """(key, member bytes by extension); raises ShardError naming the shard when it cannot be read."""
+    def _index(self, shard: int) -> list[IndexedSample]:
+        """The manifest's index of the shard, or (older manifests) one read from its tar headers, once."""
         if shard not in self.indexes:
+            info = self.shard_set.shards[shard]
             try:
-                self.indexes[shard] = ShardIndex(self.shard_set.shards[shard])
+                samples = list(info.index) if info.index is not None else index_tar(info.path, checksums=False)
+                if len(samples) != info.count:
+                    raise ShardError(f"shard {info.path} holds {len(samples)} samples, the manifest says {info.count}")
+                self.indexes[shard] = samples
             except (OSError, tarfile.TarError, ShardError) as error:
-                self.indexes[shard] = f"shard {self.shard_set.shards[shard].path} unreadable: {error}"
+                self.indexes[shard] = f"shard {info.path} unreadable: {error}"
                 log.error("%s", self.indexes[shard])
-        shard_index = self.indexes[shard]
-        if isinstance(shard_index, str):
-            raise ShardError(shard_index)
+        index = self.indexes[shard]
+        if isinstance(index, str):
+            raise ShardError(index)
+        return index
+
+    def key(self, shard: int, index: int) -> str:
+        return self._index(shard)[index].key
+
+    def read(self, shard: int, index: int) -> dict[str, bytes]:
+        """Member bytes by extension; ShardError naming the shard when it cannot be read at all, DamagedSample
+        when only this sample is damaged."""
+        sample = self._index(shard)[index]
         if shard not in self.files:
             self.files[shard] = open(self.shard_set.shards[shard].path, "rb")
-        handle = self.files[shard]
-        key, members = shard_index.samples[index]
-        data = {}
-        for extension, (offset, size) in members.items():
-            handle.seek(offset)
-            data[extension] = handle.read(size)
-        return key, data
+        return read_members(self.files[shard], sample)
 
     def close(self) -> None:
         for handle in self.files.values():
@@ -173,8 +167,8 @@ class ShardStream(IterableDataset):
                   "decode_failed": False}
         where = f"sample {index} of {self.shard_set.shards[shard].path}"
         try:
-            key, members = reader.read(shard, index)
-            where = f"sample {key!r} of {self.shard_set.shards[shard].path}"
+            where = f"sample {reader.key(shard, index)!r} of {self.shard_set.shards[shard].path}"
+            members = reader.read(shard, index)
             labels = json.loads(members[LABEL_EXTENSION])
             image_bytes = next(members[ext] for ext in IMAGE_EXTENSIONS if ext in members)
             zones = [int(zone) for zone in labels["zones"]]

@@ -21,9 +21,12 @@ manifest.json:
      "has_ahf_labels": bool,
      "splits": {"train": {"count": N, "label_histogram": {"right_sup": [n0, n1, n2, n3, n4], ...},
                           "shards": [{"path": "train/shard-000000.tar", "count": 128, "bytes": 123456,
-                                      "sha256": "..."}, ...]},
+                                      "sha256": "...", "samples": [...]}, ...]},
                 "val": {...}, "test": {...}},
      "skipped": {"count": k, "samples": [{"file_id": "...", "row": 17, "reason": "..."}]}}
+A shard's "samples" is its per-sample index, in tar order: [{"key": "<key>", "members": {"png": [data offset,
+size, crc32], "json": [...]}}, ...] (see shard_index); readers seek to a sample with it and skip only the samples
+whose bytes fail their checksum. Manifests without "samples" (written before it) are indexed from the tar headers.
 Shard paths are relative to the manifest's directory. "row" is the label CSV line (header = line 1).
 Fields added by the writer (readers may ignore them): "source_images" (image directory), "split_file" (the
 split.csv reused with --split-file, or null), "excluded_file_ids" (ids left out with --exclude-ids).

@@ -35,6 +35,7 @@ from csi_dist.data.shard_format import (
     SPLIT_FILE_NAME,
     SPLIT_NAMES,
 )
+from csi_dist.data.shard_index import damaged_samples, index_from_json, index_tar, index_to_json
 from csi_dist.data.split import (
     DEFAULT_FRACTIONS,
     DEFAULT_SEED,
@@ -134,12 +135,6 @@ def label_record(row: pd.Series) -> dict:
             "patient_id": None if pd.isna(patient) else str(patient)}
 
 
-def count_samples(shard_path: Path) -> int:
-    """Number of distinct sample keys in a tar (a key is a member name up to its first dot, as webdataset reads it)."""
-    with tarfile.open(shard_path, "r:") as tar:
-        return len({member.name.split(".", 1)[0] for member in tar if member.isfile()})
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -149,14 +144,16 @@ def file_sha256(path: Path) -> str:
 
 
 def shard_entry(out_dir: Path, shard_path: Path) -> dict:
-    """Manifest entry of a closed shard: relative path, sample count, bytes and sha256 (file fsynced first)."""
+    """Manifest entry of a closed shard: relative path, sample count, bytes, sha256 and the per-sample index (file
+    fsynced first)."""
     descriptor = os.open(shard_path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    return {"path": shard_path.relative_to(out_dir).as_posix(), "count": count_samples(shard_path),
-            "bytes": shard_path.stat().st_size, "sha256": file_sha256(shard_path)}
+    samples = index_tar(shard_path)
+    return {"path": shard_path.relative_to(out_dir).as_posix(), "count": len(samples),
+            "bytes": shard_path.stat().st_size, "sha256": file_sha256(shard_path), "samples": index_to_json(samples)}
 
 
 def write_json_atomically(payload: dict, path: Path) -> None:
@@ -360,8 +357,12 @@ def verify_shards(out_dir: str | Path) -> list[str]:
                 problems.append(f"{shard['path']}: {state}: {size} bytes, manifest says {shard['bytes']}")
             elif file_sha256(path) != shard["sha256"]:
                 problems.append(f"{shard['path']}: modified: sha256 differs from the manifest")
+                if shard.get("samples") is not None:
+                    damaged = damaged_samples(path, index_from_json(shard["samples"], shard["path"]))
+                    problems.append(f"{shard['path']}: {len(damaged)} damaged sample(s) (skipped when read): "
+                                    f"{', '.join(damaged[:20])}{' ...' if len(damaged) > 20 else ''}")
             try:
-                count = count_samples(path)
+                count = len(index_tar(path, checksums=False))
             except (tarfile.TarError, OSError, EOFError) as err:
                 problems.append(f"{shard['path']}: unreadable tar: {err}")
                 continue
