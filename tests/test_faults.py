@@ -49,7 +49,8 @@ BAD_INPUTS_ELSEWHERE = {
         "test_reader.py::test_corrupt_image_is_a_counted_skip_that_keeps_the_step_count",
     "truncated tar shard": "test_reader.py::test_missing_and_truncated_shards_are_named, "
                            "test_shard_writer.py::test_verify_reports_truncated_and_missing_shards",
-    "shard modified in place": "test_shard_writer.py::test_verify_reports_modified_shard",
+    "shard modified in place":
+        "test_shard_writer.py::test_verify_reports_modified_shard_and_names_the_damaged_sample",
     "missing shard file": "test_reader.py::test_missing_and_truncated_shards_are_named",
     "missing shard directory": "test_train.py::test_missing_shards_exit_2_with_the_fix",
     "label out of range in the CSV": "test_labels.py::test_bad_zone_value_names_file_line_column_value",
