@@ -49,9 +49,8 @@ class TrainingTask:
         from csi_dist.train import main  # imported in the job: the submitting machine needs no torch setup
 
         status = main(self.trainer_argv)
-        if status != 0:
-            raise RuntimeError(f"csi_dist.train exited with status {status} on rank {job.global_rank}; "
-                               f"see the log of job {job.job_id}")
+        if status != 0:  # the trainer's own code leaves the task, so the batch script's requeue rule can read it
+            raise SystemExit(status)
         return status
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -107,6 +106,16 @@ def batch_notice_lines(run_dir: Path) -> list[str]:
             '[ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null && continue; return "$status"; done; }']
 
 
+def batch_failure_lines(run_dir: Path) -> list[str]:
+    """Batch-script lines after the step: the requeue rule of slurm/train.sbatch. A step that failed for any reason
+    but a bad config (2), non-finite steps (4), bad data (5) or a notice (75) is requeued, here in the batch shell,
+    where SLURM's SIGTERM to the step cannot interrupt the decision; the surviving ranks may have taken it already."""
+    decide = shlex.join([sys.executable, "-m", "csi_dist.preemption", "requeue-after-failure", str(run_dir.resolve())])
+    return ['status=$?',
+            f'case "$status" in 0|2|4|5|75) ;; *) if {decide}; then sleep 300 & wait $!; fi ;; esac',
+            'exit "$status"']
+
+
 def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor:
     tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
     if args.local:
@@ -125,7 +134,7 @@ def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor
         parameters["mem_gb"] = args.mem_gb
     if not args.local:
         parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True},
-                          slurm_setup=batch_notice_lines(run_dir))
+                          slurm_setup=batch_notice_lines(run_dir), slurm_teardown=batch_failure_lines(run_dir))
         if args.partition:
             parameters["slurm_partition"] = args.partition
     executor.update_parameters(**parameters)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
@@ -181,6 +182,62 @@ def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_s
     assert re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
+
+
+def submitit_task(job_id: str, rank: int) -> psutil.Process | None:
+    """The process of one task (= one rank) of a submitit job, once it runs."""
+    for process in psutil.process_iter(["cmdline"]):
+        if "submitit.core._submit" not in " ".join(process.info["cmdline"] or []):
+            continue
+        try:
+            environment = process.environ()
+        except psutil.Error:
+            continue
+        if environment.get("SLURM_JOB_ID") == job_id and environment.get("SLURM_PROCID") == str(rank):
+            return process
+    return None
+
+
+def test_submitit_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(tmp_path, demo_shards,
+                                                                                  reference_run):
+    """The lost-rank rule of train.sbatch holds for csi_dist.submit too: the batch script requeues after the step."""
+    run_dir = tmp_path / "run"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "csi_dist.submit", "--nodes", "2", "--timeout-min", "60", "--job-name", "submitit",
+         "--log-dir", str(tmp_path / "submitit"), *trainer_args(demo_shards, run_dir),
+         "--set", "training.collective_timeout_s=20"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        env={key: value for key, value in job_env().items() if key != "OMP_NUM_THREADS"})
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    try:
+        wait_for_checkpoint(run_dir, 2)
+        victim = wait_until(lambda: submitit_task(job_id, 1), 30, "the task of rank 1")
+        victim.kill()  # as the OOM killer or a crashing node would
+        state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    logs = "".join(path.read_text() for path in sorted((tmp_path / "submitit").glob(f"{job_id}_*_log.*")))
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{logs[-4000:]}"
+    assert job_field(job_id, "Restarts") == "1"
+    assert f"requeueing SLURM job {job_id} after the failure (1 of at most 3)" in logs, logs[-4000:]
+    assert re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
+    assert differing_tensors(run_dir / "weights" / "last.safetensors",
+                             reference_run[1] / "weights" / "last.safetensors") == []
+
+
+def test_submitit_job_with_a_bad_config_fails_once_with_the_trainers_exit_code(tmp_path, demo_shards):
+    """The batch script requeues after a failure, never after a bad config: the task leaves with the trainer's 2."""
+    submitted = subprocess.run(
+        [sys.executable, "-m", "csi_dist.submit", "--nodes", "2", "--timeout-min", "10", "--job-name", "bad-config",
+         "--log-dir", str(tmp_path / "submitit"), *trainer_args(demo_shards, tmp_path / "run"),
+         "--set", "training.batch_size=0"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=job_env())
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
+    logs = "".join(path.read_text() for path in sorted((tmp_path / "submitit").glob(f"{job_id}_*_log.*")))
+    assert state == "FAILED" and job_field(job_id, "ExitCode") == "2:0", f"{state}\n{logs[-3000:]}"
+    assert job_field(job_id, "Restarts") == "0" and "training.batch_size" in logs
 
 
 @pytest.mark.parametrize("how", ["preemption notice", "scancel"])
