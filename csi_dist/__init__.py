@@ -7,5 +7,5 @@ import time
 PROCESS_START = time.perf_counter()
 
 # The user's torch.compile cache directory, read before any import can fill in inductor's /tmp default (importing
-# timm does): csi_dist.compilation caches in the run directory unless the user chose a directory.
+# timm does): csi_dist.training.compilation caches in the run directory unless the user chose a directory.
 USER_COMPILE_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

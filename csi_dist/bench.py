@@ -39,7 +39,7 @@ from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 from csi_dist.data.shard_format import MANIFEST_NAME
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model
-from csi_dist.schedules import build_optimizer
+from csi_dist.training.schedules import build_optimizer
 
 log = logging.getLogger("csi_dist.bench")
 

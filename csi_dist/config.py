@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_dist.domain import monitored_metric
+from csi_dist.files import atomic_write
 from csi_dist.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -355,9 +356,7 @@ def save_config(config: Config, path: str | Path) -> None:
     parser = configparser.ConfigParser(interpolation=None)
     for section, values in config_to_dict(config).items():
         parser[section.capitalize()] = {key: redact(str(value)) for key, value in values.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        parser.write(handle)
-    temporary.replace(path)
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            parser.write(handle)
+    atomic_write(Path(path), write)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from csi_dist.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
+from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
 from csi_dist.config import load_config
 from csi_dist.models import build_model, model_input_size
 

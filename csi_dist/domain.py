@@ -34,7 +34,7 @@ def ahf_class(csi_average: float) -> int:
 
 # Which way each validation metric a run can monitor (callbacks.monitor) or a sweep can optimise improves: the one
 # table that early stopping, ReduceLROnPlateau, best weights and a sweep's "auto" direction all read.
-# "loss" is the weighted validation loss; the rest are csi_dist.metrics.compute_metrics keys.
+# "loss" is the weighted validation loss; the rest are csi_dist.evaluation.metrics.compute_metrics keys.
 METRIC_DIRECTIONS: dict[str, str] = {
     "loss": "min",
     **{name: "max" for name in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro", "accuracy",

@@ -13,17 +13,16 @@ from pathlib import Path
 
 import torch
 
-from csi_dist.checkpoint import CheckpointError, load_weights
+from csi_dist.training.checkpoint import CheckpointError, load_weights
 from csi_dist.config import ConfigError, load_config
-from csi_dist.data.reader import ShardError, build_loader, open_split
+from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.inference import StopRequested, predict_split
+from csi_dist.evaluation.inference import StopRequested, predict_split
 from csi_dist.loss import WeightedCSILoss
-from csi_dist.metrics import compute_metrics
+from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
-from csi_dist.preemption import PreemptionWatcher
-from csi_dist.report import write_evaluation
-from csi_dist.train import loader_settings
+from csi_dist.cluster.preemption import PreemptionWatcher
+from csi_dist.evaluation.report import write_evaluation
 
 log = logging.getLogger("csi_dist.evaluate")
 
@@ -66,7 +65,7 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
-    settings = loader_settings(config, image_size, train=False)
+    settings = LoaderSettings.from_config(config, image_size, train=False)
     results = {}
     batches_done = 0  # over all splits: the first batch is a check step, then every preemption_check_every_steps
     for split in splits:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import REPO_ROOT, free_port, subprocess_env, torchrun_command
-from csi_dist.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
+from csi_dist.training.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
                                  latest_checkpoint)
 from csi_dist.convert import full_weights
 from csi_dist.data.labels import LabelError, read_label_csv

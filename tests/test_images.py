@@ -1,6 +1,8 @@
 """Image lookup and decoding: formats, windowing, orientation and corrupt files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel
 import numpy as np
 import pytest

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from csi_dist.inference import device_batches, move_batch
+from csi_dist.evaluation.inference import device_batches, move_batch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

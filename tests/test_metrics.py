@@ -12,7 +12,7 @@ from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precisi
                              roc_auc_score)
 
 from csi_dist.domain import NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES
-from csi_dist.metrics import ahf_classes, compute_metrics, confusion_matrices, csi_average
+from csi_dist.evaluation.metrics import ahf_classes, compute_metrics, confusion_matrices, csi_average
 
 GRADE_LABELS = [0, 1, 2, 3]
 

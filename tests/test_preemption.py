@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from csi_dist.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME, PreemptionWatcher
+from csi_dist.cluster.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME, PreemptionWatcher
 from shard_factory import write_shards
 
 TOY = REPO_ROOT / "tests" / "fixtures" / "toy_preempt_train.py"
@@ -139,7 +139,7 @@ def test_forked_worker_ignores_every_notice_sigterm_included(tmp_path):
     must not kill it before its rank has saved (the rank ends its workers itself)."""
     code = f"""
 import os, signal, sys, time
-from csi_dist.preemption import PreemptionWatcher
+from csi_dist.cluster.preemption import PreemptionWatcher
 watcher = PreemptionWatcher({str(tmp_path)!r})
 watcher.install()
 worker = os.fork()
@@ -203,3 +203,17 @@ def test_a_notice_during_validation_is_not_lost_and_the_resume_validates_that_ep
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = json.loads((run_dir / "training_history.json").read_text())
     assert [(record["epoch"], record["global_step"]) for record in history] == [(0, 1), (1, 2)]
+
+
+def test_the_slurm_module_is_torch_free_and_gives_one_port_per_job_segment():
+    """The batch scripts and the sweep driver call it on login and batch nodes: it must start fast, without torch."""
+    code = ("import sys, csi_dist.cluster.slurm as slurm; "
+            "print(slurm.rendezvous_port(), 'torch' in sys.modules, slurm.main(['after-step', '2', '/nonexistent']))")
+    ports = set()
+    for restart in ("0", "1"):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                env=subprocess_env(SLURM_JOB_ID="4123", SLURM_RESTART_COUNT=restart))
+        port, torch_loaded, after_bad_config = result.stdout.split()
+        assert (torch_loaded, after_bad_config) == ("False", "1"), result.stderr  # exit 2: never requeued
+        ports.add(int(port))
+    assert len(ports) == 2 and all(20000 <= port < 60000 for port in ports)

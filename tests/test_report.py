@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from csi_dist.domain import AHF_COLUMN, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
-from csi_dist.metrics import compute_metrics
-from csi_dist.report import write_evaluation
+from csi_dist.evaluation.metrics import compute_metrics
+from csi_dist.evaluation.report import write_evaluation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -248,7 +248,7 @@ def test_only_a_job_that_was_not_cancelled_is_requeued(tmp_path, how):
     script.write_text(
         "#!/bin/bash\n"
         "ask() {\n  sleep 1\n"
-        f"  {sys.executable} -c 'from csi_dist.preemption import slurm_job_to_requeue as q; print(q())' "
+        f"  {sys.executable} -c 'from csi_dist.cluster.slurm import slurm_job_to_requeue as q; print(q())' "
         f"> {answer} 2>&1\n}}\n"
         "trap ask TERM USR1\nsleep 120 & wait\nsleep 1\n")
     job_id = sbatch(script, ["--requeue", f"--output={tmp_path}/ask-%j.out"], [], cwd=REPO_ROOT, env=job_env())

@@ -6,7 +6,7 @@ import logging
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from csi_dist.config import load_config
-from csi_dist.tracking import Tracker
+from csi_dist.training.tracking import Tracker
 
 
 def test_a_wandb_run_that_dies_does_not_stop_logging_to_tensorboard(tmp_path, monkeypatch, caplog):
@@ -17,7 +17,7 @@ def test_a_wandb_run_that_dies_does_not_stop_logging_to_tensorboard(tmp_path, mo
     tracker.log({"train/loss": 1.0}, step=1)
     tracker.wandb_run.finish()  # W&B is gone: every further call on the run raises UsageError
 
-    with caplog.at_level(logging.WARNING, logger="csi_dist.tracking"):
+    with caplog.at_level(logging.WARNING, logger="csi_dist.training.tracking"):
         tracker.log({"train/loss": 0.5}, step=2)
         tracker.log({"train/loss": 0.25}, step=3)
         tracker.summary({"best": 0.25})

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from csi_dist.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME
+from csi_dist.cluster.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME
 from wandb_reader import history_rows
 
 SMALL = ["--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",

@@ -22,102 +22,24 @@ that file as stale and ignores it instead of stopping again at once. An empty fi
 request and always counts.
 
 A rank that dies or hangs gives no notice: the survivors' next collective fails (at once, or after
-``training.collective_timeout_s``), they exit with status 3 (``train.EXIT_RANK_LOST``) and one of them requeues
-the job with ``requeue_after_failure``; the requeued job resumes from the newest periodic checkpoint.
+``training.collective_timeout_s``), they exit with status 3 (``train.EXIT_RANK_LOST``) and the job is requeued
+after a failure (``csi_dist.cluster.slurm``); the requeued job resumes from the newest periodic checkpoint.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import NoReturn
+
+from csi_dist.cluster.slurm import EXIT_PREEMPTED, current_segment_id, requeue, slurm_job_to_requeue
 
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
-# <run_dir>/failure_requeues/<segment id>: one file per job segment that ended in a requeue after a lost rank
-FAILURE_REQUEUE_DIR = "failure_requeues"
-# Exit status of every rank after a preemption checkpoint: 75 is EX_TEMPFAIL from sysexits.h ("try again later").
-# Inside SLURM the job has been requeued by then; outside, rerunning the same command line resumes the run.
-EXIT_PREEMPTED = 75
 # SIGINT is Ctrl-C: the first one is a notice like the others, a second one interrupts at once.
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-
-
-def current_segment_id() -> str:
-    """Which run of which SLURM job this process belongs to ("" outside SLURM); a requeue starts a new segment."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return ""
-    return f"{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-
-
-def slurm_job_to_requeue() -> str | None:
-    """The id to pass to ``scontrol requeue``, or None when this process is not in a requeueable SLURM job."""
-    if os.environ.get("CSI_REQUEUE", "1") == "0":
-        return None
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return None
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:  # the plain job id of an array element is not what scontrol requeue expects
-        job_id = f"{array_job}_{array_task}"
-    try:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                               timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("cannot ask SLURM whether job %s may be requeued (%s); not requeueing", job_id, error)
-        return None
-    if "Requeue=1" not in shown.split():
-        log.warning("job %s was submitted without --requeue; it will end instead of requeueing", job_id)
-        return None
-    if was_cancelled(job_id):
-        log.warning("job %s was cancelled (scancel); it ends instead of requeueing", job_id)
-        return None
-    return job_id
-
-
-def was_cancelled(job_id: str) -> bool:
-    """Whether someone cancelled the job. `scancel` sends the same SIGTERM as a preemption and `scontrol` only shows
-    COMPLETING then, but accounting already records CANCELLED; without accounting we cannot tell (False)."""
-    try:
-        states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                                text=True, timeout=30, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return any(state.startswith("CANCELLED") for state in states)
-
-
-def requeue_after_failure(run_dir: Path | None, max_requeues: int) -> bool:
-    """After a lost rank: requeue this SLURM job, so that it resumes from its newest complete checkpoint.
-
-    Every surviving rank calls this; the one that creates this job segment's marker file requeues, the others only
-    exit. At most ``max_requeues`` failure requeues per run directory, so a rank that dies at the same point every
-    time ends the job instead of looping. Returns True when this call requeued the job.
-    """
-    job_id = slurm_job_to_requeue()
-    if job_id is None or run_dir is None:
-        log.error("not in a requeueable SLURM job: rerun the same command to resume from the newest checkpoint")
-        return False
-    markers = Path(run_dir) / FAILURE_REQUEUE_DIR
-    markers.mkdir(parents=True, exist_ok=True)
-    earlier = sum(1 for _ in markers.iterdir())
-    if earlier >= max_requeues:
-        log.error("not requeueing job %s: this run was requeued after a failure %d times already "
-                  "(callbacks.max_failure_requeues=%d)", job_id, earlier, max_requeues)
-        return False
-    try:
-        (markers / current_segment_id()).touch(exist_ok=False)
-    except FileExistsError:
-        return False  # another survivor of this segment requeues
-    log.error("requeueing SLURM job %s after the failure (%d of at most %d); it resumes from the newest complete "
-              "checkpoint", job_id, earlier + 1, max_requeues)
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode, result.stderr.strip())
-    return result.returncode == 0
 
 
 class PreemptionWatcher:
@@ -195,36 +117,9 @@ class PreemptionWatcher:
             job_id = slurm_job_to_requeue()
             if job_id is not None:
                 log.warning("requeueing SLURM job %s; it will resume from %s", job_id, resumes_from)
-                result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                                        timeout=60)
-                if result.returncode != 0:
-                    log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
-                              result.stderr.strip())
+                requeue(job_id)
             else:
                 log.warning("exiting with %d: rerun the same command to resume from %s", EXIT_PREEMPTED, resumes_from)
         from csi_dist.distributed import leave_process_group
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m csi_dist.preemption requeue-after-failure RUN_DIR`: the requeue decision of slurm/train.sbatch after
-    its training step failed. It runs in the batch shell, outside the step, where SLURM's SIGTERM to the step (sent
-    as soon as one task fails, `--kill-on-bad-exit`) cannot kill it halfway as it can a surviving rank's."""
-    import argparse
-
-    from csi_dist.config import CallbacksConfig, ConfigError, load_config
-    parser = argparse.ArgumentParser(prog="csi_dist.preemption", description=main.__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["requeue-after-failure"])
-    parser.add_argument("run_dir", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        max_requeues = load_config(args.run_dir / "resolved_config.ini").callbacks.max_failure_requeues
-    except ConfigError:  # the run never started (no resolved config): the default bound
-        max_requeues = CallbacksConfig().max_failure_requeues
-    return 0 if requeue_after_failure(args.run_dir, max_requeues) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@
 Options this launcher does not know are passed to the trainer (`csi_dist.train`) unchanged. Every task is one
 training process: it exports the torch.distributed environment of its place in the job and calls
 `csi_dist.train.main(argv)`. On a preemption notice the trainer checkpoints and requeues the job (see
-csi_dist/preemption.py); the requeued job runs the same argv, whose `--run-dir` is fixed here at submission
+csi_dist/cluster/preemption.py); the requeued job runs the same argv, whose `--run-dir` is fixed here at submission
 time, and `--resume auto` continues from the newest complete checkpoint.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import submitit
 
-from csi_dist.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.slurm import export_rendezvous_port
 
 log = logging.getLogger("csi_dist.submit")
 
@@ -37,11 +38,7 @@ class TrainingTask:
         self.use_gpus = use_gpus
 
     def __call__(self) -> int:
-        job = submitit.JobEnvironment()
-        # A port per job segment: a requeued job never waits for the port of its previous run to be freed.
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        os.environ.setdefault("MASTER_PORT", str(20000 + (int(str(job.job_id).split("_")[0]) % 4000) * 10
-                                                + restart % 10))
+        export_rendezvous_port()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus,
                                                               overwrite=True)
         if not self.use_gpus:
@@ -107,12 +104,12 @@ def batch_notice_lines(run_dir: Path) -> list[str]:
 
 
 def batch_failure_lines(run_dir: Path) -> list[str]:
-    """Batch-script lines after the step: the requeue rule of slurm/train.sbatch. A step that failed for any reason
-    but a bad config (2), non-finite steps (4), bad data (5) or a notice (75) is requeued, here in the batch shell,
-    where SLURM's SIGTERM to the step cannot interrupt the decision; the surviving ranks may have taken it already."""
-    decide = shlex.join([sys.executable, "-m", "csi_dist.preemption", "requeue-after-failure", str(run_dir.resolve())])
+    """Batch-script lines after the step: slurm/train.sbatch's rule (csi_dist.cluster.slurm after-step), taken in the
+    batch shell, where SLURM's SIGTERM to the step cannot interrupt it; a surviving rank may have requeued already.
+    After a requeue the shell waits for SLURM to end it: exiting first with an error would leave the job FAILED."""
+    decide = shlex.join([sys.executable, "-m", "csi_dist.cluster.slurm", "after-step"])
     return ['status=$?',
-            f'case "$status" in 0|2|4|5|75) ;; *) if {decide}; then sleep 300 & wait $!; fi ;; esac',
+            f'if {decide} "$status" {shlex.quote(str(run_dir.resolve()))}; then sleep 300 & wait $!; fi',
             'exit "$status"']
 
 
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the module's import name so that submitit pickles `csi_dist.submit.TrainingTask` by reference,
-    # not the class from `__main__` by value.
-    from csi_dist.submit import main as submit_main
+    # Run through the module's import name so that submitit pickles `csi_dist.cluster.submit.TrainingTask` by
+    # reference, not the class from `__main__` by value.
+    from csi_dist.cluster.submit import main as submit_main
     sys.exit(submit_main())

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -26,6 +26,9 @@ from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar,
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import DecodeError, decode_grayscale, sample_generator, to_model_input
 from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
+
+if TYPE_CHECKING:
+    from csi_dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,14 @@ class LoaderSettings:
     shuffle_window: int = 0  # samples shuffled together (windows span shards); 0 = shard order only
     seed: int = 42
     num_workers: int = 0
+
+    @classmethod
+    def from_config(cls, config: Config, image_size: int, *, train: bool) -> LoaderSettings:
+        """Training batches are shuffled and augmented; validation, evaluation and test ones are not."""
+        return cls(batch_size=config.training.batch_size, image_size=image_size,
+                   normalization=config.data.normalization, augment=train and config.data.augment,
+                   shuffle=train, shuffle_window=config.data.shuffle_window if train else 0,
+                   seed=config.training.seed, num_workers=config.training.num_workers)
 
 
 class ShardReader:

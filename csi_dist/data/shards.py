@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,7 @@ from csi_dist.data.split import (
     split_patients,
 )
 from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
+from csi_dist.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -154,28 +154,6 @@ def shard_entry(out_dir: Path, shard_path: Path) -> dict:
     samples = index_tar(shard_path)
     return {"path": shard_path.relative_to(out_dir).as_posix(), "count": len(samples),
             "bytes": shard_path.stat().st_size, "sha256": file_sha256(shard_path), "samples": index_to_json(samples)}
-
-
-def write_json_atomically(payload: dict, path: Path) -> None:
-    """Write JSON to a temporary file in the same directory, fsync it, rename it over `path`, fsync the directory."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 keeps the user's umask (NamedTemporaryFile would force 0600 on a shared dataset).
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -306,7 +284,7 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
                    for name in SPLIT_NAMES},
         "skipped": {"count": len(skipped), "samples": sorted(skipped, key=lambda sample: sample["row"])},
     }
-    write_json_atomically(manifest, out_dir / MANIFEST_NAME)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest, indent=1)
     _log_summary(manifest, out_dir)
     return manifest
 

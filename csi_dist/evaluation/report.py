@@ -31,8 +31,8 @@ from sklearn.preprocessing import label_binarize
 
 from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR,
                              FILE_ID_COLUMN, GRADES, NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES)
-from csi_dist.checkpoint import strict_json_value
-from csi_dist.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
+from csi_dist.files import strict_json_value
+from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
                               zone_predictions)
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import pickle
 import random
 import re
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
+
+from csi_dist.files import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -43,55 +43,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: wrong architecture, other world layout, unreadable file."""
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-to-temporary, fsync, rename: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
-    _fsync_dir(path.parent)
-
-
-def strict_json_value(value: object) -> object:
-    """`value` with every NaN or infinite float replaced by None: strict JSON (null), which every reader accepts."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: strict_json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json_value(item) for item in value]
-    return value
-
-
-def atomic_write_json(path: Path, payload: object) -> None:
-    """Strict JSON (NaN and infinities as null), written atomically."""
-    atomic_write_bytes(path, json.dumps(strict_json_value(payload), indent=2, allow_nan=False).encode("utf-8"))
-
-
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """A plain full state dict as safetensors, atomically (loadable by evaluate and single-GPU runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, str(temporary))
-    _fsync_file(temporary)
-    temporary.replace(path)
-    _fsync_dir(path.parent)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -154,9 +109,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            _fsync_file(path)
+            fsync_path(path)
     for path in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_dir(path)
+        fsync_path(path)
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -164,7 +119,7 @@ def _remove_checkpoint(path: Path) -> None:
     doomed = path.with_name(path.name + DELETING_SUFFIX)
     shutil.rmtree(doomed, ignore_errors=True)
     path.rename(doomed)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -186,20 +141,20 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
     strategy.save(model, optimizer, partial / STRATEGY_STATE_DIR)
     rank_file = partial / f"rng_rank{accelerator.process_index:05d}.pt"
     torch.save(rng_state(), rank_file)
-    _fsync_file(rank_file)
+    fsync_path(rank_file)
     if accelerator.is_main_process:
         torch.save(schedule_state, partial / SCHEDULE_FILE)
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, allow_nan=True))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(partial)
-        _fsync_dir(partial)
+        fsync_path(partial)
         replaced = final.with_name(final.name + REPLACED_SUFFIX)
         if final.exists():  # the same step saved twice (e.g. a run resumed from its final checkpoint)
             shutil.rmtree(replaced, ignore_errors=True)
             final.rename(replaced)  # still complete, and found as such, until the new one has the name
         partial.rename(final)
-        _fsync_dir(root)
+        fsync_path(root)
         shutil.rmtree(replaced, ignore_errors=True)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             _remove_checkpoint(old)

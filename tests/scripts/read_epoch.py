@@ -1,6 +1,5 @@
 """Read one epoch of a shard split on this rank and write what it saw (a test helper run under torchrun)."""
 import json
-import os
 import sys
 
 import torch.distributed as dist

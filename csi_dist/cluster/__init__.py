@@ -1,0 +1,1 @@
+"""Running on clusters: SLURM knowledge (torch-free), preemption notices, submitit submission."""

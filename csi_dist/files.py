@@ -1,0 +1,66 @@
+"""Files that are whole or absent: written to a temporary name beside the target, fsynced, renamed over it, and the
+folder fsynced, so a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a rename is durable once its folder is)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; on a clean exit it replaces `path`, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        fsync_path(temporary)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary_path)` then the atomic replace (for writers that take a path: safetensors, configparser)."""
+    with atomic_path(path) as temporary:
+        write(temporary)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        # os.open with 0o666 keeps the user's umask (a shared dataset or run folder stays group-readable)
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+            handle.write(data)
+
+
+def strict_json_value(value: object) -> object:
+    """`value` with every NaN or infinite float replaced by None: strict JSON (null), which every reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
+def atomic_write_json(path: Path, payload: object, indent: int = 2) -> None:
+    """Strict JSON (NaN and infinities as null) with a final newline, written atomically."""
+    text = json.dumps(strict_json_value(payload), indent=indent, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,1 @@
+"""Training: the loop's parts (strategies, checkpoints, schedules, accumulation, early stopping, compile, tracking)."""
