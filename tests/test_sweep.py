@@ -6,6 +6,7 @@ too small to learn, so the median pruner stops some trials whichever job runs th
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,8 +22,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.config import ConfigError, load_config
-from csi_dist.sweep import SweepSettings, budget_used, finished_count, load_study
-from csi_dist.sweep_space import load_space
+from csi_dist.sweep.space import load_space, wandb_sweep
+from csi_dist.sweep.study import SweepSettings, budget_used, finished_count, load_study
 from csi_dist.train import hyperparameter_overrides
 
 CI_SPACE = REPO_ROOT / "configs" / "sweep" / "phantom_ci.ini"
@@ -116,11 +117,20 @@ def test_budget_counts_a_retried_failure_once():
 
 
 def test_wandb_sweep_trial_applies_the_space_conditions():
-    from csi_dist.sweep_wandb import trial_overrides
+    from csi_dist.sweep.wandb_agent import trial_overrides
     sampled = {"optimization.optimizer": "adam", "optimization.momentum": "0.7", "optimization.weight_decay": "0.01",
                "optimization.learning_rate": "0.001"}
     overrides = trial_overrides(DEFAULT_SPACE, sampled)
     assert "optimization.weight_decay=0.0" in overrides and not any("momentum" in o for o in overrides)
+
+
+def test_wandb_sweep_definition_runs_the_wandb_agent_module():
+    definition = wandb_sweep(load_space(DEFAULT_SPACE), None, ["training.n_epochs=3"], n_trials=5)
+    command = definition["command"]
+    module = command[command.index("-m") + 1]
+    assert module == "csi_dist.sweep.wandb_agent" and importlib.util.find_spec(module) is not None
+    assert (REPO_ROOT / definition["program"]).is_file()
+    assert command[-3:] == ["--set", "training.n_epochs=3", "${args}"]
 
 
 # ------------------------------------------------------------------------------------------------ real sweeps
@@ -273,7 +283,7 @@ def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
 
 
 def load_study_storage(sweep_dir: Path):
-    from csi_dist.sweep import open_storage
+    from csi_dist.sweep.study import open_storage
     return open_storage(SweepSettings.load(sweep_dir))
 
 

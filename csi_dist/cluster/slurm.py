@@ -28,8 +28,10 @@ EXIT_PREEMPTED = 75
 NOT_REQUEUED_AFTER = frozenset({0, 2, 4, 5, EXIT_PREEMPTED})
 # <run_dir>/failure_requeues/<segment id>: one file per job segment that ended in a requeue after a lost rank
 FAILURE_REQUEUE_DIR = "failure_requeues"
+# states in which a job still exists and may (again) run; a requeued job is PENDING
 ALIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
-                          "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"})
+                          "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED",
+                          "RESV_DEL_HOLD"})
 
 
 def current_segment_id() -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from csi_dist.files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 
@@ -80,8 +82,6 @@ def plot_history(study: optuna.Study, path: Path, objective: str) -> None:
 
 def write_report(study: optuna.Study, settings, space) -> Path | None:
     """Write the sweep's outputs into its directory; returns best_params.json's path (None without a complete trial)."""
-    from csi_dist.sweep import write_json_atomic
-
     sweep_dir = Path(settings.sweep_dir)
     rows = _trial_rows(study)
     with open(sweep_dir / "trials.csv", "w", newline="", encoding="utf-8") as handle:
@@ -102,7 +102,7 @@ def write_report(study: optuna.Study, settings, space) -> Path | None:
     if complete:
         best = study.best_trial
         best_params = best.user_attrs.get("overrides", best.params)
-        write_json_atomic(best_path, {
+        atomic_write_json(best_path, {
             "best_params": best_params, "best_value": best.value, "objective": space.objective,
             "direction": study.direction.name.lower(), "best_trial": best.number,
             "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,

@@ -1,0 +1,293 @@
+"""Hyper-parameter sweeps: an Optuna study whose trials are SLURM jobs (or local processes), each a resumable training run.
+
+This module is the driver, the loop on the login node behind ``python -m csi_dist.sweep``: it creates or
+resumes the study, starts the trial jobs the study still needs, fails and retries trials whose job died, and
+writes the report when the budget is spent.
+
+    python -m csi_dist.sweep --config configs/demo.ini --space configs/sweep/default.yaml \\
+        --n-trials 50 --parallel 4 --executor slurm --gpus-per-node 1 --sweep-dir sweeps/demo
+    python -m csi_dist.train --config configs/demo.ini --hyperparams sweeps/demo/best_params.json
+
+How it works
+------------
+* One trial = one job = one run directory ``<sweep-dir>/trials/trial-<number>``. A job (every rank of it) starts,
+  rank 0 takes a trial from the study under a lock (a new one sampled from the space file, or a retry waiting in
+  the queue) and records itself as the trial's owner (user attr ``owner``, e.g. ``slurm-123_4``). The job trains with
+  ``csi_dist.train.train`` and an epoch-end hook: rank 0 reports ``val_<objective>`` (``trial.report``, step = epoch)
+  straight to the shared storage and asks ``trial.should_prune()``; the answer is broadcast to every rank. At the
+  end rank 0 tells the study COMPLETE (value = the best ``val_<objective>`` over the trial's evaluations), PRUNED or
+  FAIL (the error is kept in the trial's user attr ``fail_reason``).
+* SLURM: the driver submits the missing trials as one submitit job array with ``slurm_array_parallelism = --parallel``
+  and ``--requeue``. The jobs need no driver: if the driver dies they go on, and a restarted driver (same
+  ``--sweep-dir``) loads the same study (``load_if_exists``), finds the jobs in ``jobs.json``, submits only what is
+  missing and waits. Local executor: the driver itself keeps ``--parallel`` trial processes running (each is
+  ``python -m csi_dist.sweep --run-trial``); a restarted driver lets orphaned ones finish and starts the rest.
+* Preemption: the trainer checkpoints and requeues its own job (csi_dist/cluster/preemption.py). The requeued job
+  has the same id, finds the RUNNING trial it owns and resumes it from ``<run dir>/checkpoints`` with
+  ``--resume auto``: the trial is neither lost nor counted as failed (its user attr ``requeues`` counts the
+  interruptions).
+* A job that truly died (cancelled, node failure, out of memory, a crash before ``tell``) leaves its trial RUNNING.
+  The driver asks SLURM (``squeue``, then ``sacct``) whether each RUNNING trial's job still exists; a requeued job is
+  PENDING and so alive. A trial whose job stayed gone for ``--dead-grace-s`` is told FAIL and retried up to
+  ``--max-retries`` times with Optuna's ``RetryHeartbeatStaleTrialCallback`` (same parameters, intermediate values
+  inherited); the retry copies the dead trial's checkpoints into its run dir and resumes from them. Optuna's own
+  heartbeat is not used: JournalStorage does not implement it, and a heartbeat cannot tell a requeued job waiting in
+  the queue (alive) from a dead one, whereas SLURM can.
+* Budget: a study is done when COMPLETE + PRUNED + FAIL-without-retry trials reach ``--n-trials``. Trials are only
+  created under the lock while COMPLETE + PRUNED + RUNNING + WAITING + unretried FAIL < ``--n-trials``, so parallel
+  jobs never overshoot. A failed training (e.g. too many non-finite losses at a huge learning rate) is FAIL and
+  not retried: the same parameters would fail again.
+
+Storage
+-------
+Default: ``optuna.storages.JournalStorage(JournalFileBackend(<sweep-dir>/optuna_journal.log,
+JournalFileOpenLock))`` on the cluster's shared filesystem. It needs no server (compute nodes often cannot reach
+one), every operation is an appended JSON line, so a killed process loses nothing already written, and the
+study is rebuilt by replaying the file. ``JournalFileOpenLock`` (O_EXCL create) is used rather than the default
+symlink lock because O_EXCL is atomic on NFSv3+ and on Lustre/GPFS; NFSv2 would need ``JournalFileSymlinkLock``.
+Caveats: appends from several clients over NFS need ``O_APPEND`` + the lock (Optuna does both); some NFS setups
+have lost or corrupted journal lines (optuna#5138), so keep the sweep dir on a filesystem with close-to-open
+consistency and do not put SQLite there (file locking over NFS breaks, optuna#6036). The journal suits tens of
+concurrent workers; beyond ~100, or with very many trials (every client replays the whole file), use an RDB with
+``--storage postgresql://user@host/db`` (optionally behind Optuna's gRPC proxy). The same lock file guards trial
+assignment (``<sweep-dir>/assign.lock``).
+
+Outputs
+-------
+``best_params.json`` ({"best_params": {"section.key": value}, "best_value", ...}: the overrides the best trial
+trained with, sampled and fixed ones, readable by ``csi_dist.train --hyperparams``), ``report.md`` (table of
+trials, best trial, the command that retrains it), ``trials.csv``, ``optimization_history.png`` and
+``wandb_sweep.yaml`` (the same search for ``wandb sweep``/``wandb agent``). Trials log to W&B (offline by default)
+in the group ``logging.wandb_group = <study name>``, one W&B run per trial directory.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from csi_dist.config import ConfigError
+from csi_dist.files import atomic_write_json
+from csi_dist.sweep.report import write_report
+from csi_dist.sweep.space import SearchSpace, load_space, wandb_sweep
+from csi_dist.sweep.study import (JOBS_NAME, SETTINGS_NAME, SweepError, SweepSettings, budget_used, current_owner,
+                                  finished_count, load_study, open_storage, owners_alive, read_jobs, record_jobs,
+                                  recover_dead_trials)
+from csi_dist.sweep.trial import TrialTask, run_trial
+
+log = logging.getLogger("csi_dist.sweep")
+
+
+# ------------------------------------------------------------------------------------------------ trial jobs
+def slurm_executor(settings: SweepSettings, n_jobs: int):
+    import submitit
+    resources = settings.job
+    executor = submitit.AutoExecutor(folder=Path(settings.sweep_dir) / "submitit" / "%j", cluster="slurm")
+    gpus = int(resources.get("gpus_per_node") or 0)
+    parameters = dict(name=f"sweep-{settings.study_name}", nodes=resources.get("nodes", 1),
+                      tasks_per_node=resources.get("tasks_per_node") or max(gpus, 1),
+                      timeout_min=resources.get("timeout_min", 24 * 60),
+                      slurm_array_parallelism=min(settings.parallel, n_jobs),
+                      slurm_signal_delay_s=120, slurm_additional_parameters={"requeue": True})
+    for key in ("cpus_per_task", "mem_gb"):
+        if resources.get(key):
+            parameters[key] = resources[key]
+    if gpus:
+        parameters["gpus_per_node"] = gpus
+    if resources.get("partition"):
+        parameters["slurm_partition"] = resources["partition"]
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def submit_slurm_jobs(settings: SweepSettings, n_jobs: int) -> None:
+    executor = slurm_executor(settings, n_jobs)
+    task = TrialTask(settings.sweep_dir, use_gpus=bool(settings.job.get("gpus_per_node")))
+    with executor.batch():
+        jobs = [executor.submit(task) for _ in range(n_jobs)]
+    owners = [f"slurm-{job.job_id}" for job in jobs]
+    record_jobs(Path(settings.sweep_dir), [{"owner": owner, "submitted": time.time()} for owner in owners])
+    log.info("submitted %d trial job(s) (at most %d at a time): %s", n_jobs, settings.parallel, " ".join(owners))
+
+
+def start_local_jobs(settings: SweepSettings, n_jobs: int) -> None:
+    sweep_dir = Path(settings.sweep_dir)
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    started = []
+    for _ in range(n_jobs):
+        log_path = sweep_dir / "logs" / f"local-{time.time_ns()}.log"
+        with open(log_path, "w") as log_file:  # the child keeps its own descriptor
+            process = subprocess.Popen([sys.executable, "-m", "csi_dist.sweep", "--run-trial",
+                                        "--sweep-dir", str(sweep_dir)], stdout=log_file, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        owner = f"local-{socket.gethostname()}-{process.pid}"
+        started.append({"owner": owner, "submitted": time.time(), "log": str(log_path)})
+        log.info("started trial process %s (log %s)", owner, log_path)
+    record_jobs(sweep_dir, started)
+
+
+def reap_children() -> None:
+    """Collect exited local trial processes (they are our children unless this driver was restarted)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def launch_missing_jobs(settings: SweepSettings, space: SearchSpace) -> int:
+    """Start the jobs the study still needs; returns how many jobs are alive or were started."""
+    sweep_dir = Path(settings.sweep_dir)
+    reap_children()
+    trials = load_study(settings, space).get_trials(deepcopy=False)
+    jobs = read_jobs(sweep_dir)
+    alive = owners_alive([job["owner"] for job in jobs])
+    owning = {t.user_attrs.get("owner") for t in trials if t.state != TrialState.WAITING}
+    live_jobs = [job["owner"] for job in jobs if alive.get(job["owner"]) is not False]
+    waiting_for_a_trial = [owner for owner in live_jobs if owner not in owning]
+    needed = settings.n_trials - budget_used(trials) - len(waiting_for_a_trial)
+    needed += sum(t.state == TrialState.WAITING for t in trials)  # queued retries need a job too
+    if settings.executor == "local":  # this driver is the scheduler: at most --parallel processes at once
+        needed = min(needed, settings.parallel - len(live_jobs))
+    if needed > 0 and len(jobs) + needed > 3 * settings.n_trials + 10:
+        raise SweepError(f"{sweep_dir / JOBS_NAME}: {len(jobs)} jobs started for {settings.n_trials} trials; "
+                         f"refusing to start more (their logs are under {sweep_dir})")
+    if needed > 0:
+        (submit_slurm_jobs if settings.executor == "slurm" else start_local_jobs)(settings, needed)
+    return len(live_jobs) + max(needed, 0)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def create_or_resume(args: argparse.Namespace) -> SweepSettings:
+    """First start: validate and write sweep.json + the space copy + the study. Restart: check it is the same sweep."""
+    sweep_dir = args.sweep_dir.resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    config = str(args.config.resolve()) if args.config else None
+    job = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "tasks_per_node": args.tasks_per_node,
+           "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb, "partition": args.partition,
+           "timeout_min": args.timeout_min}
+    settings_path = sweep_dir / SETTINGS_NAME
+    if settings_path.exists():
+        settings = SweepSettings.load(sweep_dir)
+        space_text = args.space.read_text(encoding="utf-8") if args.space else None
+        mismatches = [name for name, given, stored in (
+            ("--config", config, settings.config), ("--set", args.overrides, settings.overrides),
+            ("--study-name", args.study_name or settings.study_name, settings.study_name),
+            ("--storage", args.storage, settings.storage),
+            ("--space", space_text, Path(settings.space).read_text(encoding="utf-8") if space_text else None))
+            if given != stored]
+        if mismatches:
+            raise SweepError(f"{settings_path}: this sweep dir holds a study started with other {', '.join(mismatches)}"
+                             f"; restart with the same values or use another --sweep-dir")
+        settings.n_trials, settings.parallel, settings.executor = args.n_trials, args.parallel, args.executor
+        settings.max_retries, settings.job = args.max_retries, job
+        log.info("resuming study %r in %s", settings.study_name, sweep_dir)
+    else:
+        if args.space is None:
+            raise SweepError("--space is required to start a sweep (e.g. configs/sweep/default.yaml)")
+        space = load_space(args.space)
+        space.check_against_config(args.config, args.overrides)
+        space_copy = sweep_dir / f"space{args.space.suffix}"
+        shutil.copyfile(args.space, space_copy)
+        settings = SweepSettings(sweep_dir=str(sweep_dir), study_name=args.study_name or sweep_dir.name,
+                                 config=config, overrides=list(args.overrides), space=str(space_copy),
+                                 n_trials=args.n_trials, parallel=args.parallel, executor=args.executor,
+                                 storage=args.storage, max_retries=args.max_retries, job=job)
+    space = load_space(settings.space)
+    optuna.create_study(study_name=settings.study_name, storage=open_storage(settings),
+                        direction=space.study_direction(), load_if_exists=True)
+    atomic_write_json(settings_path, asdict(settings))
+    import yaml
+    (sweep_dir / "wandb_sweep.yaml").write_text(yaml.safe_dump(
+        wandb_sweep(space, args.config, settings.overrides, settings.n_trials), sort_keys=False), encoding="utf-8")
+    return settings
+
+
+def drive(settings: SweepSettings, wait: bool, poll_s: float, dead_grace_s: float, timeout_min: float) -> int:
+    space = load_space(settings.space)
+    suspects: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_min * 60 if timeout_min else math.inf
+    while True:
+        recover_dead_trials(settings, space, suspects, dead_grace_s)
+        trials = load_study(settings, space).get_trials(deepcopy=False)
+        done = finished_count(trials)
+        if done >= settings.n_trials:
+            break
+        active = launch_missing_jobs(settings, space)
+        if not wait:
+            log.info("%d/%d trials finished; jobs run on without this driver (rerun it to collect the report)",
+                     done, settings.n_trials)
+            return 0
+        if time.monotonic() > deadline:
+            log.error("%d/%d trials finished after --wait-timeout-min %s; jobs go on, rerun to continue",
+                      done, settings.n_trials, timeout_min)
+            return 1
+        log.info("%d/%d trials finished, %d job(s) active", done, settings.n_trials, active)
+        time.sleep(poll_s)
+    write_report(load_study(settings, space), settings, space)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="csi_dist.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="base training config (INI)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="fixed override for every trial (repeatable)")
+    parser.add_argument("--space", type=Path, help="search space (.yaml/.yml or .ini), e.g. configs/sweep/default.yaml")
+    parser.add_argument("--n-trials", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=4, help="trials running at the same time")
+    parser.add_argument("--executor", choices=("slurm", "local"), default="slurm")
+    parser.add_argument("--sweep-dir", type=Path, help="on the shared filesystem (default sweeps/<study name>)")
+    parser.add_argument("--study-name", default=None, help="default: the sweep dir's name")
+    parser.add_argument("--storage", default="", help="RDB URL for large sweeps (default: journal file in the sweep dir)")
+    parser.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose job died")
+    parser.add_argument("--nodes", type=int, default=1, help="per trial")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="per trial; 0 = train on CPU")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU, or 1")
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--mem-gb", type=float, default=None)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit of each trial job")
+    parser.add_argument("--no-wait", action="store_true", help="submit and exit (SLURM); rerun later for the report")
+    parser.add_argument("--wait-timeout-min", type=float, default=0, help="stop waiting after this long (0 = never)")
+    parser.add_argument("--poll-s", type=float, default=10.0)
+    parser.add_argument("--dead-grace-s", type=float, default=60.0,
+                        help="a trial's job must be gone this long before the trial is failed and retried")
+    parser.add_argument("--run-trial", action="store_true", help=argparse.SUPPRESS)  # a local trial process
+    args = parser.parse_args(argv)
+    if args.sweep_dir is None:
+        if args.run_trial:
+            parser.error("--run-trial needs --sweep-dir")
+        args.sweep_dir = Path("sweeps") / (args.study_name or "csi-sweep")
+    if args.n_trials < 1 or args.parallel < 1:
+        parser.error("--n-trials and --parallel must be >= 1")
+    if args.executor == "local" and (args.nodes != 1 or (args.tasks_per_node or 1) != 1):
+        parser.error("--executor local runs each trial as one process: use --executor slurm for multi-process trials")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = parse_args(argv)
+    try:
+        if args.run_trial:
+            run_trial(args.sweep_dir.resolve(), current_owner())
+            return 0
+        settings = create_or_resume(args)
+        return drive(settings, wait=not args.no_wait or args.executor == "local", poll_s=args.poll_s,
+                     dead_grace_s=args.dead_grace_s, timeout_min=args.wait_timeout_min)
+    except (ConfigError, SweepError) as error:
+        log.error("%s", error)
+        return 2
