@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -129,6 +130,21 @@ def test_scontrol_requeue_is_a_notice_the_ranks_save_on_with_workers_on(tmp_path
     assert resumed and int(resumed.group(1)) == stop_step, text[-4000:]
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
+
+
+def test_scancel_of_a_training_job_ends_it_cancelled_without_a_requeue(tmp_path, demo_shards):
+    """scancel sends every process the SIGTERM a requeue sends: the ranks may save, but the job stays cancelled."""
+    job_id, run_dir, log = submit_training(tmp_path, demo_shards, "cancelled")
+    wait_for_checkpoint(run_dir, 2)
+    run(["scancel", job_id])
+    state = wait_for_job_end(job_id, JOB_TIMEOUT_S, start_when_requeued=False)
+    time.sleep(5)  # a requeue decided late would show here
+    assert state == "CANCELLED" and job_field(job_id, "JobState") in ("CANCELLED", None)
+    assert job_field(job_id, "Restarts") in ("0", None)
+    text = log.read_text()
+    assert f"requeueing SLURM job {job_id}" not in text, text[-4000:]
+    assert f"job {job_id} was cancelled (scancel); it ends instead of requeueing" in text, text[-4000:]
+    assert "is killed by signal" not in text, text[-4000:]  # the ranks saved (the launchers still print theirs)
 
 
 def test_job_killed_without_warning_resumes_from_the_last_periodic_checkpoint(tmp_path, demo_shards, reference_run):

@@ -110,7 +110,8 @@ def requeue_after_failure(run_dir: Path | None, max_requeues: int) -> bool:
     """
     job_id = slurm_job_to_requeue()
     if job_id is None or run_dir is None:
-        log.error("not in a requeueable SLURM job: rerun the same command to resume from the newest checkpoint")
+        log.error("not requeued (the reason is above, or this is no SLURM job): rerun the same command to resume "
+                  "from the newest checkpoint")
         return False
     markers = Path(run_dir) / FAILURE_REQUEUE_DIR
     markers.mkdir(parents=True, exist_ok=True)
