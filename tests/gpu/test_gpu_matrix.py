@@ -1,7 +1,8 @@
 """GPU tier (skipped without CUDA): every seed backbone under every strategy in bf16, parity in bf16, skipped steps.
 
 Run on a GPU machine with `python -m pytest tests/gpu -q` (deepspeed installed). With CSI_GPU_MATRIX=path.md the
-matrix (pass/fail, img/s, peak GiB per cell) is written there for BENCHMARKS.md.
+matrix (pass/fail, img/s, peak GiB per cell) is written there for BENCHMARKS.md; CSI_GPU_CELLS=a,b runs only those
+cells of the matrix.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ STRATEGIES = {"ddp": "training.strategy=ddp", "fsdp2": "training.strategy=fsdp2"
 CELLS = {f"{arch}-{name}": f"{strategy},model.model_arch={arch},data.image_size={size}"
          for arch, size in BACKBONES.items() for name, strategy in STRATEGIES.items()}
 CELLS["ResNet50-ddp-compiled"] = CELLS["ResNet50-ddp"] + ",model.compile=true"
+if os.environ.get("CSI_GPU_CELLS"):  # a quick rerun of some cells, e.g. CSI_GPU_CELLS=ResNet50-ddp,CheXNet-zero3
+    CELLS = {cell: CELLS[cell] for cell in os.environ["CSI_GPU_CELLS"].split(",")}
 # bf16 autocast rounds every product to 8 bits of mantissa, differently for each batch split and kernel choice, so
 # single weights wander (up to 0.007 on an H200). Stated tolerance: the loss per update within 0.5 % and the final
 # weights within 1.5 % of the distance training moved them. Measured on an H200 (2026-12-02): at most 0.06 % and
