@@ -1,7 +1,166 @@
-"""`python -m csi_dist.submit`: train on SLURM through submitit (see csi_dist.cluster.submit)."""
-import sys
+"""Submit training to SLURM with submitit (or run it locally with --local); requeued jobs resume by themselves.
 
-from csi_dist.cluster.submit import main
+    python -m csi_dist.submit --nodes 2 --gpus-per-node 4 --config configs/demo.ini --run-dir runs/demo
+    python -m csi_dist.submit --local --tasks-per-node 2 --config configs/demo.ini --set training.n_epochs=1
+
+Options this launcher does not know are passed to the trainer (`csi_dist.train`) unchanged. Every task is one
+training process: it exports the torch.distributed environment of its place in the job and calls
+`csi_dist.train.main(argv)`. On a preemption notice the trainer checkpoints and requeues the job (see
+csi_dist/cluster/preemption.py); the requeued job runs the same argv, whose `--run-dir` is fixed here at submission
+time, and `--resume auto` continues from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import submitit
+
+from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.slurm import export_rendezvous_port
+
+log = logging.getLogger("csi_dist.submit")
+
+# Slurm sends submitit's signal (USR2) this long before the time limit: enough for one checkpoint.
+SIGNAL_DELAY_S = 120
+
+
+class TrainingTask:
+    """One rank of a submitted training: distributed environment from the job, then the trainer's main()."""
+
+    def __init__(self, trainer_argv: list[str], use_gpus: bool):
+        self.trainer_argv = trainer_argv
+        self.use_gpus = use_gpus
+
+    def __call__(self) -> int:
+        export_rendezvous_port()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus,
+                                                              overwrite=True)
+        if not self.use_gpus:
+            os.environ["ACCELERATE_USE_CPU"] = "1"
+        from csi_dist.train import main  # imported in the job: the submitting machine needs no torch setup
+
+        status = main(self.trainer_argv)
+        if status != 0:  # the trainer's own code leaves the task, so the batch script's requeue rule can read it
+            raise SystemExit(status)
+        return status
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """submitit's own notice handler (active only before the trainer installs its watcher): rerun as is."""
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="csi_dist.submit", description=__doc__.splitlines()[0],
+                                     epilog="Other options (--config, --set, --run-dir, ...) go to csi_dist.train.")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="0 = train on CPU")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="processes per node (default: one per GPU, or 1 on CPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--mem-gb", type=float, default=None, help="memory per node")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--timeout-min", type=int, default=24 * 60)
+    parser.add_argument("--job-name", default="csi-train")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs/submitit"), help="submitit's folder")
+    parser.add_argument("--local", action="store_true", help="run on this machine (submitit local executor)")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+    return parser.parse_known_args(argv)
+
+
+def run_dir_of(trainer_argv: list[str]) -> Path | None:
+    """The trainer's --run-dir, or None when its arguments name none."""
+    for position, arg in enumerate(trainer_argv):
+        if arg == "--run-dir" and position + 1 < len(trainer_argv):
+            return Path(trainer_argv[position + 1])
+        if arg.startswith("--run-dir="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def with_fixed_run_dir(trainer_argv: list[str], job_name: str) -> list[str]:
+    """The trainer's argv with an explicit --run-dir, so that every requeue of the job finds the same run."""
+    if run_dir_of(trainer_argv) is not None:
+        return trainer_argv
+    return [*trainer_argv, "--run-dir", str(Path("runs") / f"{job_name}-{datetime.now():%Y%m%d_%H%M%S}")]
+
+
+def batch_notice_lines(run_dir: Path) -> list[str]:
+    """Batch-script lines that turn `scancel --batch --signal=USR1` (or --signal=B:USR1) into the trainer's preemption
+    request file, as slurm/train.sbatch does; without them the signal killed submitit's batch shell.
+
+    bash runs a trap only once the foreground command ends, and submitit runs srun in the foreground: the notice
+    would wait for the end of training. So `srun` becomes a function that runs the real one in the background and
+    waits for it; a trapped signal interrupts `wait`, the trap writes the file at once, and the wait goes on."""
+    request = shlex.quote(str(run_dir.resolve() / REQUEST_FILE_NAME))
+    return [f"trap 'echo \"$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}\" > {request}' USR1",
+            'srun() { command srun "$@" & local pid=$! status; while :; do wait "$pid"; status=$?; '
+            '[ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null && continue; return "$status"; done; }']
+
+
+def batch_failure_lines(run_dir: Path) -> list[str]:
+    """Batch-script lines after the step: slurm/train.sbatch's rule (csi_dist.cluster.slurm after-step), taken in the
+    batch shell, where SLURM's SIGTERM to the step cannot interrupt it; a surviving rank may have requeued already.
+    After a requeue the shell waits for SLURM to end it: exiting first with an error would leave the job FAILED."""
+    decide = shlex.join([sys.executable, "-m", "csi_dist.cluster.slurm", "after-step"])
+    return ['status=$?',
+            f'if {decide} "$status" {shlex.quote(str(run_dir.resolve()))}; then sleep 300 & wait $!; fi',
+            'exit "$status"']
+
+
+def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor:
+    tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
+    if args.local:
+        if args.nodes != 1:
+            raise SystemExit(f"--local runs on one machine: --nodes must be 1, got {args.nodes}")
+        executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local")
+    else:
+        executor = submitit.AutoExecutor(folder=args.log_dir, cluster="slurm")
+    parameters = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=tasks_per_node,
+                      timeout_min=args.timeout_min)
+    if args.gpus_per_node:
+        parameters["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:
+        parameters["cpus_per_task"] = args.cpus_per_task
+    if args.mem_gb:
+        parameters["mem_gb"] = args.mem_gb
+    if not args.local:
+        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True},
+                          slurm_setup=batch_notice_lines(run_dir), slurm_teardown=batch_failure_lines(run_dir))
+        if args.partition:
+            parameters["slurm_partition"] = args.partition
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args, trainer_argv = parse_args(argv)
+    trainer_argv = with_fixed_run_dir(trainer_argv, args.job_name)
+    executor = build_executor(args, run_dir_of(trainer_argv))
+    job = executor.submit(TrainingTask(trainer_argv, use_gpus=args.gpus_per_node > 0))
+    print(f"submitted job {job.job_id}")
+    print(f"log: {job.paths.stdout}")
+    print(f"trainer arguments: {' '.join(trainer_argv)}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    try:
+        job.results()
+    except Exception as error:  # submitit re-raises the task's failure; its log has the traceback
+        log.error("job %s failed: %s", job.job_id, error)
+        return 1
+    print(f"job {job.job_id} finished")
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the module's import name so that submitit pickles `csi_dist.submit.TrainingTask` by
+    # reference, not the class from `__main__` by value.
+    from csi_dist.submit import main as submit_main
+    sys.exit(submit_main())

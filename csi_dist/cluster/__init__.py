@@ -1,1 +1,1 @@
-"""Running on clusters: SLURM knowledge (torch-free), preemption notices, submitit submission."""
+"""Running on clusters: SLURM knowledge (torch-free) and preemption notices turned into one stop decision."""

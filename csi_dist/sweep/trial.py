@@ -141,7 +141,7 @@ class TrialTask:
     def __call__(self) -> dict | None:
         import submitit
         job = submitit.JobEnvironment()
-        # as csi_dist.cluster.submit.TrainingTask: a port per job segment, torch.distributed variables from the job
+        # as csi_dist.submit.TrainingTask: a port per job segment, torch.distributed variables from the job
         export_rendezvous_port()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus, overwrite=True)
         if not self.use_gpus:
