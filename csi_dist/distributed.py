@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from csi_dist.config import Config
+from csi_dist.config import TrainingConfig
 from csi_dist.redaction import install_secret_filter
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,13 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def build_accelerator(config: Config) -> Accelerator:
+def build_accelerator(training: TrainingConfig) -> Accelerator:
     """Accelerate's autocast is the compute precision of every strategy (fp32 weights; see strategies.py)."""
     on_cpu = not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.training.mixed_precision),
+        mixed_precision=resolve_mixed_precision(training.mixed_precision),
         cpu=on_cpu,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.training.collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=training.collective_timeout_s))],
     )
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
@@ -46,8 +46,8 @@ def build_accelerator(config: Config) -> Accelerator:
     if not on_cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = config.training.cudnn_benchmark and not config.training.deterministic
-    if config.training.deterministic:
+        torch.backends.cudnn.benchmark = training.cudnn_benchmark and not training.deterministic
+    if training.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     return accelerator

@@ -49,7 +49,7 @@ def weights_path(run_dir: Path, weights: str) -> Path:
 def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | None, out_dir: Path) -> dict:
     config = load_config(run_dir / "resolved_config.ini",
                          [f"data.shard_dir={shard_dir}"] if shard_dir else [])
-    accelerator = build_accelerator(config)
+    accelerator = build_accelerator(config.training)
     configure_logging(accelerator)
     watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
     watcher.install()

@@ -65,14 +65,15 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: str):
         self.config, self.run_dir = config, run_dir
         # --- processes, logging, run directory -------------------------------------------------------------
-        strategy_name = resolve_strategy(config)
+        strategy_name = resolve_strategy(config.training)
         hide_from_accelerate()
-        self.accelerator = accelerator = build_accelerator(config)
+        self.accelerator = accelerator = build_accelerator(config.training)
         configure_logging(accelerator)
         if strategy_name == "fsdp2" and accelerator.num_processes == 1:
             log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
             strategy_name = "ddp"
-        self.strategy = strategy = build_strategy(strategy_name, accelerator, config)
+        self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
+                                                   config.optimization.grad_clip_norm)
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
@@ -198,8 +199,7 @@ class Trainer:
                 progress.epoch_position += self.global_batch
                 step_in_epoch += 1
                 bar.update(1)
-                stepped = strategy.step(self.model, self.optimizer, config.optimization.grad_clip_norm,
-                                        is_update_step)
+                stepped = strategy.step(self.model, self.optimizer, is_update_step)
             window_log.add_update()
             if stepped:
                 self.schedule.after_optimizer_step()

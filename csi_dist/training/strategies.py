@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from csi_dist.config import Config
+from csi_dist.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ STRATEGIES = ("ddp", "fsdp2", "deepspeed")
 _TRUE = ("1", "true", "yes")
 
 
-def resolve_strategy(config: Config) -> str:
+def resolve_strategy(training: TrainingConfig) -> str:
     """The strategy asked for by the launcher's environment, else by the config (auto = DDP)."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE:
         return "deepspeed"
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE:
         return "fsdp2"
-    return "ddp" if config.training.strategy == "auto" else config.training.strategy
+    return "ddp" if training.strategy == "auto" else training.strategy
 
 
 def hide_from_accelerate() -> None:
@@ -59,9 +59,10 @@ class DDPStrategy:
 
     name = "ddp"
 
-    def __init__(self, accelerator, config: Config):
+    def __init__(self, accelerator, training: TrainingConfig, grad_clip_norm: float):
         self.accelerator = accelerator
-        self.config = config
+        self.training = training
+        self.grad_clip_norm = grad_clip_norm
         self.precision = accelerator.mixed_precision
 
     def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -84,13 +85,13 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def step(self, model: nn.Module, optimizer, clip_norm: float, is_update_step: bool) -> bool | None:
+    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> bool | None:
         """None on a micro-step; at an update, True if the optimizer stepped, False if the gradients were
         non-finite and the step was skipped. One host sync per update: gradients are already averaged over
         ranks, so every rank takes the same decision without another collective."""
         if not is_update_step:
             return None
-        grad_norm = self._clip(model, clip_norm or math.inf)
+        grad_norm = self._clip(model, self.grad_clip_norm or math.inf)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -199,22 +200,23 @@ class DeepSpeedStrategy:
 
     name = "deepspeed"
 
-    def __init__(self, accelerator, config: Config):
+    def __init__(self, accelerator, training: TrainingConfig, grad_clip_norm: float):
         self.accelerator = accelerator
-        self.config = config
-        self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", config.training.zero_stage))
+        self.training = training
+        self.grad_clip_norm = grad_clip_norm
+        self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", training.zero_stage))
         self.precision = accelerator.mixed_precision
         self.engine = None
 
     def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
-        training = self.config.training
+        training = self.training
         ds_config = {
             "train_micro_batch_size_per_gpu": training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "train_batch_size": training.batch_size * training.gradient_accumulation_steps
             * self.accelerator.num_processes,
-            "gradient_clipping": self.config.optimization.grad_clip_norm,
+            "gradient_clipping": self.grad_clip_norm,
             "zero_optimization": {"stage": self.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
             "bf16": {"enabled": False},  # fp32 master weights; compute in bf16 under autocast (module docstring)
             "steps_per_print": 10**9,
@@ -233,7 +235,7 @@ class DeepSpeedStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the window
 
-    def step(self, model: nn.Module, optimizer, clip_norm: float, is_update_step: bool) -> bool | None:
+    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> bool | None:
         self.engine.step()  # at a boundary: reduce, check the norm, update or skip; else only counts the micro-step
         if not is_update_step:
             return None
@@ -282,5 +284,6 @@ class DeepSpeedStrategy:
         return f"DeepSpeed ZeRO-{self.zero_stage} over {self.accelerator.num_processes} process(es)"
 
 
-def build_strategy(name: str, accelerator, config: Config):
-    return {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}[name](accelerator, config)
+def build_strategy(name: str, accelerator, training: TrainingConfig, grad_clip_norm: float):
+    strategy = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}[name]
+    return strategy(accelerator, training, grad_clip_norm)
