@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
 from csi_dist.config import load_config
 from csi_dist.models import build_model, model_input_size
+from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
 
 log = logging.getLogger("csi_dist.convert")
 

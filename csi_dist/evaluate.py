@@ -13,16 +13,18 @@ from pathlib import Path
 
 import torch
 
-from csi_dist.training.checkpoint import CheckpointError, load_weights
+from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging
 from csi_dist.evaluation.inference import StopRequested, predict_split
-from csi_dist.loss import WeightedCSILoss
 from csi_dist.evaluation.metrics import compute_metrics
-from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
-from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.evaluation.report import write_evaluation
+from csi_dist.files import atomic_write_json
+from csi_dist.loss import WeightedCSILoss
+from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
+from csi_dist.provenance import now_utc, read_provenance, sha256_of
+from csi_dist.training.checkpoint import CheckpointError, load_weights
 
 log = logging.getLogger("csi_dist.evaluate")
 
@@ -51,6 +53,13 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
                          [f"data.shard_dir={shard_dir}"] if shard_dir else [])
     accelerator = build_accelerator(config.training)
     configure_logging(accelerator)
+    provenance = read_provenance(run_dir)
+    trained_on = provenance.get("origin", {}).get("data", {})
+    manifest_sha256 = sha256_of(Path(config.data.shard_dir) / "manifest.json")
+    if trained_on.get("manifest_sha256") and trained_on["manifest_sha256"] != manifest_sha256:
+        log.warning("the shards in %s are not the ones this model was trained on (%s, manifest sha256 %s): "
+                    "fine for an external test set, wrong if you meant the run's own splits", config.data.shard_dir,
+                    trained_on.get("shard_dir"), trained_on["manifest_sha256"][:12])
     watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
     watcher.install()
     image_size = model_input_size(config.model, config.data.image_size)
@@ -95,6 +104,10 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
         log.info("%s (%d images, weights %s): f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f, report %s", split,
                  len(predictions.file_ids), path.name, metrics["f1_weighted"], metrics["f1_macro"],
                  metrics["csi_mae"], out_dir / f"{split}_report.md")
+    if accelerator.is_main_process and results:  # the report says which model, trained on what, saw which data
+        atomic_write_json(out_dir / "provenance.json", {"run": provenance, "evaluated": {
+            "weights": str(path.resolve()), "weights_sha256": sha256_of(path), "shard_dir": str(config.data.shard_dir),
+            "manifest_sha256": manifest_sha256, "splits": list(results), "utc": now_utc()}})
     accelerator.end_training()
     return results
 

@@ -1,7 +1,8 @@
 """The run's stateful parts, saved and restored together through one checkpointer.
 
 Each part saves and loads itself (`state_dict` / `load_state_dict`): the model and optimizer through the parallelism
-strategy, the progress (where the run is), the learning-rate schedule, early stopping, and every rank's RNG streams.
+strategy, the progress (where the run is), the learning-rate schedule, early stopping, and every rank's RNG streams;
+rank 0 adds the run's provenance (csi_dist.provenance).
 The files and their atomic handling are csi_dist.training.checkpoint's; this module says what goes into them.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi_dist.provenance import ProvenanceRecord
 from csi_dist.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule
@@ -48,7 +50,8 @@ class Checkpointer:
     """Saves the parts at a step (once per step) and restores them from a checkpoint directory."""
 
     def __init__(self, run_dir: Path, accelerator, strategy, model, optimizer, *, progress: TrainingProgress,
-                 schedule: LearningRateSchedule, early_stopping: EarlyStopping, keep_last: int):
+                 schedule: LearningRateSchedule, early_stopping: EarlyStopping, keep_last: int,
+                 provenance: ProvenanceRecord | None = None):
         self.run_dir = run_dir
         self.accelerator = accelerator
         self.strategy = strategy
@@ -58,6 +61,7 @@ class Checkpointer:
         self.schedule = schedule
         self.early_stopping = early_stopping
         self.keep_last = keep_last
+        self.provenance = provenance  # rank 0's record; each checkpoint carries a copy
         self.last_saved_step = -1
 
     def save(self) -> None:
@@ -67,6 +71,8 @@ class Checkpointer:
             return
         self.last_saved_step = step
         trainer_state = self.progress.state_dict() | {"early_stopping": self.early_stopping.state_dict()}
+        if self.provenance is not None:
+            trainer_state["provenance"] = self.provenance.update(step)
         save_checkpoint(self.accelerator, self.strategy, self.run_dir, step, model=self.model,
                         optimizer=self.optimizer, schedule_state=self.schedule.state_dict(),
                         trainer_state=trainer_state, keep_last=self.keep_last)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 import time
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -28,6 +29,7 @@ from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model, model_input_size, uses_channels_last
+from csi_dist.provenance import ProvenanceRecord, new_segment, run_origin
 from csi_dist.training.accumulation import accumulation_windows, window_loss_scale
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress
@@ -131,6 +133,8 @@ class Trainer:
                                                            else Path(resume))
         if checkpoint_path is not None:
             self.checkpointer.restore(checkpoint_path)
+        if accelerator.is_main_process:  # what this run is made of, and this segment of it
+            self.checkpointer.provenance = self.record_provenance()
 
         self.tracker = Tracker(run_dir, config, run_dir.name, enabled=accelerator.is_main_process)
         self.watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
@@ -281,9 +285,22 @@ class Trainer:
             atomic_write_json(self.run_dir / "training_history.json", progress.history)
         return record
 
+    def record_provenance(self) -> ProvenanceRecord:
+        device = self.accelerator.device
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                         platform.machine())
+        origin = run_origin(self.config.data.shard_dir, self.run_dir / "resolved_config.ini", self.config.training.seed)
+        record = ProvenanceRecord(self.run_dir, origin, new_segment(self.world_size, [device_name],
+                                                                    self.progress.global_step))
+        for change in record.changes:
+            log.warning("this run was first trained with something else: %s (provenance.json keeps both)", change)
+        return record
+
     def stop_for_notice(self) -> NoReturn:
         """A preemption notice every rank agreed on: one checkpoint, then requeue and exit (EXIT_PREEMPTED)."""
         self.checkpointer.save()
+        if self.checkpointer.provenance is not None:
+            self.checkpointer.provenance.update(self.progress.global_step, outcome="stopped by a preemption notice")
         self.tracker.close()
         self.watcher.finish_after_checkpoint(self.accelerator)
 
@@ -307,6 +324,8 @@ class Trainer:
         log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
                  progress.global_step, config.callbacks.monitor, self.early_stopping.best_value,
                  self.early_stopping.best_epoch)
+        if self.checkpointer.provenance is not None:
+            self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason)
         self.tracker.summary({"stop_reason": stop_reason, "best_epoch": self.early_stopping.best_epoch,
                               f"best_{config.callbacks.monitor}": self.early_stopping.best_value})
         self.tracker.close()
