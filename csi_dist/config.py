@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 32  # per process (per GPU)
+    batch_size: int = 32  # per process (per GPU); with global_batch_size: the largest micro-batch per process
+    global_batch_size: int = 0  # images per update on any world size (0: batch_size x accumulation x processes)
     n_epochs: int = 100  # passes over the train split
     seed: int = 42  # seeds weights, data order, augmentation and dropout (per rank and worker)
     gradient_accumulation_steps: int = 1  # micro-batches per update: one update = batch_size x this x processes images
@@ -166,7 +167,8 @@ class Range:
 RANGES: dict[tuple[str, str], Range] = {
     **{("training", key): Range(1) for key in ("batch_size", "n_epochs", "gradient_accumulation_steps",
                                                "log_every_steps", "eval_every_epochs", "collective_timeout_s")},
-    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "seed")},
+    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "seed",
+                                                "global_batch_size")},
     ("training", "zero_stage"): Range(1, 3),
     ("data", "image_size"): Range(0),
     ("data", "shuffle_window"): Range(0),
@@ -321,6 +323,9 @@ def _validate(config: Config) -> None:
             _check_value(section, key, value, f"{section}.{key} (default)")
     if Path(config.logging.run_name).name != config.logging.run_name or config.logging.run_name in ("..", "."):
         raise ConfigError(f"logging.run_name {config.logging.run_name!r} must be a plain name, not a path")
+    if config.training.global_batch_size and config.training.gradient_accumulation_steps != 1:
+        raise ConfigError("training.global_batch_size and training.gradient_accumulation_steps are both set: with a "
+                          "global batch the trainer picks the accumulation for the world size it finds; set one")
 
 
 def _field_comments(section: str) -> dict[str, str]:

@@ -1,10 +1,12 @@
 """Gradient accumulation windows: the micro-batches whose summed gradients make one update of the global batch."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Iterator, TypeVar
 
 import torch
 
+from csi_dist.config import ConfigError, TrainingConfig
 from csi_dist.loss import WeightedCSILoss
 
 Batch = TypeVar("Batch")
@@ -35,3 +37,25 @@ def window_loss_scale(criterion: WeightedCSILoss, window: list[tuple], accelerat
                        for _, _, zone_targets, sample_mask in window)
     global_weight = accelerator.reduce(local_weight.detach().float(), reduction="sum")
     return accelerator.num_processes / global_weight.clamp_min(1e-12)
+
+
+def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that make `global_batch` images per update on `world_size`
+    processes, with the fewest accumulation steps whose micro-batch is at most `max_micro_batch`."""
+    for accumulation in range(1, global_batch + 1):
+        per_micro_step = world_size * accumulation
+        if global_batch % per_micro_step == 0 and global_batch // per_micro_step <= max_micro_batch:
+            return global_batch // per_micro_step, accumulation
+    raise ConfigError(f"training.global_batch_size = {global_batch} cannot be split into equal micro-batches of at "
+                      f"most training.batch_size = {max_micro_batch} over {world_size} processes: choose a global "
+                      f"batch that is a multiple of the process count (e.g. {world_size * max_micro_batch})")
+
+
+def for_world_size(training: TrainingConfig, world_size: int) -> TrainingConfig:
+    """The training settings this world size runs: with `global_batch_size` set, the micro-batch and accumulation
+    that keep it (a requeue onto fewer or more processes trains on the same global batches in the same order);
+    otherwise the settings as they are."""
+    if not training.global_batch_size:
+        return training
+    micro_batch, accumulation = split_global_batch(training.global_batch_size, world_size, training.batch_size)
+    return dataclasses.replace(training, batch_size=micro_batch, gradient_accumulation_steps=accumulation)

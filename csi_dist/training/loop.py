@@ -8,6 +8,7 @@ command line around it is csi_dist.train.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import platform
 import time
@@ -30,7 +31,7 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, new_segment, run_origin
-from csi_dist.training.accumulation import accumulation_windows, window_loss_scale
+from csi_dist.training.accumulation import accumulation_windows, for_world_size, window_loss_scale
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress
 from csi_dist.training.compilation import compile_with_run_cache
@@ -71,6 +72,10 @@ class Trainer:
         hide_from_accelerate()
         self.accelerator = accelerator = build_accelerator(config.training)
         configure_logging(accelerator)
+        requested = config  # saved as the run's config; a requeue onto another world size derives its own batch
+        # the batch this world size runs: with training.global_batch_size, micro-batch and accumulation follow it
+        config = self.config = dataclasses.replace(config, training=for_world_size(config.training,
+                                                                                   accelerator.num_processes))
         if strategy_name == "fsdp2" and accelerator.num_processes == 1:
             log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
             strategy_name = "ddp"
@@ -81,9 +86,12 @@ class Trainer:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "resolved_config.ini")
-        log.info("run %s: %d process(es) on %s, %s, mixed precision %s", run_dir, self.world_size,
-                 accelerator.device, strategy_name, strategy.precision)
+            save_config(requested, run_dir / "resolved_config.ini")
+        log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "
+                 "micro-batch %d x %d accumulation step(s)", run_dir, self.world_size, accelerator.device,
+                 strategy_name, strategy.precision, config.training.batch_size * self.world_size
+                 * config.training.gradient_accumulation_steps, self.world_size, config.training.batch_size,
+                 config.training.gradient_accumulation_steps)
 
         # --- data ------------------------------------------------------------------------------------------
         image_size = model_input_size(config.model, config.data.image_size)

@@ -3,7 +3,7 @@
 argv: RESULTS_JSON then one RUN_DIR=OVERRIDE,OVERRIDE,... per run; each run is `csi_dist.train.main` (or the `main`
 of the module in CSI_RUN_MODULE, e.g. csi_dist.evaluate) with `--run-dir RUN_DIR --set OVERRIDE ...` and the
 common arguments in the CSI_TRAIN_ARGS environment variable. Rank 0
-writes {RUN_DIR: exit status} (an exception counts as 1, its traceback is printed), so a test reads the exit status
+writes {RUN_DIR: exit status} (an exception counts as 1, its traceback is printed; a SystemExit gives its code), so a test reads the exit status
 of every run as a user would see it. The runs share one process group: each run's end would destroy it (and
 accelerate and DeepSpeed keep handles on it), so it is destroyed once, after the last run.
 """
@@ -28,6 +28,8 @@ for run in runs:
     argv = [*common, "--run-dir", run_dir, *[arg for item in overrides.split(",") if item for arg in ("--set", item)]]
     try:
         statuses[run_dir] = main(argv)
+    except SystemExit as stop:  # a notice: the trainer saved and exits 75 (csi_dist.cluster.preemption)
+        statuses[run_dir] = stop.code
     except Exception:  # noqa: BLE001 - what `python -m csi_dist.train` would have died of, as exit status 1
         traceback.print_exc()
         statuses[run_dir] = 1

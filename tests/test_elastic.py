@@ -1,0 +1,66 @@
+"""Elastic global batch (issue 18): with training.global_batch_size a run requeued onto another number of processes
+trains on the same global batches, in the same order, to the same weights."""
+from __future__ import annotations
+
+import pytest
+
+from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.slurm import EXIT_PREEMPTED
+from csi_dist.config import ConfigError
+from csi_dist.data.shard_plan import plan_epoch
+from csi_dist.training.accumulation import split_global_batch
+from test_parity import LOSS_RTOL, PARITY_SETTINGS, WEIGHT_ATOL, train_runs, training_differences
+
+GLOBAL_BATCH, MAX_MICRO_BATCH = 12, 4
+
+
+def update_samples(shard_counts: list[int], world_size: int) -> list[set[int]]:
+    """The (shard, index) pairs of the real samples of each update of epoch 0, on `world_size` processes."""
+    micro_batch, accumulation = split_global_batch(GLOBAL_BATCH, world_size, MAX_MICRO_BATCH)
+    plan = plan_epoch(shard_counts, epoch=0, seed=7, shuffle=True, shuffle_window=50, world_size=world_size,
+                      batch_size=micro_batch, num_workers=2)
+    updates = []
+    for first_step in range(0, plan.steps, accumulation):
+        samples = set()
+        for step in range(first_step, min(first_step + accumulation, plan.steps)):
+            for rank in range(world_size):
+                for position in plan.batch_positions(step, rank):
+                    shard, index, is_padding = plan.sample_at(position)
+                    if not is_padding:
+                        samples.add((shard, index))
+        updates.append(samples)
+    return updates
+
+
+def test_the_global_batches_are_the_same_samples_on_any_world_size():
+    counts = [17, 9, 30, 4]  # 60 samples: 5 updates of 12
+    reference = update_samples(counts, 2)
+    assert [len(update) for update in reference] == [12] * 5
+    for world_size in (1, 3, 4, 6, 12):
+        assert update_samples(counts, world_size) == reference, world_size
+    assert split_global_batch(12, 2, 4) == (3, 2) and split_global_batch(12, 1, 4) == (4, 3)
+    with pytest.raises(ConfigError, match="training.global_batch_size = 12 cannot be split .* over 5 processes"):
+        split_global_batch(12, 5, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_run_requeued_onto_1_then_3_processes_ends_with_the_weights_of_an_uninterrupted_2_process_run(
+        phantom_shards, tmp_path):
+    """2 processes (micro-batch 3 x 2 accumulation steps), preempted, resumed on 1 (4 x 3), preempted, resumed on 3
+    (4 x 1): the same 12-image updates as the uninterrupted 2-process run, so the same weights within fp32 rounding."""
+    settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS, f"training.global_batch_size={GLOBAL_BATCH}",
+                f"training.batch_size={MAX_MICRO_BATCH}", "callbacks.preemption_check_every_steps=3"]
+    reference = {"reference": ""}
+    assert train_runs(2, tmp_path, settings, reference) == {"reference": 0}
+    run_dir = tmp_path / "elastic"
+    for world_size, expected in ((2, EXIT_PREEMPTED), (1, EXIT_PREEMPTED), (3, 0)):
+        if expected == EXIT_PREEMPTED:
+            run_dir.mkdir(exist_ok=True)
+            (run_dir / REQUEST_FILE_NAME).touch()  # a notice: the segment checkpoints at its next check and stops
+        assert train_runs(world_size, tmp_path, settings, {"elastic": ""}, env=None) == {"elastic": expected}
+    log = "".join(path.read_text() for path in sorted(tmp_path.glob("statuses-*.log")))
+    for world_size, micro, accumulation in ((2, 3, 2), (1, 4, 3), (3, 4, 1)):
+        assert f"global batch 12 = {world_size} process(es) x micro-batch {micro} x {accumulation}" in log
+    differences = training_differences(run_dir, tmp_path / "reference")
+    assert differences["loss_rel"] < LOSS_RTOL and differences["weight_abs"] < WEIGHT_ATOL, differences
