@@ -88,19 +88,26 @@ def sample_keys(file_ids: Iterable[str]) -> list[str]:
     return keys
 
 
-def encode_sample_image(task: tuple) -> tuple[bytes | None, str | None]:
-    """Worker: decode, resize and encode one image; returns (bytes, None) or (None, reason it was skipped)."""
-    path, image_size, image_format, jpeg_quality = task
-    try:
-        pixels = resize_square(load_grayscale(path), image_size)
-    except ImageError as err:
-        return None, f"{type(err).__name__}: {err}"
+def encode_image_file(path: str | Path, image_size: int, image_format: str = "png",
+                      jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """The image bytes a shard stores for one image file: decoded to 8-bit grayscale, resized to image_size square,
+    encoded as PNG or JPEG. Raises ImageError (the writer and csi_dist.predict share this one path)."""
+    pixels = resize_square(load_grayscale(path), image_size)
     buffer = io.BytesIO()
     if image_format == "jpg":
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=jpeg_quality)
     else:
         Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue(), None
+    return buffer.getvalue()
+
+
+def encode_sample_image(task: tuple) -> tuple[bytes | None, str | None]:
+    """Worker: decode, resize and encode one image; returns (bytes, None) or (None, reason it was skipped)."""
+    path, image_size, image_format, jpeg_quality = task
+    try:
+        return encode_image_file(path, image_size, image_format, jpeg_quality), None
+    except ImageError as err:
+        return None, f"{type(err).__name__}: {err}"
 
 
 def _map_chunk(function: Callable, chunk: Sequence) -> list:
@@ -379,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE,
                         help=f"--demo image size (default {DEFAULT_DEMO_SIZE})")
     parser.add_argument("--workers", dest="demo_workers", type=int, help="--demo worker processes (default: all cores)")
-    commands = parser.add_subparsers(dest="command", metavar="{write,verify}")
+    commands = parser.add_subparsers(dest="command", metavar="{write,verify,show}")
 
     write = commands.add_parser("write", help="write shards from a label CSV and an image directory")
     write.add_argument("--csv", type=Path, required=True, help="label CSV (';'-separated, FileID + 6 zones + csi)")
@@ -405,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check every shard of a manifest (exit 1 on any problem)")
     verify.add_argument("directory", type=Path)
+
+    show = commands.add_parser("show", help="draw a PNG grid of samples, as the model sees them, with their grades")
+    show.add_argument("directory", type=Path, nargs="?", help="shard directory (or give --csv and --images)")
+    show.add_argument("--csv", type=Path, help="label CSV, to look at images before sharding (with --images)")
+    show.add_argument("--images", type=Path, help="image directory of --csv")
+    show.add_argument("--n", type=int, default=16, help="samples to draw: the first N (default 16)")
+    show.add_argument("--split", choices=SPLIT_NAMES, default="train", help="split of the shards (default train)")
+    show.add_argument("--augment", action="store_true", help="apply the training augmentation")
+    show.add_argument("--seed", type=int, default=42, help="augmentation seed (default 42, as training)")
+    show.add_argument("--size", type=int, help="image side fed to the model (default: the shards'; 512 for --csv)")
+    show.add_argument("--tile", type=int, default=256, help="tile side in the PNG, pixels (default 256)")
+    show.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     return parser
 
 
@@ -414,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None and args.demo is None:
-        parser.error("give a command (write or verify) or --demo N")
+        parser.error("give a command (write, verify or show) or --demo N")
+    if args.command == "show":
+        from csi_dist.data.show import run_show  # imports torch (seconds): only `show` needs it
+        return run_show(args)
     try:
         if args.command == "verify":
             problems = verify_shards(args.directory)
