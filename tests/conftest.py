@@ -46,3 +46,20 @@ def phantom_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "shards"
     write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_shards, tmp_path_factory) -> Path:
+    """A tiny run on the phantom (1 epoch, 32 px) and its evaluation of the test split, shared by the evaluate,
+    predict and provenance tests. Tests may add files to it but must leave what is there unchanged."""
+    import subprocess
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    for args in (["-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
+                  "--set", f"data.shard_dir={phantom_shards}", "--set", "training.n_epochs=1",
+                  "--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
+                  "--set", "logging.wandb_mode=disabled"],
+                 ["-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test"]):
+        result = subprocess.run([sys.executable, *args], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir

@@ -16,8 +16,6 @@ from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from data_helpers import write_dicom
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 
-TINY = ["--set", "training.n_epochs=1", "--set", "training.batch_size=8", "--set", "data.image_size=32",
-        "--set", "training.num_workers=2", "--set", "logging.wandb_mode=disabled"]
 PROB_COLUMNS = [f"{zone}_p_{name}" for zone in ZONE_NAMES for name in CLASS_NAMES]
 
 
@@ -36,13 +34,9 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(phantom_shards: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    trained = run("-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
-                  "--set", f"data.shard_dir={phantom_shards}", *TINY, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-4000:]
-    evaluated = run("-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test")
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(phantom_shards: Path, trained_run: Path,
+                                                                            tmp_path: Path):
+    run_dir = trained_run  # trained and evaluated on the test split by the fixture
     evaluation = read_csv(run_dir / "evaluation" / "test_predictions.csv").set_index(FILE_ID_COLUMN)
     test_ids = list(evaluation.index)
     assert len(test_ids) >= 4

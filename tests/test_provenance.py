@@ -63,14 +63,10 @@ def test_a_run_requeued_twice_shows_three_segments_and_what_it_was_made_of(phant
     assert [segment["slurm_restart_count"] for segment in carried["segments"]] == [0, 1, 2]
 
 
-def test_evaluate_warns_when_the_shards_are_not_the_ones_the_model_was_trained_on(phantom_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    trained = run("csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
-                  "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=16",
-                  "--set", "training.batch_size=8", "--set", "training.num_workers=0",
-                  "--set", "logging.wandb_mode=disabled", "--set", "training.max_steps=2")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    own = run("csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test")
+def test_evaluate_warns_when_the_shards_are_not_the_ones_the_model_was_trained_on(phantom_shards, trained_run,
+                                                                                 tmp_path):
+    run_dir = trained_run  # trained on phantom_shards, and evaluated on them, by the fixture
+    own = run("csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test", "--out", str(tmp_path / "own"))
     assert own.returncode == 0 and "not the ones this model was trained on" not in own.stderr, own.stderr[-3000:]
     recorded = json.loads((run_dir / "evaluation" / "provenance.json").read_text())
     assert recorded["evaluated"]["manifest_sha256"] == sha256(phantom_shards / "manifest.json")

@@ -92,11 +92,8 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(phantom_sh
 
 
 @pytest.mark.slow
-def test_evaluate_writes_the_report_for_every_test_image(phantom_shards: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    run_train(phantom_shards, run_dir, "--set", "training.n_epochs=1", "--set", "logging.wandb_mode=disabled")
-    subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test"],
-                   env=subprocess_env(), cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+def test_evaluate_writes_the_report_for_every_test_image(phantom_shards: Path, trained_run: Path, tmp_path: Path):
+    run_dir = trained_run  # trained, and evaluated on the test split, by the fixture
     manifest = json.loads((phantom_shards / "manifest.json").read_text())
     predictions = (run_dir / "evaluation" / "test_predictions.csv").read_text().splitlines()
     assert len(predictions) - 1 == manifest["splits"]["test"]["count"]
