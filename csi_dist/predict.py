@@ -1,4 +1,6 @@
-"""Predict new images: `python -m csi_dist.predict --run-dir RUN [--weights best|last|PATH] (--images DIR | --list CSV) [--out predictions.csv] [--batch-size N]`.
+"""Predict new images: `python -m csi_dist.predict --run-dir RUN (--images DIR | --list CSV) [--out CSV]`.
+
+Options: --weights best|last|PATH (as evaluate), --batch-size N (default training.batch_size).
 
 Grades the 6 lung zones of unlabelled radiographs with a trained run, through the code training and evaluate use:
 the run's resolved_config.ini, its weights (`evaluate.weights_path`), the shard writer's image path
@@ -86,12 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--run-dir", type=Path, required=True, metavar="RUN", help="a training run directory")
-    parser.add_argument("--weights", default="best", metavar="best|last|PATH", help="best, last, or a .safetensors path")
-    parser.add_argument("--images", type=Path, metavar="DIR", help="folder of images (or, with a FileID --list, where they are)")
+    parser.add_argument("--weights", default="best", metavar="best|last|PATH",
+                        help="best, last, or a .safetensors path")
+    parser.add_argument("--images", type=Path, metavar="DIR",
+                        help="folder of images (or, with a FileID --list, where they are)")
     parser.add_argument("--list", dest="list_csv", type=Path, metavar="CSV",
                         help="';'-separated CSV with a path column, or a FileID column (with --images)")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), metavar="CSV", help="default: predictions.csv")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default: training.batch_size)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), metavar="CSV",
+                        help="default: predictions.csv")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="images per forward pass (default: training.batch_size)")
     args = parser.parse_args(argv)
     if args.images is None and args.list_csv is None:
         parser.error("give --images DIR or --list CSV")
