@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--shard-dir", help="evaluate on other shards than the run's data.shard_dir")
     parser.add_argument("--out", type=Path, help="default: <run_dir>/evaluation")
+    parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                        help="Grad-CAM maps of each zone for the first N images of each split (default 0: none)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,8 @@ def weights_path(run_dir: Path, weights: str) -> Path:
     return Path(weights)
 
 
-def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | None, out_dir: Path) -> dict:
+def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | None, out_dir: Path,
+             heatmaps: int = 0) -> dict:
     config = load_config(run_dir / "resolved_config.ini",
                          [f"data.shard_dir={shard_dir}"] if shard_dir else [])
     accelerator = build_accelerator(config.training)
@@ -101,6 +104,12 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
         write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
                          predictions.csi_truth, predictions.ahf_truth, metrics)
         results[split] = metrics
+        if heatmaps:  # rank 0 alone, on the first images of the split in manifest order
+            from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
+            drawn = heatmaps_for_batches(accelerator.unwrap_model(model), build_loader(
+                open_split(config.data.shard_dir, split), settings, epoch=0, rank=0, world_size=1),
+                heatmaps, out_dir / "heatmaps" / split, accelerator.device)
+            log.info("%s: zone heatmaps of %d image(s) in %s", split, len(drawn), out_dir / "heatmaps" / split)
         log.info("%s (%d images, weights %s): f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f, report %s", split,
                  len(predictions.file_ids), path.name, metrics["f1_weighted"], metrics["f1_macro"],
                  metrics["csi_mae"], out_dir / f"{split}_report.md")
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        evaluate(args.run_dir, args.weights, args.splits, args.shard_dir, args.out or args.run_dir / "evaluation")
+        evaluate(args.run_dir, args.weights, args.splits, args.shard_dir, args.out or args.run_dir / "evaluation",
+                 args.heatmaps)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return 2

@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: predictions.csv")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="images per forward pass (default: training.batch_size)")
+    parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                        help="Grad-CAM maps of each zone for the first N predicted images, in <out stem>_heatmaps/")
     args = parser.parse_args(argv)
     if args.images is None and args.list_csv is None:
         parser.error("give --images DIR or --list CSV")
@@ -301,8 +303,12 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda temporary: table.to_csv(temporary, sep=CSV_SEPARATOR, index=False))
 
 
+def heatmaps_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_heatmaps")
+
+
 def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path | None, out: Path,
-            batch_size: int | None) -> int:
+            batch_size: int | None, heatmaps: int = 0) -> int:
     """Predict every input image; returns the number predicted (0 raises PredictError after the errors file)."""
     if not run_dir.is_dir():
         raise PredictError(f"--run-dir {run_dir}: no such run directory")
@@ -352,6 +358,12 @@ def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path 
                                         np.stack([probabilities[index] for index in order]).astype(float)), out)
             log.info("predicted %d image(s) into %s; %d could not be read (listed in %s)", len(order), out,
                      len(failures), errors_path(out))
+            if heatmaps:
+                from csi_dist.evaluation.heatmaps import heatmaps_for_images  # captum: imported only when asked
+                drawn = [(by_index[index].file_id, model_input(by_index[index].path, pipeline))
+                         for index in order[:heatmaps]]
+                heatmaps_for_images(accelerator.unwrap_model(model), drawn, heatmaps_path(out), accelerator.device)
+                log.info("zone heatmaps of %d image(s) in %s", len(drawn), heatmaps_path(out))
     if not probabilities:
         raise PredictError(f"{source}: none of the {len(by_index)} image(s) could be read; reasons in "
                            f"{errors_path(out)}")
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        predict(args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size)
+        predict(args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size, args.heatmaps)
     except (PredictError, ConfigError, ModelError, CheckpointError, LaunchError) as error:
         log.error("%s", error)
         leave_process_group()

@@ -1,0 +1,155 @@
+"""Where the model looks: one Grad-CAM map per lung zone, computed by captum, for the CNN backbones and the ViTs.
+
+The map of zone z explains the logit of the grade the model predicts for z (the seed project indexed the class axis
+by the zone number instead). CNNs: Grad-CAM on the backbone's last spatial feature map. ViTs (RadDINO): the patch
+tokens entering the last block, laid out as their patch grid, so the map is Grad-CAM over patches. Maps are
+upsampled to the input size and scaled to 0..1 per map; `save_heatmaps` writes one overlay per zone and a 6-zone grid.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from torch import nn
+
+from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
+
+
+class PatchGrid(nn.Module):
+    """ViT tokens -> (B, C, h, w) patch grid; keeps the prefix (class, register) tokens for `PatchTokens`."""
+
+    def __init__(self, grid_size: tuple[int, int], num_prefix_tokens: int):
+        super().__init__()
+        self.grid_size, self.num_prefix_tokens = grid_size, num_prefix_tokens
+        self.prefix: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.prefix = tokens[:, :self.num_prefix_tokens]
+        patches = tokens[:, self.num_prefix_tokens:]
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *self.grid_size)
+
+
+class PatchTokens(nn.Module):
+    """The inverse of `PatchGrid`: the grid back to tokens, prefix first, so the ViT computes what it did."""
+
+    def __init__(self, grid: PatchGrid):
+        super().__init__()
+        self.grid = [grid]  # a plain list: not a submodule, so not registered twice
+
+    def forward(self, grid_map: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.grid[0].prefix, grid_map.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _last_feature_map(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """The backbone module that last produces a spatial (B, C, H, W) output in a forward pass."""
+    finished: list[nn.Module] = []
+    hooks = [module.register_forward_hook(lambda module, _, output: finished.append(module)
+                                          if isinstance(output, torch.Tensor) and output.dim() == 4
+                                          and output.shape[-1] > 1 else None)
+             for module in model.backbone.modules() if module is not model.backbone]
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not finished:
+        raise ValueError(f"{type(model.backbone).__name__}: no spatial feature map to explain")
+    return finished[-1]
+
+
+def cam_model_and_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """The model to explain and the layer whose output Grad-CAM weighs (for a ViT, a copy whose last block reads
+    its tokens through a patch grid)."""
+    backbone = model.backbone
+    if hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed"):
+        explained = copy.deepcopy(model)
+        vit = explained.backbone
+        grid = PatchGrid(tuple(vit.patch_embed.grid_size), vit.num_prefix_tokens)
+        last = vit.blocks[-1]
+        last.norm1 = nn.Sequential(last.norm1, grid, PatchTokens(grid))  # the normed tokens the attention reads
+        return explained, grid
+    return model, _last_feature_map(model, images)
+
+
+def zone_heatmaps(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(maps B x 6 x H x W in 0..1, predicted grades B x 6) for a batch of model inputs (B x 1 x H x W)."""
+    model.eval()
+    explained, layer = cam_model_and_layer(model, images)
+    with torch.no_grad():
+        grades = model(images).argmax(dim=-1)
+    gradcam = LayerGradCam(lambda batch: explained(batch).flatten(1), layer)
+    maps = []
+    for zone in range(NUM_ZONES):
+        target = (zone * NUM_CLASSES + grades[:, zone]).tolist()
+        attribution = gradcam.attribute(images, target=target, relu_attributions=True)
+        maps.append(LayerAttribution.interpolate(attribution, tuple(images.shape[-2:]), "bilinear")[:, 0])
+    stacked = torch.stack(maps, dim=1).detach().float()
+    peak = stacked.flatten(2).amax(dim=2).clamp_min(1e-12)[..., None, None]
+    return (stacked / peak).cpu().numpy(), grades.cpu().numpy()
+
+
+def grade_name(grade: int) -> str:
+    return f"grade {grade} ({CLASS_NAMES[grade]})" if grade != UNKNOWN_CLASS else "unknown"
+
+
+def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray) -> list[Path]:
+    """One overlay PNG per zone (`<FileID>_<zone>.png`) and a 6-zone grid (`<FileID>_zones.png`); `image` H x W."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    grid, axes = plt.subplots(3, 2, figsize=(7, 10))
+    for zone, name in enumerate(ZONE_NAMES):
+        title = f"{file_id} {name}: {grade_name(int(grades[zone]))}"
+        figure, axis = plt.subplots(figsize=(4, 4.3))
+        for target in (axis, axes[zone // 2, zone % 2]):
+            target.imshow(image, cmap="gray")
+            target.imshow(maps[zone], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            target.set_title(title if target is axis else f"{name}: {grade_name(int(grades[zone]))}", fontsize=9)
+            target.axis("off")
+        path = out_dir / f"{file_id}_{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    grid.suptitle(f"{file_id}: where the model looks for each zone's predicted grade (Grad-CAM)", fontsize=10)
+    path = out_dir / f"{file_id}_zones.png"
+    grid.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(grid)
+    return [*written, path]
+
+
+def display_image(model_input: torch.Tensor) -> np.ndarray:
+    """A model input (1 x H x W, normalised) as a 0..1 grey image for display."""
+    pixels = model_input[0].float()
+    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-12)).cpu().numpy()
+
+
+def heatmaps_for_images(model: nn.Module, images: list[tuple[str, torch.Tensor]], out_dir: Path,
+                        device: torch.device, batch_size: int = 8) -> None:
+    """Maps and overlays for (FileID, model input 1 x H x W) pairs, written under `out_dir`."""
+    for start in range(0, len(images), batch_size):
+        part = images[start:start + batch_size]
+        maps, grades = zone_heatmaps(model, torch.stack([image for _, image in part]).to(device))
+        for (file_id, image), image_maps, image_grades in zip(part, maps, grades):
+            save_heatmaps(out_dir, file_id, display_image(image), image_maps, image_grades)
+
+
+def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path, device: torch.device) -> list[str]:
+    """Maps and overlays for the first `n_images` real, decodable samples of `batches` (the reader's batch dicts);
+    returns the FileIDs drawn."""
+    chosen: list[tuple[str, torch.Tensor]] = []
+    for batch in batches:
+        for image, file_id, padding, failed in zip(batch["image"], batch["file_id"], batch["is_padding"],
+                                                   batch["decode_failed"]):
+            if not padding and not failed and len(chosen) < n_images:
+                chosen.append((str(file_id), image))
+        if len(chosen) >= n_images:
+            break
+    heatmaps_for_images(model, chosen, out_dir, device)
+    return [file_id for file_id, _ in chosen]

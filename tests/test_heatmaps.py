@@ -1,0 +1,97 @@
+"""Zone heatmaps (issue 17): Grad-CAM through captum for every backbone family, each zone's map explaining that
+zone's predicted grade, overlays written by evaluate."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO_ROOT, subprocess_env
+from csi_dist.config import ModelConfig
+from csi_dist.data.phantom import zone_boxes
+from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.evaluation.heatmaps import cam_model_and_layer, zone_heatmaps
+from csi_dist.models import CSIModel, build_model
+
+
+@pytest.mark.parametrize("arch, size", [("ResNet50", 64), ("CheXNet", 64), ("RadDINO", 56), ("Custom_1", 64)])
+def test_every_backbone_gives_six_maps_of_the_input_size_for_its_predicted_grades(arch, size):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model_arch=arch), size).eval()
+    images = torch.randn(2, 1, size, size)
+    maps, grades = zone_heatmaps(model, images)
+    assert maps.shape == (2, NUM_ZONES, size, size) and grades.shape == (2, NUM_ZONES)
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-6  # each map scaled to 0..1
+    with torch.no_grad():
+        logits = model(images)
+        explained, _ = cam_model_and_layer(model, images)
+        assert torch.allclose(explained(images), logits, atol=1e-5)  # the ViT's patch grid changes nothing
+    assert (grades == logits.argmax(dim=-1).numpy()).all()
+
+
+class ZoneReader(nn.Module):
+    """A backbone whose feature map k is the image inside zone k's box: zone k's evidence lies in that box alone."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        masks = torch.zeros(NUM_ZONES, size, size)
+        for index, (top, bottom, left, right) in enumerate(zone_boxes(size)[zone] for zone in ZONE_NAMES):
+            masks[index, top:bottom, left:right] = 1
+        self.register_buffer("masks", masks)
+        self.masked = nn.Identity()  # the spatial map Grad-CAM explains
+        self.num_features = NUM_ZONES
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.masked(images * self.masks).mean(dim=(2, 3))
+
+
+def test_each_zones_map_lies_in_that_zones_region():
+    """With a model whose zone z reads only zone z's box, zone z's map must fall inside that box: a map computed for
+    the wrong target (the seed indexed the class axis by the zone number) lands in another zone's box."""
+    size = 96
+    model = CSIModel(ZoneReader(size), NUM_ZONES, dropout_rate=0.0)
+    with torch.no_grad():
+        model.zone_head.weight.zero_()
+        model.zone_head.bias.zero_()
+        for zone in range(NUM_ZONES):
+            for grade in range(NUM_CLASSES):
+                model.zone_head.weight[zone * NUM_CLASSES + grade, zone] = grade + 1.0
+    images = 0.5 + 0.5 * torch.rand(3, 1, size, size)
+    maps, _ = zone_heatmaps(model, images)
+    boxes = zone_boxes(size)
+    for zone, name in enumerate(ZONE_NAMES):
+        top, bottom, left, right = boxes[name]
+        inside = maps[:, zone, top:bottom, left:right].sum(axis=(1, 2)) / maps[:, zone].sum(axis=(1, 2))
+        chance = (bottom - top) * (right - left) / size ** 2
+        assert (inside > 0.95).all() and chance < 0.1, (name, inside, chance)
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_write_six_overlays_and_a_grid_per_image(trained_run: Path, phantom_shards: Path,
+                                                                    tmp_path: Path):
+    out = tmp_path / "evaluation"
+    result = subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(trained_run), "--splits",
+                             "test", "--heatmaps", "2", "--out", str(out)], env=subprocess_env(), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(path.name for path in (out / "heatmaps" / "test").glob("*.png"))
+    file_ids = [name.removesuffix("_zones.png") for name in written if name.endswith("_zones.png")]
+    assert len(file_ids) == 2
+    for file_id in file_ids:
+        assert {f"{file_id}_{zone}.png" for zone in ZONE_NAMES} | {f"{file_id}_zones.png"} <= set(written)
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    source = sorted((phantom_shards / "raw" / "images").glob("*.png"))[0]
+    shutil.copy(source, folder / source.name)
+    predicted = subprocess.run([sys.executable, "-m", "csi_dist.predict", "--run-dir", str(trained_run), "--images",
+                                str(folder), "--heatmaps", "1", "--out", str(tmp_path / "predictions.csv")],
+                               env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    drawn = {path.name for path in (tmp_path / "predictions_heatmaps").glob("*.png")}
+    assert drawn == {f"{source.stem}_{zone}.png" for zone in ZONE_NAMES} | {f"{source.stem}_zones.png"}
