@@ -50,7 +50,8 @@ def test_a_run_requeued_onto_1_then_3_processes_ends_with_the_weights_of_an_unin
     """2 processes (micro-batch 3 x 2 accumulation steps), preempted, resumed on 1 (4 x 3), preempted, resumed on 3
     (4 x 1): the same 12-image updates as the uninterrupted 2-process run, so the same weights within fp32 rounding."""
     settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS, f"training.global_batch_size={GLOBAL_BATCH}",
-                f"training.batch_size={MAX_MICRO_BATCH}", "callbacks.preemption_check_every_steps=3"]
+                f"training.batch_size={MAX_MICRO_BATCH}", "callbacks.preemption_check_every_steps=3",
+                "training.n_epochs=1"]  # 10 updates: stopped at 3 and 6
     reference = {"reference": ""}
     assert train_runs(2, tmp_path, settings, reference) == {"reference": 0}
     run_dir = tmp_path / "elastic"

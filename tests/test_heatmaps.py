@@ -2,16 +2,12 @@
 zone's predicted grade, overlays written by evaluate."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO_ROOT, subprocess_env
 from csi_dist.config import ModelConfig
 from csi_dist.data.phantom import zone_boxes
 from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
@@ -72,26 +68,10 @@ def test_each_zones_map_lies_in_that_zones_region():
 
 
 @pytest.mark.slow
-def test_evaluate_and_predict_write_six_overlays_and_a_grid_per_image(trained_run: Path, phantom_shards: Path,
-                                                                    tmp_path: Path):
-    out = tmp_path / "evaluation"
-    result = subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(trained_run), "--splits",
-                             "test", "--heatmaps", "2", "--out", str(out)], env=subprocess_env(), cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = sorted(path.name for path in (out / "heatmaps" / "test").glob("*.png"))
+def test_evaluate_writes_six_overlays_and_a_grid_per_image(trained_run: Path):
+    """The fixture evaluated the test split with --heatmaps 2 (predict --heatmaps: tests/test_predict.py)."""
+    written = sorted(path.name for path in (trained_run / "evaluation" / "heatmaps" / "test").glob("*.png"))
     file_ids = [name.removesuffix("_zones.png") for name in written if name.endswith("_zones.png")]
     assert len(file_ids) == 2
     for file_id in file_ids:
         assert {f"{file_id}_{zone}.png" for zone in ZONE_NAMES} | {f"{file_id}_zones.png"} <= set(written)
-
-    folder = tmp_path / "new"
-    folder.mkdir()
-    source = sorted((phantom_shards / "raw" / "images").glob("*.png"))[0]
-    shutil.copy(source, folder / source.name)
-    predicted = subprocess.run([sys.executable, "-m", "csi_dist.predict", "--run-dir", str(trained_run), "--images",
-                                str(folder), "--heatmaps", "1", "--out", str(tmp_path / "predictions.csv")],
-                               env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    drawn = {path.name for path in (tmp_path / "predictions_heatmaps").glob("*.png")}
-    assert drawn == {f"{source.stem}_{zone}.png" for zone in ZONE_NAMES} | {f"{source.stem}_zones.png"}

@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from data_helpers import write_dicom
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.predict import main as predict_main
 
 PROB_COLUMNS = [f"{zone}_p_{name}" for zone in ZONE_NAMES for name in CLASS_NAMES]
 
@@ -57,13 +58,16 @@ def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(pha
 
     out = tmp_path / "out" / "predictions.csv"
     predicted = run_predict("--run-dir", str(run_dir), "--images", str(folder), "--out", str(out),
-                            "--batch-size", "5")
+                            "--batch-size", "5", "--heatmaps", "1")
     assert predicted.returncode == 0, predicted.stderr[-4000:]
     assert "Traceback" not in predicted.stderr
     errors = read_csv(tmp_path / "out" / "predictions_errors.csv")
     assert list(errors.columns) == [FILE_ID_COLUMN, "path", "reason"]
     assert errors[FILE_ID_COLUMN].tolist() == ["corrupt"] and "CorruptImageError" in errors["reason"][0]
     assert "1 could not be read" in predicted.stderr
+    first = sorted([*test_ids, "as_nifti"])[0]  # --heatmaps 1: the first predicted image's 6 zone maps and grid
+    assert {path.name for path in (tmp_path / "out" / "predictions_heatmaps").glob("*.png")} == \
+        {f"{first}_{zone}.png" for zone in ZONE_NAMES} | {f"{first}_zones.png"}
 
     predictions = read_csv(out)
     assert predictions[FILE_ID_COLUMN].tolist() == sorted([*test_ids, "as_nifti"])  # the folder's name order
@@ -113,7 +117,7 @@ def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(pha
     assert "Traceback" not in no_weights.stderr
 
 
-def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path):
+def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path, capfd):
     run_dir = tmp_path / "run"  # only a config: inputs are checked before weights are loaded
     run_dir.mkdir()
     shutil.copy(REPO_ROOT / "configs" / "demo.ini", run_dir / "resolved_config.ini")
@@ -121,10 +125,8 @@ def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here\n")
     for folder, message in ((empty, "no images found"), (tmp_path / "no_such_folder", "no such folder")):
-        result = run_predict("--run-dir", str(run_dir), "--images", str(folder), "--out", str(tmp_path / "p.csv"))
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert str(folder) in result.stderr and message in result.stderr
-        assert "Traceback" not in result.stderr
-    result = run_predict("--run-dir", str(tmp_path / "no_run"), "--images", str(empty))
-    assert result.returncode == 2 and "no_run: no such run directory" in result.stderr
-    assert "Traceback" not in result.stderr
+        assert predict_main(["--run-dir", str(run_dir), "--images", str(folder), "--out", str(tmp_path / "p.csv")]) == 2
+        logged = capfd.readouterr().err  # the trainer's logging setup writes to stderr
+        assert str(folder) in logged and message in logged
+    assert predict_main(["--run-dir", str(tmp_path / "no_run"), "--images", str(empty)]) == 2
+    assert "no_run: no such run directory" in capfd.readouterr().err
