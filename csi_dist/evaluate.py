@@ -41,6 +41,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tuple[torch.nn.Module, Path, bool, int]:
+    """(model prepared for inference, weights file, channels_last, input size) of a run: what evaluate and predict
+    both run."""
+    image_size = model_input_size(config.model, config.data.image_size)
+    model = build_model(config.model, image_size)
+    path = weights_path(run_dir, weights)
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
+    channels_last = uses_channels_last(config.model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return accelerator.prepare_model(model, evaluation_mode=True), path, channels_last, image_size
+
+
 def weights_path(run_dir: Path, weights: str) -> Path:
     if weights in ("best", "last"):
         path = run_dir / "weights" / f"{weights}.safetensors"
@@ -65,17 +81,7 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
                     trained_on.get("shard_dir"), trained_on["manifest_sha256"][:12])
     watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
     watcher.install()
-    image_size = model_input_size(config.model, config.data.image_size)
-    model = build_model(config.model, image_size)
-    path = weights_path(run_dir, weights)
-    try:
-        model.load_state_dict(load_weights(path))
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
-    channels_last = uses_channels_last(config.model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model, path, channels_last, image_size = load_trained_model(config, run_dir, weights, accelerator)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
     settings = LoaderSettings.from_config(config, image_size, train=False)
     results = {}

@@ -47,11 +47,11 @@ from csi_dist.data.shards import DEFAULT_JPEG_QUALITY, encode_image_file
 from csi_dist.data.transforms import DecodeError, decode_grayscale, to_model_input
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
-from csi_dist.evaluate import weights_path
+from csi_dist.evaluate import load_trained_model
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
 from csi_dist.files import atomic_write
-from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
-from csi_dist.training.checkpoint import CheckpointError, load_weights
+from csi_dist.models import ModelError
+from csi_dist.training.checkpoint import CheckpointError
 
 log = logging.getLogger("csi_dist.predict")
 
@@ -321,17 +321,7 @@ def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path 
     else:
         images, missing = folder_images(image_dir), []
         source = f"--images {image_dir}"
-    input_size = model_input_size(config.model, config.data.image_size)
-    model = build_model(config.model, input_size)
-    path = weights_path(run_dir, weights)
-    try:
-        model.load_state_dict(load_weights(path))
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
-    channels_last = uses_channels_last(config.model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model, path, channels_last, input_size = load_trained_model(config, run_dir, weights, accelerator)
     pipeline = image_pipeline(config, input_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     log.info("%s: %d image(s) to predict (%d missing) with %s on %d process(es)", source, len(images), len(missing),
