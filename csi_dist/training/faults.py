@@ -3,12 +3,16 @@
 CSI_FAULT_NONFINITE_LOSS="STEP:KIND[:RANK],..." multiplies the loss of optimizer step STEP (0-based, counted like
 `global_step` before the step) by KIND (nan or inf) on rank RANK, or on every rank when RANK is left out. The
 gradients become non-finite as they would after a real overflow, so the trainer's skip-and-count path runs for real.
+
+CSI_FAULT_GPU_MEMORY_GIB=G lets this process use only G GiB of its GPU (torch's per-process memory fraction), so a
+micro-batch that needs more meets a real CUDA out-of-memory error (tests/gpu: the micro-batch fitting).
 """
 from __future__ import annotations
 
 import os
 
 NONFINITE_LOSS_VARIABLE = "CSI_FAULT_NONFINITE_LOSS"
+GPU_MEMORY_VARIABLE = "CSI_FAULT_GPU_MEMORY_GIB"
 
 
 def nonfinite_loss_factors(rank: int) -> dict[int, float]:
@@ -22,3 +26,13 @@ def nonfinite_loss_factors(rank: int) -> dict[int, float]:
         if len(fields) == 2 or int(fields[2]) == rank:
             factors[int(fields[0])] = float(fields[1])
     return factors
+
+
+def limit_gpu_memory(device) -> None:
+    """Cap this process's share of its GPU when CSI_FAULT_GPU_MEMORY_GIB asks for it (nothing otherwise)."""
+    gib = os.environ.get(GPU_MEMORY_VARIABLE, "").strip()
+    if not gib or device.type != "cuda":
+        return
+    import torch
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total), device)

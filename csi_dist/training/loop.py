@@ -36,8 +36,9 @@ from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_w
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
-from csi_dist.training.faults import nonfinite_loss_factors
+from csi_dist.training.faults import limit_gpu_memory, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
+from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.strategies import build_strategy, hide_from_accelerate, resolve_strategy
 from csi_dist.training.tracking import Tracker
@@ -79,43 +80,49 @@ class Trainer:
         if strategy_name == "fsdp2" and accelerator.num_processes == 1:
             log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
             strategy_name = "ddp"
-        self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
-                                                   config.optimization.grad_clip_norm)
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
+            limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (training/faults.py)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(requested, run_dir / "resolved_config.ini")
-        log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "
-                 "micro-batch %d x %d accumulation step(s)", run_dir, self.world_size, accelerator.device,
-                 strategy_name, strategy.precision, config.training.batch_size * self.world_size
-                 * config.training.gradient_accumulation_steps, self.world_size, config.training.batch_size,
-                 config.training.gradient_accumulation_steps)
 
         # --- data ------------------------------------------------------------------------------------------
         image_size = model_input_size(config.model, config.data.image_size)
         self.train_set = open_split(config.data.shard_dir, "train")
         self.val_set = open_split(config.data.shard_dir, "val")
-        self.train_settings = LoaderSettings.from_config(config, image_size, train=True)
-        self.val_settings = LoaderSettings.from_config(config, image_size, train=False)
         if self.train_set.num_samples == 0:
             raise ShardError(f"{config.data.shard_dir}: the train split is empty")
         if self.val_set.num_samples == 0:
             log.warning("%s: the val split is EMPTY: no validation metrics, no best weights, no early stopping or "
                         "ReduceLROnPlateau; the run trains blind for %d epochs", config.data.shard_dir,
                         config.training.n_epochs)
-        self.global_batch = config.training.batch_size * self.world_size
-        self.steps_per_epoch = math.ceil(self.train_set.num_samples / self.global_batch)  # every rank (shard_plan)
-        updates_per_epoch = math.ceil(self.steps_per_epoch / config.training.gradient_accumulation_steps)
 
-        # --- model, loss, optimizer, schedule (identical initial weights on every rank) --------------------
-        torch.manual_seed(config.training.seed)
+        # --- model, the micro-batch the GPU holds, strategy, loss, optimizer, schedule ------------------------
+        torch.manual_seed(config.training.seed)  # identical initial weights on every rank
         model = build_model(config.model, image_size)
         # only DDP keeps parameters as they are: FSDP2 refuses non-contiguous ones and ZeRO flattens them
         self.channels_last = uses_channels_last(config.model) and strategy_name == "ddp"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if config.training.global_batch_size and accelerator.device.type == "cuda":
+            model = model.to(accelerator.device)
+            config = self.config = dataclasses.replace(config, training=fit_micro_batch(
+                config.training, accelerator, forward_backward_fits(model, image_size, accelerator.device,
+                                                                    accelerator.autocast, self.channels_last)))
+        self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
+                                                   config.optimization.grad_clip_norm)
+        log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "
+                 "micro-batch %d x %d accumulation step(s)", run_dir, self.world_size, accelerator.device,
+                 strategy_name, strategy.precision, config.training.batch_size * self.world_size
+                 * config.training.gradient_accumulation_steps, self.world_size, config.training.batch_size,
+                 config.training.gradient_accumulation_steps)
+        self.train_settings = LoaderSettings.from_config(config, image_size, train=True)
+        self.val_settings = LoaderSettings.from_config(config, image_size, train=False)
+        self.global_batch = config.training.batch_size * self.world_size  # the images of one micro-step
+        self.steps_per_epoch = math.ceil(self.train_set.num_samples / self.global_batch)  # every rank (shard_plan)
+        updates_per_epoch = math.ceil(self.steps_per_epoch / config.training.gradient_accumulation_steps)
         self.criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
         mode = metric_direction(config.callbacks.monitor)
         self.monitored_key = monitored_metric(config.callbacks.monitor)
