@@ -186,6 +186,9 @@ def _vit_kwargs(spec: BackboneSpec, image_size: int | None) -> dict[str, object]
     return kwargs | {"img_size": image_size}
 
 
+INPUT_CHANNELS = 1  # radiographs are grayscale: every backbone takes one channel
+
+
 def model_input_size(cfg: ModelConfig, data_image_size: int) -> int:
     """The side length the model sees: `data.image_size`, or the backbone's native size when that is 0."""
     return data_image_size or backbone_spec(cfg.model_arch).input_size
@@ -208,10 +211,10 @@ def build_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     `image_size` (default: its native size)."""
     spec = backbone_spec(cfg.model_arch)
     if spec.timm_name is None:
-        backbone: nn.Module = Custom1Backbone(in_chans=1)
+        backbone: nn.Module = Custom1Backbone(in_chans=INPUT_CHANNELS)
     else:
-        backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=1,
-                                     **_vit_kwargs(spec, image_size))
+        backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
+                                     in_chans=INPUT_CHANNELS, **_vit_kwargs(spec, image_size))
     if cfg.pretrained_weights:
         _load_backbone_weights(backbone, Path(cfg.pretrained_weights), spec.timm_name)
     return CSIModel(backbone, backbone.num_features, cfg.dropout_rate)

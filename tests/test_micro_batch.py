@@ -33,7 +33,7 @@ class RunsOutOfMemoryAbove(nn.Module):
 
 def test_the_largest_split_that_fits_keeps_the_global_batch():
     model = RunsOutOfMemoryAbove(limit=20)
-    fits = forward_backward_fits(model, 16, torch.device("cpu"), no_autocast, channels_last=False)
+    fits = forward_backward_fits(model, (3, 16, 16), torch.device("cpu"), no_autocast, channels_last=False)
     micro_batch, accumulation = largest_fitting_split(global_batch=256, world_size=2, max_micro_batch=128, fits=fits)
     # the splits of 128 images per process, largest first: 128, 64, 32 fail; 16 is the largest at most 20
     assert (micro_batch, accumulation) == (16, 8)
@@ -45,7 +45,7 @@ def test_the_probe_leaves_no_trace_in_the_model():
     torch.manual_seed(0)
     model = RunsOutOfMemoryAbove(limit=4)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    fits = forward_backward_fits(model, 16, torch.device("cpu"), no_autocast, channels_last=False)
+    fits = forward_backward_fits(model, (3, 16, 16), torch.device("cpu"), no_autocast, channels_last=False)
     assert fits(4) and not fits(8)
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # BatchNorm statistics restored
@@ -54,7 +54,7 @@ def test_the_probe_leaves_no_trace_in_the_model():
 
 def test_an_error_that_is_not_out_of_memory_is_raised_not_taken_for_one():
     broken = nn.Conv2d(5, 1, 3)  # expects 5 channels: a RuntimeError that is not out-of-memory
-    fits = forward_backward_fits(broken, 16, torch.device("cpu"), no_autocast, channels_last=False)
+    fits = forward_backward_fits(broken, (3, 16, 16), torch.device("cpu"), no_autocast, channels_last=False)
     with pytest.raises(RuntimeError, match="channels"):
         fits(2)
 

@@ -29,7 +29,7 @@ from csi_dist.evaluation.inference import StopRequested, device_batches, predict
 from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import build_model, model_input_size, uses_channels_last
+from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, new_segment, run_origin
 from csi_dist.training.accumulation import accumulation_windows, for_world_size, window_loss_scale
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
@@ -108,9 +108,10 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         if config.training.global_batch_size and accelerator.device.type == "cuda":
             model = model.to(accelerator.device)
-            config = self.config = dataclasses.replace(config, training=fit_micro_batch(
-                config.training, accelerator, forward_backward_fits(model, image_size, accelerator.device,
-                                                                    accelerator.autocast, self.channels_last)))
+            probe = forward_backward_fits(model, (INPUT_CHANNELS, image_size, image_size), accelerator.device,
+                                          accelerator.autocast, self.channels_last)
+            config = self.config = dataclasses.replace(config, training=fit_micro_batch(config.training, accelerator,
+                                                                                        probe))
         self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
                                                    config.optimization.grad_clip_norm)
         log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "

@@ -42,7 +42,7 @@ def largest_fitting_split(global_batch: int, world_size: int, max_micro_batch: i
                           f"fsdp2 or deepspeed with zero_stage 3), a smaller data.image_size or a smaller model")
 
 
-def forward_backward_fits(model: torch.nn.Module, image_size: int, device: torch.device, autocast,
+def forward_backward_fits(model: torch.nn.Module, image_shape: tuple[int, int, int], device: torch.device, autocast,
                           channels_last: bool) -> Callable[[int], bool]:
     """A probe: does one training forward + backward of `micro_batch` random images fit, beside the optimizer state?
 
@@ -56,7 +56,7 @@ def forward_backward_fits(model: torch.nn.Module, image_size: int, device: torch
         optimizer_state = images = loss = None
         try:
             optimizer_state = torch.empty(ADAM_STATE_COPIES * parameter_bytes, dtype=torch.uint8, device=device)
-            images = torch.randn(micro_batch, 3, image_size, image_size, device=device)
+            images = torch.randn(micro_batch, *image_shape, device=device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             model.train()
