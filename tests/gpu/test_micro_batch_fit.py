@@ -34,8 +34,9 @@ def test_a_micro_batch_that_does_not_fit_is_split_and_the_global_batch_kept(gpu_
 
     assert "did not fit" not in whole_log
     assert f"global batch {GLOBAL_BATCH} = 1 process(es) x micro-batch {GLOBAL_BATCH} x 1 accumulation" in whole_log
-    fitted = re.search(r"micro-batch (\d+) per process did not fit in GPU memory: training micro-batch (\d+) x (\d+) "
-                       rf"accumulation step\(s\) x 1 process\(es\), the same global batch of {GLOBAL_BATCH}", capped_log)
+    fitted = re.search(r"micro-batch (\d+) per process did not fit in GPU memory: training micro-batch (\d+) x "
+                       rf"(\d+) accumulation step\(s\) x 1 process\(es\), the same global batch of {GLOBAL_BATCH}",
+                       capped_log)
     assert fitted, capped_log[-4000:]
     micro_batch, accumulation = int(fitted.group(2)), int(fitted.group(3))
     assert micro_batch < GLOBAL_BATCH and micro_batch * accumulation == GLOBAL_BATCH
