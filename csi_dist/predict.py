@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, image_for, image_suffix
-from csi_dist.data.reader import ShardError, ignore_stop_signals, read_manifest
+from csi_dist.data.reader import ShardError, read_manifest
+from csi_dist.data.workers import ignore_stop_signals, worker_context
 from csi_dist.data.shards import DEFAULT_JPEG_QUALITY, encode_image_file
 from csi_dist.data.transforms import DecodeError, decode_grayscale, to_model_input
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
@@ -250,7 +251,8 @@ def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: I
     model.eval()
     loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers if images else 0, collate_fn=collate_images,
-                        pin_memory=accelerator.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                        pin_memory=accelerator.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                        multiprocessing_context=worker_context() if images and num_workers > 0 else None)
     probabilities: dict[int, np.ndarray] = {}
     failures: dict[int, str] = {}
     progress = tqdm(loader, total=len(loader), unit="batch", desc="predict",

@@ -55,7 +55,7 @@ class PreemptionWatcher:
         self._owner_pid: int | None = None
 
     def install(self) -> None:
-        """Install flag-only handlers in this (main) process; forked DataLoader workers ignore the notice."""
+        """Install flag-only handlers in this (main) process (DataLoader workers ignore notices: data.workers)."""
         self._owner_pid = os.getpid()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._handle_signal)
@@ -68,10 +68,9 @@ class PreemptionWatcher:
 
     def _handle_signal(self, signum: int, frame) -> None:
         if os.getpid() != self._owner_pid:
-            # A forked DataLoader worker inherits this handler and ignores every notice, SIGTERM too: SLURM,
-            # `timeout` and Ctrl-C signal the whole process group, and a worker that died first would kill its rank
-            # ("DataLoader worker ... is killed by signal") before the rank could save. The rank decides, then ends
-            # its workers itself; a worker whose rank is gone exits by torch's own watchdog.
+            # A process forked from the rank inherits this handler and ignores every notice, SIGTERM too (the
+            # package's DataLoader workers come from a fork server that ignores them: csi_dist.data.workers). SLURM,
+            # `timeout` and Ctrl-C signal the whole process group; the rank decides, then ends its children itself.
             return
         if signum == signal.SIGINT and self.received_signal == "SIGINT":
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_E
 from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import DecodeError, decode_grayscale, sample_generator, to_model_input
+from csi_dist.data.workers import ignore_stop_signals, worker_context
 from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
 
 if TYPE_CHECKING:
@@ -223,15 +223,6 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """In each DataLoader worker: ignore SIGTERM and SIGINT, which SLURM, `timeout` and Ctrl-C send to the whole
-    process group. torch makes a worker die on SIGTERM, and its death raises in the rank at an arbitrary point (even
-    inside optimizer.step), so the rank could not save. The rank takes the stop decision and ends its workers through
-    the loader's normal shutdown; a worker whose rank died exits through torch's parent watchdog."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class EpochLoader:
     """The batches of one rank for one epoch; `len()` is the same on every rank."""
 
@@ -242,7 +233,8 @@ class EpochLoader:
         # a private generator: creating the iterator must not draw from the global RNG (exact resume)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-                                 generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+                                 generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
+                                 multiprocessing_context=worker_context() if workers > 0 else None)
 
     def __len__(self) -> int:
         return self.steps

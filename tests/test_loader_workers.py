@@ -1,0 +1,50 @@
+"""DataLoader workers are forked from a single-threaded fork server, not from the rank, and ignore stop notices.
+
+A rank has several threads when it builds a loader; a worker forked from it inherits the locks they held and can wait
+forever (a resumed 2-node CI job hung that way at the end of an epoch). SLURM signals every process of a step, so a
+worker must outlive SIGTERM/USR1/USR2 until its rank has decided to stop.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import psutil
+import torch
+
+from csi_dist.config import load_config
+from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from conftest import REPO_ROOT
+
+
+def test_workers_come_from_a_single_threaded_process_and_outlive_the_notices(phantom_shards):
+    config = load_config(REPO_ROOT / "configs" / "demo.ini",
+                         [f"data.shard_dir={phantom_shards}", "data.image_size=32", "training.batch_size=4",
+                          "training.num_workers=2"])
+    shard_set = open_split(phantom_shards, "train")
+    settings = LoaderSettings.from_config(config, 32, train=True)
+    busy = threading.Event()
+    helper = threading.Thread(target=busy.wait, daemon=True)  # the rank is multi-threaded, as a real one is
+    helper.start()
+    loader = build_loader(shard_set, settings, epoch=0, rank=0, world_size=1)
+    batches = iter(loader.loader)
+    first = next(batches)
+    workers = [psutil.Process(pid) for pid in (worker.pid for worker in batches._workers)]
+    assert len(workers) == 2
+    for worker in workers:
+        parent = worker.parent()
+        assert parent.pid != os.getpid(), "a worker was forked from the multi-threaded rank"
+        assert parent.num_threads() == 1
+        for notice in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            worker.send_signal(notice)
+    rest = list(batches)  # every worker still serves its share of the epoch, the same batches as in-process
+    busy.set()
+    in_process = LoaderSettings.from_config(
+        load_config(REPO_ROOT / "configs" / "demo.ini", [f"data.shard_dir={phantom_shards}", "data.image_size=32",
+                                                         "training.batch_size=4", "training.num_workers=0"]),
+        32, train=True)
+    expected = list(build_loader(shard_set, in_process, epoch=0, rank=0, world_size=1))
+    assert len(expected) == len(loader) == 1 + len(rest)
+    for got, wanted in zip([first, *rest], expected):
+        assert torch.equal(got["sample_index"], wanted["sample_index"]) and torch.equal(got["image"], wanted["image"])
