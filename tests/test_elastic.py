@@ -43,25 +43,56 @@ def test_the_global_batches_are_the_same_samples_on_any_world_size():
         split_global_batch(12, 5, 4)
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_run_requeued_onto_1_then_3_processes_ends_with_the_weights_of_an_uninterrupted_2_process_run(
-        phantom_shards, tmp_path):
-    """2 processes (micro-batch 3 x 2 accumulation steps), preempted, resumed on 1 (4 x 3), preempted, resumed on 3
-    (4 x 1): the same 12-image updates as the uninterrupted 2-process run, so the same weights within fp32 rounding."""
-    settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS, f"training.global_batch_size={GLOBAL_BATCH}",
-                f"training.batch_size={MAX_MICRO_BATCH}", "callbacks.preemption_check_every_steps=3",
-                "training.n_epochs=1"]  # 10 updates: stopped at 3 and 6
-    reference = {"reference": ""}
-    assert train_runs(2, tmp_path, settings, reference) == {"reference": 0}
+def elastic_settings(shards) -> list[str]:
+    return [f"data.shard_dir={shards}", *PARITY_SETTINGS, f"training.global_batch_size={GLOBAL_BATCH}",
+            f"training.batch_size={MAX_MICRO_BATCH}", "callbacks.preemption_check_every_steps=3",
+            "training.n_epochs=1"]  # 10 updates: stopped at 3 and 6
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(phantom_shards, tmp_path_factory):
+    """The uninterrupted 2-process DDP run (micro-batch 3 x 2 accumulation steps) the elastic runs must match."""
+    out = tmp_path_factory.mktemp("elastic_reference")
+    assert train_runs(2, out, elastic_settings(phantom_shards), {"reference": ""}) == {"reference": 0}
+    return out / "reference"
+
+
+def preempted_segments(tmp_path, settings, segments) -> str:
+    """Train tmp_path/elastic in segments of (world size, expected exit); a notice stops each preempted one."""
     run_dir = tmp_path / "elastic"
-    for world_size, expected in ((2, EXIT_PREEMPTED), (1, EXIT_PREEMPTED), (3, 0)):
+    for world_size, expected in segments:
         if expected == EXIT_PREEMPTED:
             run_dir.mkdir(exist_ok=True)
             (run_dir / REQUEST_FILE_NAME).touch()  # a notice: the segment checkpoints at its next check and stops
         assert train_runs(world_size, tmp_path, settings, {"elastic": ""}, env=None) == {"elastic": expected}
-    log = "".join(path.read_text() for path in sorted(tmp_path.glob("statuses-*.log")))
+    return "".join(path.read_text() for path in sorted(tmp_path.glob("statuses-*.log")))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_run_requeued_onto_1_then_3_processes_ends_with_the_weights_of_an_uninterrupted_2_process_run(
+        phantom_shards, two_process_reference, tmp_path):
+    """2 processes (micro-batch 3 x 2 accumulation steps), preempted, resumed on 1 (4 x 3), preempted, resumed on 3
+    (4 x 1): the same 12-image updates as the uninterrupted 2-process run, so the same weights within fp32 rounding."""
+    log = preempted_segments(tmp_path, elastic_settings(phantom_shards),
+                             ((2, EXIT_PREEMPTED), (1, EXIT_PREEMPTED), (3, 0)))
     for world_size, micro, accumulation in ((2, 3, 2), (1, 4, 3), (3, 4, 1)):
         assert f"global batch 12 = {world_size} process(es) x micro-batch {micro} x {accumulation}" in log
-    differences = training_differences(run_dir, tmp_path / "reference")
+    differences = training_differences(tmp_path / "elastic", two_process_reference)
+    assert differences["loss_rel"] < LOSS_RTOL and differences["weight_abs"] < WEIGHT_ATOL, differences
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_zero2_run_saved_on_2_processes_resumes_on_1_through_a_universal_checkpoint(phantom_shards, tmp_path):
+    """ZeRO-2 partitions the optimizer state over the processes that saved it; resumed on one process, DeepSpeed's
+    universal checkpoint (converted once, beside the original) carries it over, and the run ends with the weights
+    of the uninterrupted 2-process ZeRO-2 run. AdamW: the state DeepSpeed's converter carries (SGD's is refused)."""
+    settings = [*elastic_settings(phantom_shards), "training.strategy=deepspeed", "training.zero_stage=2",
+                "optimization.optimizer=adamw", "optimization.learning_rate=0.001"]
+    assert train_runs(2, tmp_path, settings, {"reference": ""}) == {"reference": 0}
+    log = preempted_segments(tmp_path, settings, ((2, EXIT_PREEMPTED), (1, 0)))
+    assert "ZeRO checkpoint of 2 process(es) resumed on 1: converting it to DeepSpeed's universal checkpoint" in log
+    assert "resumed from" in log and "step-00000003" in log
+    differences = training_differences(tmp_path / "elastic", tmp_path / "reference")
     assert differences["loss_rel"] < LOSS_RTOL and differences["weight_abs"] < WEIGHT_ATOL, differences

@@ -5,7 +5,7 @@ exports ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED) or from `training.strate
 applied here with torch's and DeepSpeed's own APIs rather than through accelerate's plugins, which silently fall
 back to DDP on CPU (so a CPU test could never prove that sharding ran). Checkpoints of DDP and FSDP2 are
 torch.distributed.checkpoint (DCP) directories, which load on any world size (resharding); DeepSpeed writes its
-own ZeRO checkpoints, which resume on the same world size only (see README, "Strategies").
+own ZeRO checkpoints, which resume on another world size through DeepSpeed's universal checkpoint (Adam/AdamW).
 
 One precision policy for every strategy: parameters, gradients and optimizer state in fp32, the forward pass under
 bf16 autocast (Accelerate's, where the GPU has bf16). DeepSpeed's own bf16 mode is not used: it casts the module to
@@ -22,6 +22,9 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -189,6 +192,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+ZERO_TAG, UNIVERSAL_TAG = "zero", "zero_universal"  # DeepSpeed's checkpoint and its universal form
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's engine and its own checkpoints (fp32 weights, bf16 autocast).
 
@@ -247,12 +253,48 @@ class DeepSpeedStrategy:
 
     def save(self, model: nn.Module, optimizer, directory: Path) -> None:
         self.synchronize_buffers(model)
-        self.engine.save_checkpoint(str(directory), tag="zero")
+        self.engine.save_checkpoint(str(directory), tag=ZERO_TAG)
 
     def load(self, model: nn.Module, optimizer, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="zero")
+        """DeepSpeed's own checkpoint on the world size it was saved on; on another one, its universal form (made
+        once, by rank 0, with DeepSpeed's converter, kept beside the original) that any world size loads."""
+        saved_ranks = len(list((Path(directory) / ZERO_TAG).glob("*optim_states.pt")))
+        tag = ZERO_TAG if saved_ranks == self.accelerator.num_processes else self._universal_checkpoint(
+            Path(directory), saved_ranks, optimizer)
+        self.engine._config.load_universal_checkpoint = tag == UNIVERSAL_TAG  # DeepSpeed reads it while it loads
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def _universal_checkpoint(self, directory: Path, saved_ranks: int, optimizer) -> str:
+        universal = directory / UNIVERSAL_TAG
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # what DeepSpeed's converter carries
+            raise RuntimeError(f"this ZeRO checkpoint was saved on {saved_ranks} process(es) and DeepSpeed's "
+                               f"universal checkpoint, which moves it to {self.accelerator.num_processes}, carries "
+                               f"Adam/AdamW state only (this run: {type(optimizer).__name__}): resume it on "
+                               f"{saved_ranks} process(es)")
+        if self.accelerator.is_main_process and not universal.is_dir():
+            log.info("ZeRO checkpoint of %d process(es) resumed on %d: converting it to DeepSpeed's universal "
+                     "checkpoint in %s", saved_ranks, self.accelerator.num_processes, universal)
+            partial = directory / f"{UNIVERSAL_TAG}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            converted = subprocess.run(  # DeepSpeed's converter; a model that is not Megatron's needs the injection
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(directory / ZERO_TAG), "--output_folder", str(partial), "--inject_missing_state",
+                 "--num_extract_workers", "1", "--num_merge_workers", "1"], capture_output=True, text=True)
+            if converted.returncode != 0:
+                self.accelerator.wait_for_everyone()
+                raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {directory / ZERO_TAG} failed: "
+                                   f"{(converted.stderr.strip().splitlines() or ['no output'])[-1]}")
+            partial.rename(universal)
+        self.accelerator.wait_for_everyone()
+        if not universal.is_dir():
+            raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {directory / ZERO_TAG} failed on "
+                               f"rank 0 (its log says why)")
+        return UNIVERSAL_TAG
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if self.zero_stage == 3:
