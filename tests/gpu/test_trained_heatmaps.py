@@ -4,6 +4,7 @@ epoch) have feature maps of one or two cells, too coarse for the question."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from csi_dist.data.phantom import zone_boxes
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 from csi_dist.domain import NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model
-from csi_dist.evaluation.heatmaps import zone_heatmaps
+from csi_dist.evaluation.heatmaps import display_image, save_heatmaps, zone_heatmaps
 from test_gpu_matrix import gpu_env, gpu_shards  # noqa: F401 - fixture
 from test_parity import train_runs
 
@@ -44,9 +45,12 @@ def test_a_trained_models_zone_maps_lie_in_their_zones(gpu_shards, tmp_path: Pat
         masks[zone, top:bottom, left:right] = True
     chance = masks.reshape(NUM_ZONES, -1).mean(axis=1)
     own, others = [[] for _ in ZONE_NAMES], [[] for _ in ZONE_NAMES]  # zone z's box share of map z / of the others
+    picture_dir = os.environ.get("CSI_GPU_MATRIX") and Path(os.environ["CSI_GPU_MATRIX"]).parent / "heatmaps"
     for batch in loader:
         images = batch["image"].to(accelerator.device)
-        maps, _ = zone_heatmaps(model, images)
+        maps, grades = zone_heatmaps(model, images)
+        if picture_dir and not Path(picture_dir).is_dir():  # the README's picture: the first test image
+            save_heatmaps(Path(picture_dir), batch["file_id"][0], display_image(batch["image"][0]), maps[0], grades[0])
         mass = maps.reshape(*maps.shape[:2], -1).sum(axis=2) + 1e-12
         for image, zones in enumerate(batch["zones"].tolist()):
             for zone, grade in enumerate(zones):
