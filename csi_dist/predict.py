@@ -31,21 +31,20 @@ import argparse
 import io
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, image_for, image_suffix
 from csi_dist.data.reader import ShardError, read_manifest
+from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import ignore_stop_signals, worker_context
-from csi_dist.data.shards import DEFAULT_JPEG_QUALITY, encode_image_file
-from csi_dist.data.transforms import DecodeError, decode_grayscale, to_model_input
+from csi_dist.data.shards import DEFAULT_JPEG_QUALITY
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model
@@ -63,25 +62,6 @@ ERRORS_SHOWN = 10
 
 class PredictError(RuntimeError):
     """Inputs that cannot be predicted: no run directory, no such folder or CSV, no images, none readable."""
-
-
-@dataclass(frozen=True)
-class InputImage:
-    """One image to predict; `index` is its position in the input (the output order)."""
-
-    index: int
-    file_id: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class ImagePipeline:
-    """The preprocessing of training's data path: the writer's stored size and format, the reader's input size."""
-
-    stored_size: int
-    image_format: str
-    input_size: int
-    normalization: str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -206,38 +186,6 @@ def image_pipeline(config, input_size: int) -> ImagePipeline:
     log.info("images: as %s stores them (%d px %s), then %d px model input, %s normalization",
              config.data.shard_dir, int(manifest["image_size"]), image_format, input_size, config.data.normalization)
     return ImagePipeline(int(manifest["image_size"]), image_format, input_size, config.data.normalization)
-
-
-def model_input(path: Path, pipeline: ImagePipeline) -> torch.Tensor:
-    """1 x size x size float tensor of one image file, exactly as training and evaluate see it (no augmentation).
-    Raises ImageError or DecodeError."""
-    stored = encode_image_file(path, pipeline.stored_size, pipeline.image_format, DEFAULT_JPEG_QUALITY)
-    return to_model_input(decode_grayscale(stored, pipeline.input_size), pipeline.normalization, None)
-
-
-class ImageFiles(Dataset):
-    """One rank's images, decoded in DataLoader workers; an unreadable file gives its reason instead of pixels."""
-
-    def __init__(self, images: list[InputImage], pipeline: ImagePipeline):
-        self.images = images
-        self.pipeline = pipeline
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        image = self.images[position]
-        try:
-            return image.index, model_input(image.path, self.pipeline), None
-        except (ImageError, DecodeError) as error:
-            return image.index, None, f"{type(error).__name__}: {error}"
-
-
-def collate_images(samples: list[tuple]) -> dict:
-    readable = [(index, pixels) for index, pixels, _ in samples if pixels is not None]
-    return {"index": [index for index, _ in readable],
-            "image": torch.stack([pixels for _, pixels in readable]) if readable else None,
-            "failed": [(index, reason) for index, pixels, reason in samples if pixels is None]}
 
 
 # ---------------------------------------------------------------------------------------------------- prediction

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -15,7 +17,7 @@ import torch
 
 from csi_dist.config import load_config
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, subprocess_env
 
 
 def test_workers_come_from_a_single_threaded_process_and_outlive_the_notices(phantom_shards):
@@ -48,3 +50,31 @@ def test_workers_come_from_a_single_threaded_process_and_outlive_the_notices(pha
     assert len(expected) == len(loader) == 1 + len(rest)
     for got, wanted in zip([first, *rest], expected):
         assert torch.equal(got["sample_index"], wanted["sample_index"]) and torch.equal(got["image"], wanted["image"])
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from csi_dist.config import load_config
+from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+with open(sys.argv[2], "a") as runs:  # the script's top level, with no main guard: it must run once
+    runs.write("ran\\n")
+config = load_config(sys.argv[3], [f"data.shard_dir={sys.argv[1]}", "data.image_size=32", "training.batch_size=4",
+                                   "training.num_workers=2"])
+loader = build_loader(open_split(sys.argv[1], "train"), LoaderSettings.from_config(config, 32, train=True),
+                      epoch=0, rank=0, world_size=1)
+print("batches", sum(1 for _ in loader), len(loader))
+"""
+
+
+def test_a_script_without_a_main_guard_builds_loaders_and_runs_once(phantom_shards, tmp_path):
+    """Workers that are not plain forks of their parent rerun its main module by default; ours never do, so a
+    user's script without `if __name__ == "__main__":` is not run again in every worker."""
+    script, runs = tmp_path / "unguarded.py", tmp_path / "runs.txt"
+    script.write_text(UNGUARDED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(phantom_shards), str(runs),
+                             str(REPO_ROOT / "configs" / "demo.ini")],
+                            capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served, planned = map(int, result.stdout.split()[1:3])
+    assert served == planned > 0
+    assert runs.read_text().splitlines() == ["ran"]

@@ -1,14 +1,24 @@
 """Imported once by the fork server of the DataLoader workers (see csi_dist.data.workers), never by a rank.
 
 It makes the fork server, and so every worker forked from it, ignore the signals the rank treats as a notice to
-stop, and imports what a worker runs, so that a new worker starts in milliseconds.
+stop; imports what a worker runs, so that a new worker starts in milliseconds; and keeps workers from running the
+parent's main module again. multiprocessing reruns it in every child not made by a plain fork (under the name
+`__mp_main__`), which a script without an `if __name__ == "__main__":` guard would answer by training again inside
+each worker (under torchrun: waiting forever for a rendezvous). The package's workers need nothing from the main
+module: their dataset, collate and init functions all live in csi_dist modules, imported by name.
 """
 from __future__ import annotations
 
+import multiprocessing.spawn
 import signal
 
-import csi_dist.data.reader  # noqa: F401 - a worker's code, imported once in the fork server
-import csi_dist.data.transforms  # noqa: F401
+import csi_dist.data.image_files  # noqa: F401 - a worker's code, imported once in the fork server
+import csi_dist.data.reader  # noqa: F401
 
 for _notice in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(_notice, signal.SIG_IGN)
+
+# the two steps of multiprocessing's child preparation that rerun the parent's main module (by module name for
+# `python -m`, by path for a script): nothing to do for our workers
+multiprocessing.spawn._fixup_main_from_name = lambda module_name: None
+multiprocessing.spawn._fixup_main_from_path = lambda main_path: None
