@@ -347,11 +347,11 @@ def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("victims", ["rank", "launcher-and-rank"])
-def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path, victims):
+def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path):
     """With data-loader workers on, SLURM's SIGTERM to the step (--kill-on-bad-exit) used to kill the survivor's own
-    requeue call: the job ended FAILED. The batch script now takes the decision after the step. `launcher-and-rank`
-    is a node going away: node 1's accelerate launcher and its rank die together."""
+    requeue call: the job ended FAILED. The batch script now takes the decision after the step. One job loses a rank
+    twice: first node 1's rank alone, then, in the requeued segment, node 1's accelerate launcher and its rank
+    together (a node going away). Both failures requeue it, and it ends with the uninterrupted run's weights."""
     workers = 2
     problem = cluster_problem()
     if problem:
@@ -362,24 +362,31 @@ def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(s
                     [*trainer_args(shards, run_dir)[2:], "--set", f"training.num_workers={workers}"], cwd=REPO_ROOT,
                     env=subprocess_env(CSI_REPO=str(REPO_ROOT)))
     log = tmp_path / f"rank-lost-{job_id}.out"
+    first_victim = None
     try:
-        wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= 3, 180,
-                 "the job to train", interval=0.2)
-        victim = wait_for(lambda: rank_process(run_dir, 1), 30, "the process of rank 1")
-        if victims == "launcher-and-rank":
-            launcher = victim.parent()
-            assert "accelerate" in " ".join(launcher.cmdline()), launcher.cmdline()
-            os.kill(launcher.pid, signal.SIGKILL)
-        os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer or a crashing node would
+        for segment, after_step in enumerate((3, None)):
+            if after_step is None:  # the requeued segment has trained 3 steps past where the first one died
+                after_step = step_of(latest_checkpoint(run_dir)) + 3
+            wait_for(lambda: (c := latest_checkpoint(run_dir)) is not None and step_of(c) >= after_step
+                     and (victim := rank_process(run_dir, 1)) is not None and victim != first_victim, 240,
+                     f"segment {segment} of the job to train to step {after_step}", interval=0.2)
+            victim = rank_process(run_dir, 1)
+            if segment == 1:
+                launcher = victim.parent()
+                assert "accelerate" in " ".join(launcher.cmdline()), launcher.cmdline()
+                os.kill(launcher.pid, signal.SIGKILL)
+            os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer or a crashing node would
+            first_victim = victim
         state = wait_for_job_end(job_id, 240)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-4000:]}"
-    assert job_field(job_id, "Restarts") == "1"
-    assert "lost contact with another rank" in text
-    assert f"requeueing SLURM job {job_id} after the failure (1 of at most 3)" in text, text[-4000:]
-    assert re.search(r"resumed from \S*step-\d{8}", text), text[-4000:]
+    assert job_field(job_id, "Restarts") == "2"
+    assert text.count("lost contact with another rank") >= 2, text[-4000:]
+    for failure in (1, 2):
+        assert f"requeueing SLURM job {job_id} after the failure ({failure} of at most 3)" in text, text[-4000:]
+    assert len(re.findall(r"resumed from \S*step-\d{8}", text)) == 2, text[-4000:]
     # 2 nodes x 1 process: the same ranks and global batch as the 2-process reference
     assert differing_tensors(run_dir / "weights" / "last.safetensors", reference / "weights" / "last.safetensors") == []
 

@@ -78,3 +78,35 @@ def test_a_script_without_a_main_guard_builds_loaders_and_runs_once(phantom_shar
     served, planned = map(int, result.stdout.split()[1:3])
     assert served == planned > 0
     assert runs.read_text().splitlines() == ["ran"]
+
+
+SLOW_SCRIPT = """
+import sys, time
+from csi_dist.config import load_config
+from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+config = load_config(sys.argv[2], [f"data.shard_dir={sys.argv[1]}", "data.image_size=32", "training.batch_size=4",
+                                   "training.num_workers=2"])
+for batch in build_loader(open_split(sys.argv[1], "train"), LoaderSettings.from_config(config, 32, train=True),
+                          epoch=0, rank=0, world_size=1):
+    print("training", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_ranks_workers_and_fork_server_go_with_it(phantom_shards, tmp_path):
+    """The fork server lives while any worker holds its alive pipe, and torch's worker watchdog watches the fork
+    server: without a watch on the rank, a killed rank's workers and server lived on forever (holding a SLURM step's
+    output open, so the step took 60 s to end, and piling up on the node)."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SCRIPT)
+    rank = subprocess.Popen([sys.executable, str(script), str(phantom_shards), str(REPO_ROOT / "configs" / "demo.ini")],
+                            stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+    try:
+        assert rank.stdout.readline().strip() == "training"
+        helpers = psutil.Process(rank.pid).children(recursive=True)
+        assert len(helpers) >= 3  # the fork server and 2 workers
+    finally:
+        rank.kill()
+        rank.wait(timeout=30)
+    _, alive = psutil.wait_procs(helpers, timeout=15)
+    assert alive == [], [process.cmdline()[:3] for process in alive]

@@ -9,15 +9,19 @@ single-threaded process each rank starts once. It has imported the reader alread
 module in a worker, and ignores the stop signals (csi_dist.data.worker_start): SLURM, `timeout` and Ctrl-C signal
 every process of a step, and a worker that died of it would raise in its rank at an arbitrary point (even inside
 optimizer.step), before the rank could save. The rank takes the stop decision and ends its workers through the
-loader's normal shutdown; a worker whose rank died exits when its fork server does. torch gives each worker a
-SIGTERM handler of its own, so `ignore_stop_signals` (every loader's worker_init_fn) turns SIGTERM off again once the
-worker runs.
+loader's normal shutdown; a worker whose rank is killed exits at once (`start_worker`). torch gives each worker a
+SIGTERM handler of its own, so `start_worker` (every loader's worker_init_fn) turns SIGTERM off again once it runs.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import select
 import signal
+import threading
 from multiprocessing.context import BaseContext
+from typing import Callable
 
 WORKER_START_MODULE = "csi_dist.data.worker_start"
 
@@ -29,7 +33,26 @@ def worker_context() -> BaseContext:
     return context
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's init: ignore the notices (torch's worker start installs a SIGTERM handler that exits)."""
+def worker_init_for_this_rank() -> Callable[[int], None]:
+    """The worker_init_fn of a loader built in this process (the rank): see `start_worker`."""
+    return functools.partial(start_worker, os.getpid())
+
+
+def start_worker(rank_pid: int, worker_id: int) -> None:
+    """A DataLoader worker's init: ignore the notices (torch's worker start installs a SIGTERM handler that exits),
+    and end with the rank. torch's own watchdog watches the worker's parent, which is the fork server here; and the
+    fork server lives as long as any of its children (each holds its "alive" pipe), so after a rank is killed its
+    workers would wait for each other forever, holding the job step's output open (SLURM then waits 60 s to end the
+    step, and a node's processes pile up)."""
     for notice in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(notice, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_ended, args=(rank_pid,), name="rank-watch", daemon=True).start()
+
+
+def _exit_when_ended(rank_pid: int) -> None:
+    try:
+        ended = os.pidfd_open(rank_pid)  # readable once the process has ended (reaped or not)
+    except ProcessLookupError:
+        os._exit(0)
+    select.select([ended], [], [])
+    os._exit(0)
