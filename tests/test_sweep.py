@@ -7,6 +7,7 @@ too small to learn, so the median pruner stops some trials whichever job runs th
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import os
 import re
@@ -189,6 +190,11 @@ def assert_best_params_reproduce(sweep_dir: Path, shards: Path, tmp_path: Path) 
     in_sweep = [r["val_f1_weighted"] for r in json.loads((trial_run / "training_history.json").read_text())]
     assert retrained == pytest.approx(in_sweep, abs=1e-9)
     assert max(retrained) == pytest.approx(best["best_value"], abs=1e-9)
+    # the best trial's lineage travels with its parameters: the data it saw and the code that trained it
+    origin = best["provenance"]["origin"]
+    assert origin["data"]["manifest_sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert origin["code"] == json.loads((trial_run / "provenance.json").read_text())["origin"]["code"]
+    assert best["provenance"]["segments"] and best["provenance"]["segments"][-1]["outcome"] != "running"
 
 
 def assert_sweep_outputs(sweep_dir: Path, n_trials: int) -> list[optuna.trial.FrozenTrial]:

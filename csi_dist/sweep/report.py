@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.files import atomic_write_json
+from csi_dist.provenance import read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ def write_report(study: optuna.Study, settings, space) -> Path | None:
             "best_params": best_params, "best_value": best.value, "objective": space.objective,
             "direction": study.direction.name.lower(), "best_trial": best.number,
             "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
-            "n_trials": len(rows), "base_config": settings.config, "base_overrides": settings.overrides})
+            "n_trials": len(rows), "base_config": settings.config, "base_overrides": settings.overrides,
+            # where the best model came from: code, packages, data and config hashes, job segments (its run's record)
+            "provenance": read_provenance(Path(best.user_attrs["run_dir"])) if best.user_attrs.get("run_dir") else {}})
         lines += [f"**Best trial {best.number}**: val_{space.objective} = {best.value:.6f}", "",
                   "Parameters:", ""] + [f"- `{key}` = {_format_value(value)}" for key, value in best_params.items()]
         lines += ["", "Train the final model with them:", "", "```", retrain_command(settings, best_path), "```", ""]
