@@ -23,15 +23,18 @@ Outputs (rank 0, ';'-separated, rows in input order):
 
 Runs on 1..N processes like evaluate (`accelerate launch -m csi_dist.predict ...`): files[rank::world] per rank,
 gathered once. Exit codes: 0 when at least one image was predicted, 2 when the inputs are wrong (no run directory,
-config or weights; no such folder or CSV; no images) or no image could be read.
+config or weights; no such folder or CSV; no images) or no image could be read, 75 (nothing written; rerun the same
+command) when a preemption notice arrived (a signal, or <run dir>/PREEMPT_REQUESTED: see cluster.preemption).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import logging
+import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, image_for, image_suffix
 from csi_dist.data.reader import ShardError, read_manifest
@@ -48,6 +52,7 @@ from csi_dist.data.shards import DEFAULT_JPEG_QUALITY
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model
+from csi_dist.evaluation.inference import StopRequested
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
 from csi_dist.files import atomic_write
 from csi_dist.models import ModelError
@@ -194,8 +199,12 @@ def image_pipeline(config, input_size: int) -> ImagePipeline:
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: ImagePipeline, accelerator,
                    channels_last: bool, batch_size: int, num_workers: int,
+                   should_stop: Callable[[int], bool] | None = None, checked_batches: int = 0,
                    ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """This rank's ({input index: 6 x 5 probabilities}, {input index: reason it could not be read})."""
+    """This rank's ({input index: 6 x 5 probabilities}, {input index: reason it could not be read}).
+
+    `should_stop(batches_done)` (a collective: PreemptionWatcher.should_stop) is asked after each of the first
+    `checked_batches` batches, the count every rank has; True raises StopRequested."""
     model.eval()
     loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers if images else 0, collate_fn=collate_images,
@@ -205,18 +214,23 @@ def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: I
     failures: dict[int, str] = {}
     progress = tqdm(loader, total=len(loader), unit="batch", desc="predict",
                     disable=not accelerator.is_main_process or not sys.stderr.isatty())
-    for batch in progress:
+    for batches_done, batch in enumerate(progress, start=1):
         failures.update(batch["failed"])
-        if batch["image"] is None:
-            continue
-        images_on_device = batch["image"].to(accelerator.device, non_blocking=True)
-        if channels_last:
-            images_on_device = images_on_device.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            zone_logits = model(images_on_device)
-        batch_probs = zone_logits.float().softmax(dim=-1).cpu().numpy()
-        probabilities.update(zip(batch["index"], batch_probs))
+        if batch["image"] is not None:
+            probabilities.update(zip(batch["index"], predict_batch(model, batch["image"], accelerator, channels_last)))
+        if should_stop is not None and batches_done <= checked_batches and should_stop(batches_done):
+            raise StopRequested
     return probabilities, failures
+
+
+def predict_batch(model: torch.nn.Module, images: torch.Tensor, accelerator, channels_last: bool) -> np.ndarray:
+    """Zone probabilities (B x 6 x 5) of one batch of model inputs."""
+    images_on_device = images.to(accelerator.device, non_blocking=True)
+    if channels_last:
+        images_on_device = images_on_device.contiguous(memory_format=torch.channels_last)
+    with accelerator.autocast():
+        zone_logits = model(images_on_device)
+    return zone_logits.float().softmax(dim=-1).cpu().numpy()
 
 
 def gather(accelerator, local: object) -> list:
@@ -276,8 +290,17 @@ def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path 
     rank, world = accelerator.process_index, accelerator.num_processes
     log.info("%s: %d image(s) to predict (%d missing) with %s on %d process(es)", source, len(images), len(missing),
              path, world)
-    local = predict_images(model, images[rank::world], pipeline, accelerator, channels_last,
-                           batch_size or config.training.batch_size, config.training.num_workers)
+    batch_size = batch_size or config.training.batch_size
+    watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
+    watcher.install()
+    try:
+        local = predict_images(model, images[rank::world], pipeline, accelerator, channels_last, batch_size,
+                               config.training.num_workers,
+                               should_stop=lambda batches: watcher.should_stop(batches - 1, accelerator),
+                               checked_batches=math.ceil(len(images) // world / batch_size))
+    except StopRequested:  # nothing partial is written: a prediction is rerun whole
+        log.warning("prediction stopped by a preemption notice: nothing written")
+        watcher.finish_after_checkpoint(accelerator, resumes_from="the start (a prediction is rerun whole)")
     probabilities: dict[int, np.ndarray] = {}
     failures: dict[int, str] = {item.index: reason for item, reason in missing}
     for rank_probs, rank_failures in gather(accelerator, local):

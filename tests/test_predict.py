@@ -14,6 +14,8 @@ from PIL import Image
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from data_helpers import write_dicom
+from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.slurm import EXIT_PREEMPTED
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 
 PROB_COLUMNS = [f"{zone}_p_{name}" for zone in ZONE_NAMES for name in CLASS_NAMES]
@@ -110,6 +112,12 @@ def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(pha
     assert unreadable.returncode == 2, unreadable.stderr[-4000:]
     assert "none of the 1 image(s) could be read" in unreadable.stderr and "Traceback" not in unreadable.stderr
     assert not (tmp_path / "none.csv").exists() and (tmp_path / "none_errors.csv").is_file()
+    # a preemption notice (the request file train.sbatch's trap writes): exit 75, nothing written, notice handled
+    (run_dir / REQUEST_FILE_NAME).touch()
+    stopped = run_predict("--run-dir", str(run_dir), "--images", str(folder), "--out", str(tmp_path / "stop.csv"))
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert "prediction stopped by a preemption notice" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (tmp_path / "stop.csv").exists() and not (run_dir / REQUEST_FILE_NAME).exists()
     no_weights = run_predict("--run-dir", str(run_dir), "--images", str(folder), "--weights",
                              str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "w.csv"))
     assert no_weights.returncode == 2 and "absent.safetensors" in no_weights.stderr
