@@ -40,7 +40,8 @@ from csi_dist.training.faults import limit_gpu_memory, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
-from csi_dist.training.strategies import build_strategy, hide_from_accelerate, resolve_strategy
+from csi_dist.training.strategies import (build_strategy, hide_from_accelerate, resolve_strategy,
+                                          shards_parameters)
 from csi_dist.training.tracking import Tracker
 
 log = logging.getLogger("csi_dist.train")
@@ -106,7 +107,11 @@ class Trainer:
         self.channels_last = uses_channels_last(config.model) and strategy_name == "ddp"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if config.training.global_batch_size and accelerator.device.type == "cuda":
+        if config.training.global_batch_size and accelerator.device.type == "cuda" and shards_parameters(
+                strategy_name, config.training):
+            log.info("micro-batch %d is not checked against GPU memory: the check runs the whole model on one GPU, "
+                     "which %s shards", config.training.batch_size, strategy_name)
+        elif config.training.global_batch_size and accelerator.device.type == "cuda":
             model = model.to(accelerator.device)
             probe = forward_backward_fits(model, (INPUT_CHANNELS, image_size, image_size), accelerator.device,
                                           accelerator.autocast, self.channels_last)

@@ -1,10 +1,11 @@
 """The largest micro-batch one GPU holds, found before training; accumulation makes up the rest of the global batch.
 
-With `training.global_batch_size` set, `training.batch_size` is the largest micro-batch a process may run. On a GPU
-the trainer tries one forward and backward pass of that size (random images, the model before its strategy wraps
-it, with the memory the optimizer state will take held aside); on CUDA out-of-memory it tries the next smaller split
-of the same global batch, down to one image. All ranks then run the smallest micro-batch any of them fits, so the
-global batches, their order and the exact-resume guarantee stay what they were: only the accumulation grows.
+With `training.global_batch_size` set, `training.batch_size` is the largest micro-batch a process may run. On a GPU,
+under DDP and ZeRO-1/2 (which keep the whole model on every GPU; FSDP2 and ZeRO-3 are not checked), the trainer
+tries one forward and backward pass of that size (random images, the model before its strategy wraps it, with the
+memory the optimizer state will take held aside); on CUDA out-of-memory it tries the next smaller split of the same
+global batch, down to one image. All ranks then run the smallest micro-batch any of them fits, so the global
+batches, their order and the exact-resume guarantee stay what they were: only the accumulation grows.
 """
 from __future__ import annotations
 

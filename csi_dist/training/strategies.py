@@ -51,6 +51,16 @@ def resolve_strategy(training: TrainingConfig) -> str:
     return "ddp" if training.strategy == "auto" else training.strategy
 
 
+def deepspeed_zero_stage(training: TrainingConfig) -> int:
+    """The ZeRO stage: the accelerate config's (its environment) over training.zero_stage."""
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", training.zero_stage))
+
+
+def shards_parameters(strategy_name: str, training: TrainingConfig) -> bool:
+    """FSDP2 and ZeRO-3 keep a shard of the model on each GPU, not the whole of it."""
+    return strategy_name == "fsdp2" or (strategy_name == "deepspeed" and deepspeed_zero_stage(training) == 3)
+
+
 def hide_from_accelerate() -> None:
     """Stop Accelerator() from applying its own FSDP/DeepSpeed plugin: this module applies the strategy."""
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
@@ -210,7 +220,7 @@ class DeepSpeedStrategy:
         self.accelerator = accelerator
         self.training = training
         self.grad_clip_norm = grad_clip_norm
-        self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", training.zero_stage))
+        self.zero_stage = deepspeed_zero_stage(training)
         self.precision = accelerator.mixed_precision
         self.engine = None
 
