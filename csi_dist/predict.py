@@ -47,7 +47,7 @@ from csi_dist.config import ConfigError, load_config
 from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, image_for, image_suffix
 from csi_dist.data.reader import ShardError, read_manifest
 from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
-from csi_dist.data.workers import worker_context, worker_init_for_this_rank
+from csi_dist.data.workers import worker_options
 from csi_dist.data.shards import DEFAULT_JPEG_QUALITY
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
@@ -206,10 +206,10 @@ def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: I
     `should_stop(batches_done)` (a collective: PreemptionWatcher.should_stop) is asked after each of the first
     `checked_batches` batches, the count every rank has; True raises StopRequested."""
     model.eval()
-    loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers if images else 0, collate_fn=collate_images,
-                        pin_memory=accelerator.device.type == "cuda", worker_init_fn=worker_init_for_this_rank(),
-                        multiprocessing_context=worker_context() if images and num_workers > 0 else None)
+    num_workers = num_workers if images else 0
+    loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_images, pin_memory=accelerator.device.type == "cuda",
+                        **worker_options(num_workers))
     probabilities: dict[int, np.ndarray] = {}
     failures: dict[int, str] = {}
     progress = tqdm(loader, total=len(loader), unit="batch", desc="predict",

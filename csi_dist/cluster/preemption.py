@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from csi_dist.cluster.slurm import EXIT_PREEMPTED, current_segment_id, requeue, slurm_job_to_requeue
+from csi_dist.data.workers import STOP_NOTICES
 
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
-# SIGINT is Ctrl-C: the first one is a notice like the others, a second one interrupts at once.
-HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionWatcher:
@@ -57,7 +56,8 @@ class PreemptionWatcher:
     def install(self) -> None:
         """Install flag-only handlers in this (main) process (DataLoader workers ignore notices: data.workers)."""
         self._owner_pid = os.getpid()
-        for signum in HANDLED_SIGNALS:
+        # USR1, USR2, TERM and INT (Ctrl-C: a second one interrupts at once): the set the loader's workers ignore
+        for signum in STOP_NOTICES:
             signal.signal(signum, self._handle_signal)
             # restart interrupted system calls: a notice arriving while torch.save writes a checkpoint file must not
             # fail that write (torch's C++ writer does not retry EINTR: "unexpected pos ... vs ...")

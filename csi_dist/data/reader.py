@@ -24,7 +24,7 @@ from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_E
 from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import DecodeError, decode_grayscale, sample_generator, to_model_input
-from csi_dist.data.workers import worker_context, worker_init_for_this_rank
+from csi_dist.data.workers import worker_options
 from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
 
 if TYPE_CHECKING:
@@ -233,9 +233,7 @@ class EpochLoader:
         # a private generator: creating the iterator must not draw from the global RNG (exact resume)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-                                 generator=torch.Generator().manual_seed(0),
-                                 worker_init_fn=worker_init_for_this_rank(),
-                                 multiprocessing_context=worker_context() if workers > 0 else None)
+                                 generator=torch.Generator().manual_seed(0), **worker_options(workers))
 
     def __len__(self) -> int:
         return self.steps

@@ -10,13 +10,12 @@ module: their dataset, collate and init functions all live in csi_dist modules, 
 from __future__ import annotations
 
 import multiprocessing.spawn
-import signal
 
 import csi_dist.data.image_files  # noqa: F401 - a worker's code, imported once in the fork server
 import csi_dist.data.reader  # noqa: F401
+from csi_dist.data.workers import ignore_stop_notices
 
-for _notice in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-    signal.signal(_notice, signal.SIG_IGN)
+ignore_stop_notices()
 
 # the two steps of multiprocessing's child preparation that rerun the parent's main module (by module name for
 # `python -m`, by path for a script): nothing to do for our workers

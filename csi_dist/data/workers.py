@@ -20,22 +20,26 @@ import os
 import select
 import signal
 import threading
-from multiprocessing.context import BaseContext
-from typing import Callable
 
 WORKER_START_MODULE = "csi_dist.data.worker_start"
 
 
-def worker_context() -> BaseContext:
-    """The multiprocessing context every DataLoader of the package starts its workers with."""
+STOP_NOTICES = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # what the rank treats as "stop"
+
+
+def ignore_stop_notices() -> None:
+    for notice in STOP_NOTICES:
+        signal.signal(notice, signal.SIG_IGN)
+
+
+def worker_options(num_workers: int) -> dict:
+    """The DataLoader arguments of a loader built in this process (the rank) with `num_workers` workers: they come
+    from the fork server and run `start_worker` first."""
+    if num_workers == 0:
+        return {}
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([WORKER_START_MODULE])
-    return context
-
-
-def worker_init_for_this_rank() -> Callable[[int], None]:
-    """The worker_init_fn of a loader built in this process (the rank): see `start_worker`."""
-    return functools.partial(start_worker, os.getpid())
+    return {"multiprocessing_context": context, "worker_init_fn": functools.partial(start_worker, os.getpid())}
 
 
 def start_worker(rank_pid: int, worker_id: int) -> None:
@@ -44,8 +48,7 @@ def start_worker(rank_pid: int, worker_id: int) -> None:
     fork server lives as long as any of its children (each holds its "alive" pipe), so after a rank is killed its
     workers would wait for each other forever, holding the job step's output open (SLURM then waits 60 s to end the
     step, and a node's processes pile up)."""
-    for notice in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(notice, signal.SIG_IGN)
+    ignore_stop_notices()
     threading.Thread(target=_exit_when_ended, args=(rank_pid,), name="rank-watch", daemon=True).start()
 
 

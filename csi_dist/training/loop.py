@@ -107,16 +107,16 @@ class Trainer:
         self.channels_last = uses_channels_last(config.model) and strategy_name == "ddp"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if config.training.global_batch_size and accelerator.device.type == "cuda" and shards_parameters(
-                strategy_name, config.training):
-            log.info("micro-batch %d is not checked against GPU memory: the check runs the whole model on one GPU, "
-                     "which %s shards", config.training.batch_size, strategy_name)
-        elif config.training.global_batch_size and accelerator.device.type == "cuda":
-            model = model.to(accelerator.device)
-            probe = forward_backward_fits(model, (INPUT_CHANNELS, image_size, image_size), accelerator.device,
-                                          accelerator.autocast, self.channels_last)
-            config = self.config = dataclasses.replace(config, training=fit_micro_batch(config.training, accelerator,
-                                                                                        probe))
+        if config.training.global_batch_size and accelerator.device.type == "cuda":  # the micro-batch the GPU holds
+            if shards_parameters(strategy_name, config.training):
+                log.info("micro-batch %d is not checked against GPU memory: the check runs the whole model on one "
+                         "GPU, which %s shards", config.training.batch_size, strategy_name)
+            else:
+                model = model.to(accelerator.device)
+                probe = forward_backward_fits(model, (INPUT_CHANNELS, image_size, image_size), accelerator.device,
+                                              accelerator.autocast, self.channels_last)
+                config = self.config = dataclasses.replace(config, training=fit_micro_batch(config.training,
+                                                                                            accelerator, probe))
         self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
                                                    config.optimization.grad_clip_norm)
         log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "

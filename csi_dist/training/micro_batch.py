@@ -86,9 +86,7 @@ def forward_backward_fits(model: torch.nn.Module, image_shape: tuple[int, int, i
 
 def fit_micro_batch(training: TrainingConfig, accelerator, fits: Callable[[int], bool]) -> TrainingConfig:
     """The training settings with the micro-batch every rank fits (the smallest of the ranks' answers) and the
-    accumulation that keeps `training.global_batch_size`; unchanged without a global batch size or off CUDA."""
-    if not training.global_batch_size or accelerator.device.type != "cuda":
-        return training
+    accumulation that keeps `training.global_batch_size` (set: the trainer asks only then, and only on CUDA)."""
     world_size = accelerator.num_processes
     try:
         micro_batch, _ = largest_fitting_split(training.global_batch_size, world_size, training.batch_size, fits)
