@@ -7,13 +7,16 @@ For each case ``ARCH@SIZExBATCH`` it measures, on the GPU when there is one:
 
 * ceiling: the training step alone (bf16 autocast, channels_last, fused AdamW, WeightedCSILoss) on random tensors
   already on the device: the most the model can do on this machine;
-* loader: the real shard reader (``csi_dist.data.reader``, the trainer's workers, decode + resize + augment) alone;
-* end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s read back from the run's
-  TensorBoard scalars after ``--warmup`` steps, its time to the first step and its peak GPU memory;
+* loader: the real shard reader (``csi_dist.data.reader``, the trainer's workers) alone, finishing images where the
+  trainer does (``--gpu-augment``: on the GPU the workers only read and decode, and hand over uint8 pixels);
+* end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s and the share of its time spent
+  waiting on the loader read back from the run's TensorBoard scalars after ``--warmup`` steps, its time to the
+  first step and its peak GPU memory;
 * files (``--pil-baseline``): a plain PIL-from-files Dataset on the phantom's source PNGs, for the loader.
 
-The loader column is the data side of the step-time breakdown: when it is well above the end-to-end figure the
-step waits on compute, not on data. Phantom shards are written once per size under ``--work-dir``.
+The loader column and the trainer's data-wait share are the step-time breakdown: a share near 0 % means the step
+waits on compute, not on data. Phantom shards are written once per size and format (``--image-format``) under
+``--work-dir``.
 """
 from __future__ import annotations
 
@@ -102,12 +105,14 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
     return {"images_per_second": steps * case.batch_size / (time.perf_counter() - start)}
 
 
-def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, augment: bool = True) -> dict:
-    """Images/s of the real reader alone, as the trainer configures it for training (augment=False: as for eval)."""
+def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, augment: bool = True,
+                      finish_on_device: bool = False) -> dict:
+    """Images/s of the real reader alone, as the trainer configures it for training (augment=False: as for eval;
+    finish_on_device: the workers' share of data.gpu_augment, uint8 pixels out)."""
     settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=augment, shuffle=True,
-                              shuffle_window=1024, num_workers=workers)
+                              shuffle_window=1024, num_workers=workers, finish_on_device=finish_on_device)
     loader = build_loader(open_split(shard_dir, "train"), settings, epoch=0, rank=0, world_size=1)
-    return _time_batches(iter(loader), batches, workers, lambda batch: batch["image"].shape[0])
+    return _time_batches(iter(loader), batches, workers, lambda batch: batch["sample_index"].shape[0])
 
 
 class PlainFileDataset(torch.utils.data.Dataset):
@@ -145,7 +150,8 @@ def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
 
 
 def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: int, workers: int,
-               compile_model: bool, strategy: str, trainer_overrides: list[str] = (), restart: bool = False) -> dict:
+               compile_model: bool, strategy: str, trainer_overrides: list[str] = (), restart: bool = False,
+               gpu_augment: str = "auto") -> dict:
     """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps.
 
     restart: then launch it again on the same run directory, as a requeued job would be, for as many steps more,
@@ -158,13 +164,15 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
                  "training.n_epochs": 1, "training.log_every_steps": log_every,
                  "optimization.optimizer": "adamw", "logging.wandb_mode": "disabled",
                  "callbacks.checkpoint_every_steps": 0, "callbacks.early_stopping_patience": 0,
-                 "training.strategy": strategy}
+                 "training.strategy": strategy, "data.gpu_augment": gpu_augment}
     shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
     run_trainer(run_dir, overrides | {"training.max_steps": warmup + steps}, trainer_overrides, "never")
     scalars = read_scalars(run_dir / "tensorboard")
     # every window holds log_every * batch images, so the overall rate is the harmonic mean of the window rates
     measured = [value for step, value in scalars["train/images_per_second"] if step > warmup]
+    waiting = [value for step, value in scalars["train/data_wait_share"] if step > warmup]
     result = {"images_per_second": len(measured) / sum(1 / value for value in measured),
+              "data_wait_share": sum(waiting) / len(waiting),
               "seconds_to_first_step": scalars["train/seconds_to_first_step"][0][1],
               "peak_gpu_memory_gib": max((value for _, value in scalars.get("train/peak_gpu_memory_gib", [])),
                                          default=None)}
@@ -205,20 +213,22 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def phantom_shards(work_dir: Path, case: Case, batches: int) -> Path:
+def phantom_shards(work_dir: Path, case: Case, batches: int, image_format: str = "png") -> Path:
     """Phantom shards at the case's size with `batches` batches of training images in one epoch."""
     needed = math.ceil((batches + 2) * case.batch_size / TRAIN_FRACTION)
-    shard_dir = work_dir / f"phantom_{case.image_size}_{needed}"
+    shard_dir = work_dir / f"phantom_{case.image_size}_{needed}_{image_format}"
     if not (shard_dir / MANIFEST_NAME).is_file():
-        status = shards.main(["--demo", str(needed), "--out", str(shard_dir), "--size", str(case.image_size)])
+        status = shards.main(["--demo", str(needed), "--out", str(shard_dir), "--size", str(case.image_size),
+                              "--demo-format", image_format])
         if status:
             raise RuntimeError(f"writing phantom shards into {shard_dir} failed ({status})")
     return shard_dir
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| case | ceiling img/s | end-to-end img/s | % of ceiling | loader img/s | loader img/s/worker "
-              "| loader no-augment img/s | PIL files img/s | first step s | restart first step s | peak GiB |")
+    header = ("| case | workers | ceiling img/s | end-to-end img/s | % of ceiling | waits on data % | loader img/s "
+              "| loader img/s/worker | loader no-augment img/s | PIL files img/s | first step s "
+              "| restart first step s | peak GiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
         e2e, ceiling = row["end_to_end"], row["ceiling"]
@@ -226,9 +236,11 @@ def format_table(rows: list[dict]) -> str:
         def number(value, digits=0):
             return "-" if value is None else f"{value:.{digits}f}"
         lines.append(" | ".join([
-            f"| {row['case']} {row['strategy']}{' compiled' if row['compile'] else ''}",
+            f"| {row['case']} {row['strategy']}{' compiled' if row['compile'] else ''} {row['image_format']}"
+            f" gpu_augment={row['gpu_augment']}", str(row["workers"]),
             number(ceiling["images_per_second"]), number(e2e["images_per_second"]),
             number(100 * e2e["images_per_second"] / ceiling["images_per_second"], 1),
+            number(100 * e2e["data_wait_share"], 1),
             number(row["loader"]["images_per_second"]), number(row["loader"]["images_per_second_per_worker"], 1),
             number(row.get("loader_no_augment", {}).get("images_per_second")),
             number(row.get("files", {}).get("images_per_second")), number(e2e["seconds_to_first_step"], 1),
@@ -252,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pil-baseline", action="store_true", help="also time a plain PIL-from-files loader")
     parser.add_argument("--restart", action="store_true",
                         help="relaunch the trainer on its run directory, as a requeue would; time its first step")
+    parser.add_argument("--gpu-augment", choices=("auto", "true", "false"), default="auto",
+                        help="where images are finished (data.gpu_augment), for the trainer and the loader column")
+    parser.add_argument("--image-format", choices=("png", "npy"), default="png", help="phantom shards' image format")
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -260,16 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:
         trainer_steps = (2 if args.restart else 1) * (args.steps + args.warmup)
-        shard_dir = phantom_shards(args.work_dir, case, max(trainer_steps, args.loader_batches + args.workers))
+        shard_dir = phantom_shards(args.work_dir, case, max(trainer_steps, args.loader_batches + args.workers),
+                                   args.image_format)
+        on_device = args.gpu_augment == "true" or (args.gpu_augment == "auto" and device.type == "cuda")
         row = {"case": str(case), **asdict(case), "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "compile": args.compile, "workers": args.workers,
-               "strategy": args.strategy, "trainer_overrides": args.overrides}
+               "strategy": args.strategy, "trainer_overrides": args.overrides, "gpu_augment": args.gpu_augment,
+               "image_format": args.image_format}
         log.info("%s: ceiling", case)
         row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("%s: loader", case)
-        row["loader"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches)
+        row["loader"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches,
+                                          finish_on_device=on_device)
         if args.pil_baseline:  # like for like: the reader without augmentation next to PIL without augmentation
             row["loader_no_augment"] = loader_throughput(shard_dir, case, args.workers, args.loader_batches,
                                                          augment=False)
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: end to end", case)
         row["end_to_end"] = end_to_end(shard_dir, case, args.work_dir / "runs" / case.arch, args.steps,
                                        args.warmup, args.workers, args.compile, args.strategy,
-                                       args.overrides, args.restart)
+                                       args.overrides, args.restart, args.gpu_augment)
         rows.append(row)
         log.info("%s", json.dumps(row))
     table = format_table(rows)

@@ -49,6 +49,9 @@ class DataConfig:
     image_size: int = 0  # 0 = the backbone's native input size
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
     augment: bool = True  # random affine and intensity jitter on training images
+    # where images are finished (normalised, augmented): auto = on the GPU when training on one (workers then only
+    # read and decode, and send uint8), true = where the batch is moved, also on a CPU, false = in the loader workers
+    gpu_augment: str = "auto"
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
     max_bad_fraction: float = 0.01  # share of a split that may be undecodable (skipped) before a run stops
 
@@ -138,6 +141,7 @@ CHOICES = {
     ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
     ("training", "strategy"): ("auto", "ddp", "fsdp2", "deepspeed"),
     ("data", "normalization"): ("medical", "imagenet"),
+    ("data", "gpu_augment"): ("auto", "true", "false"),
     ("optimization", "optimizer"): ("adam", "adamw", "sgd"),
     ("optimization", "scheduler"): ("reducelronplateau", "steplr", "cosine", "none"),
     ("logging", "wandb_mode"): ("offline", "online", "disabled"),

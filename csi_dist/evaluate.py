@@ -83,7 +83,7 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
     watcher.install()
     model, path, channels_last, image_size = load_trained_model(config, run_dir, weights, accelerator)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
-    settings = LoaderSettings.from_config(config, image_size, train=False)
+    settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
     results = {}
     batches_done = 0  # over all splits: the first batch is a check step, then every preemption_check_every_steps
     for split in splits:

@@ -16,7 +16,8 @@ def test_bench_measures_ceiling_loader_files_and_the_real_trainer(tmp_path: Path
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "csi_dist.bench", "--case", "Custom_1@32x8", "--steps", "4", "--warmup", "2",
-         "--workers", "1", "--loader-batches", "3", "--pil-baseline", "--restart", "--work-dir", str(tmp_path / "work"),
+         "--workers", "1", "--loader-batches", "3", "--pil-baseline", "--restart", "--image-format", "npy", "--gpu-augment", "true",
+         "--work-dir", str(tmp_path / "work"),
          "--out", str(out)], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = json.loads(out.read_text())["rows"]
@@ -25,4 +26,5 @@ def test_bench_measures_ceiling_loader_files_and_the_real_trainer(tmp_path: Path
     assert 0 < row["end_to_end"]["seconds_to_first_step"] < 120
     assert 0 < row["end_to_end"]["restart_seconds_to_first_step"] < 120  # the relaunch resumed and took a step
     assert row["end_to_end"]["peak_gpu_memory_gib"] is None  # CPU: no GPU memory to report
-    assert "| Custom_1@32 bs8 ddp |" in result.stdout
+    assert 0.0 <= row["end_to_end"]["data_wait_share"] <= 1.0
+    assert "| Custom_1@32 bs8 ddp npy gpu_augment=true | 1 |" in result.stdout

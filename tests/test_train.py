@@ -36,8 +36,12 @@ def tensors_equal(first: Path, second: Path) -> bool:
 
 @pytest.mark.slow
 def test_training_writes_outputs_and_resumes_mid_epoch_bit_identically(phantom_shards: Path, tmp_path: Path):
+    """With data.gpu_augment=true: the images are finished where the batch is moved (here the CPU), from the same
+    per-sample draws; the other trainer tests finish them in the loader workers."""
     full = tmp_path / "full"
-    run_train(phantom_shards, full, "--set", "training.n_epochs=2", "--set", "callbacks.checkpoint_every_steps=5")
+    on_device = ("--set", "data.gpu_augment=true")
+    run_train(phantom_shards, full, "--set", "training.n_epochs=2", "--set", "callbacks.checkpoint_every_steps=5",
+              *on_device)
     train_count = json.loads((phantom_shards / "manifest.json").read_text())["splits"]["train"]["count"]
     steps = -(-train_count // 8)
     assert (full / "resolved_config.ini").is_file()
@@ -68,7 +72,7 @@ def test_training_writes_outputs_and_resumes_mid_epoch_bit_identically(phantom_s
             shutil.rmtree(resumed / "checkpoints" / f"step-{step:08d}")
     shutil.rmtree(resumed / "weights")
     result = run_train(phantom_shards, resumed, "--set", "training.n_epochs=2",
-                       "--set", "callbacks.checkpoint_every_steps=5")
+                       "--set", "callbacks.checkpoint_every_steps=5", *on_device)
     assert f"resumed from {resumed}/checkpoints/step-{mid_epoch:08d}" in result.stderr
     assert tensors_equal(full / "weights" / "last.safetensors", resumed / "weights" / "last.safetensors")
     assert json.loads((resumed / "training_history.json").read_text()) == history

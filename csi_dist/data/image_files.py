@@ -1,7 +1,7 @@
 """The unlabelled image files `predict` reads, as a DataLoader dataset: each file through training's data path.
 
 The shard writer's image path (`shards.encode_image_file`: load_grayscale, resize to the stored image size, 8-bit
-PNG/JPEG as stored) then the reader's (`transforms.decode_grayscale` to the model input size, `to_model_input`, no
+PNG/JPEG/npy as stored) then the reader's (`transforms.decode_image` to the model input size, `to_model_input`, no
 augmentation). A module of its own, so that DataLoader workers (csi_dist.data.workers) import its classes by name.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from csi_dist.data.images import ImageError
 from csi_dist.data.shards import DEFAULT_JPEG_QUALITY, encode_image_file
-from csi_dist.data.transforms import DecodeError, decode_grayscale, to_model_input
+from csi_dist.data.transforms import DecodeError, decode_image, to_model_input
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ def model_input(path: Path, pipeline: ImagePipeline) -> torch.Tensor:
     """1 x size x size float tensor of one image file, exactly as training and evaluate see it (no augmentation).
     Raises ImageError or DecodeError."""
     stored = encode_image_file(path, pipeline.stored_size, pipeline.image_format, DEFAULT_JPEG_QUALITY)
-    return to_model_input(decode_grayscale(stored, pipeline.input_size), pipeline.normalization, None)
+    return to_model_input(decode_image(stored, pipeline.image_format, pipeline.input_size), pipeline.normalization,
+                          None)
 
 
 class ImageFiles(Dataset):

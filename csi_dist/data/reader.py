@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
 from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
-from csi_dist.data.transforms import DecodeError, decode_grayscale, sample_generator, to_model_input
+from csi_dist.data.transforms import AUGMENT_DRAWS, DecodeError, augment_draws, decode_image, model_input
 from csi_dist.data.workers import worker_options
 from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
+from csi_dist.faults import slow_batch_seconds
 
 if TYPE_CHECKING:
     from csi_dist.config import Config
@@ -53,6 +55,7 @@ class ShardSet:
     shards: tuple[ShardInfo, ...]
     stored_image_size: int
     has_ahf_labels: bool
+    image_format: str = "png"
 
     @property
     def num_samples(self) -> int:
@@ -93,7 +96,8 @@ def open_split(shard_dir: str | Path, split: str) -> ShardSet:
         except ValueError as error:
             raise ShardError(str(error)) from None
         shards.append(ShardInfo(path, int(entry["count"]), size, index))
-    return ShardSet(split, tuple(shards), int(manifest["image_size"]), bool(manifest.get("has_ahf_labels", False)))
+    return ShardSet(split, tuple(shards), int(manifest["image_size"]), bool(manifest.get("has_ahf_labels", False)),
+                    str(manifest.get("image_format", "png")))
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,22 @@ class LoaderSettings:
     shuffle_window: int = 0  # samples shuffled together (windows span shards); 0 = shard order only
     seed: int = 42
     num_workers: int = 0
+    # False: workers hand over finished float images ("image"). True: uint8 "pixels" and the augmentation draws,
+    # finished by `finish_on_device` where the batch is moved (the GPU: a quarter of the bytes, no CPU affine)
+    finish_on_device: bool = False
 
     @classmethod
-    def from_config(cls, config: Config, image_size: int, *, train: bool) -> LoaderSettings:
-        """Training batches are shuffled and augmented; validation, evaluation and test ones are not."""
+    def from_config(cls, config: Config, image_size: int, *, train: bool,
+                    device: torch.device | None = None) -> LoaderSettings:
+        """Training batches are shuffled and augmented; validation, evaluation and test ones are not. With the
+        device the batches go to, images are finished there as data.gpu_augment says; without, in the workers."""
+        choice = config.data.gpu_augment.lower()
+        finish_on_device = device is not None and (choice == "true" or (choice == "auto" and device.type == "cuda"))
         return cls(batch_size=config.training.batch_size, image_size=image_size,
                    normalization=config.data.normalization, augment=train and config.data.augment,
                    shuffle=train, shuffle_window=config.data.shuffle_window if train else 0,
-                   seed=config.training.seed, num_workers=config.training.num_workers)
+                   seed=config.training.seed, num_workers=config.training.num_workers,
+                   finish_on_device=finish_on_device)
 
 
 class ShardReader:
@@ -175,27 +187,26 @@ class ShardStream(IterableDataset):
         shard, index, is_padding = self.plan.sample_at(position)
         sample = {"sample_index": self.shard_starts[shard] + index, "is_padding": is_padding, "file_id": "",
                   "zones": [UNKNOWN_CLASS] * NUM_ZONES, "csi": float("nan"), "ahf": float("nan"),
-                  "decode_failed": False}
+                  "decode_failed": False, "draws": None}
         where = f"sample {index} of {self.shard_set.shards[shard].path}"
         try:
             where = f"sample {reader.key(shard, index)!r} of {self.shard_set.shards[shard].path}"
             members = reader.read(shard, index)
             labels = json.loads(members[LABEL_EXTENSION])
-            image_bytes = next(members[ext] for ext in IMAGE_EXTENSIONS if ext in members)
+            extension = next(ext for ext in IMAGE_EXTENSIONS if ext in members)
             zones = [int(zone) for zone in labels["zones"]]
             if len(zones) != NUM_ZONES or not all(0 <= zone <= UNKNOWN_CLASS for zone in zones):
                 raise ValueError(f"zones {labels['zones']} are not {NUM_ZONES} values in 0..{UNKNOWN_CLASS}")
-            pixels = decode_grayscale(image_bytes, settings.image_size)
-            generator = sample_generator(settings.seed, self.epoch, position) if settings.augment else None
+            pixels = decode_image(members[extension], extension, settings.image_size)
             sample.update(file_id=str(labels["file_id"]), zones=zones,
                           csi=float("nan") if labels.get("csi") is None else float(labels["csi"]),
-                          ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]),
-                          image=to_model_input(pixels, settings.normalization, generator))
+                          ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]), pixels=pixels,
+                          draws=augment_draws(settings.seed, self.epoch, position) if settings.augment else None)
         except (ShardError, DecodeError, KeyError, ValueError, TypeError, StopIteration) as error:
             if not isinstance(error, ShardError):  # an unreadable shard was logged once already
                 log.warning("skipping undecodable %s: %s: %s", where, type(error).__name__, error)
             sample["decode_failed"] = True
-            sample["image"] = torch.zeros(1, settings.image_size, settings.image_size)
+            sample["pixels"] = torch.zeros(1, settings.image_size, settings.image_size, dtype=torch.uint8)
         return sample
 
     def __iter__(self) -> Iterator[dict]:
@@ -203,16 +214,29 @@ class ShardStream(IterableDataset):
         if info is not None and info.num_workers != self.plan.num_workers:
             raise RuntimeError(f"planned {self.plan.num_workers} workers, DataLoader has {info.num_workers}")
         reader = ShardReader(self.shard_set)
+        held_back = slow_batch_seconds()  # 0.0 unless a test asks for a slow loader (csi_dist/faults.py)
         try:
             for step in self.plan.worker_steps(0 if info is None else info.id):
-                yield collate([self._sample(reader, position) for position in self.plan.batch_positions(step, self.rank)])
+                time.sleep(held_back)
+                samples = [self._sample(reader, position) for position in self.plan.batch_positions(step, self.rank)]
+                yield collate(samples, self.settings)
         finally:
             reader.close()
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], settings: LoaderSettings) -> dict:
+    """One batch; its images finished here (float "image") or left for the device (see finish_on_device)."""
+    pixels = torch.stack([sample["pixels"] for sample in samples])
+    draws = None
+    if settings.augment:  # a failed sample has no draws: zeros, its image is masked out anyway
+        draws = torch.stack([torch.zeros(AUGMENT_DRAWS) if sample["draws"] is None else sample["draws"]
+                             for sample in samples])
+    if settings.finish_on_device:
+        images = {"pixels": pixels, "augment_draws": draws, "normalization": settings.normalization}
+    else:
+        images = {"image": model_input(pixels, settings.normalization, draws)}
     return {
-        "image": torch.stack([sample["image"] for sample in samples]),
+        **images,
         "zones": torch.tensor([sample["zones"] for sample in samples], dtype=torch.long),
         "csi": torch.tensor([sample["csi"] for sample in samples], dtype=torch.float32),
         "ahf": torch.tensor([sample["ahf"] for sample in samples], dtype=torch.float32),
@@ -221,6 +245,16 @@ def collate(samples: list[dict]) -> dict:
         "decode_failed": torch.tensor([sample["decode_failed"] for sample in samples], dtype=torch.bool),
         "file_id": [sample["file_id"] for sample in samples],
     }
+
+
+def finish_on_device(batch: dict, device: torch.device) -> torch.Tensor:
+    """The batch's model input on `device`: a finished "image" is copied; uint8 "pixels" are copied, then
+    normalised and augmented there (the same `model_input` the workers run otherwise)."""
+    if "image" in batch:
+        return batch["image"].to(device, non_blocking=True)
+    draws = batch["augment_draws"]
+    return model_input(batch["pixels"].to(device, non_blocking=True), batch["normalization"],
+                       None if draws is None else draws.to(device, non_blocking=True))
 
 
 class EpochLoader:

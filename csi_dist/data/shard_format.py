@@ -4,7 +4,7 @@ Layout of a shard directory written by `csi-shards`:
 
     <out>/manifest.json               MANIFEST_NAME, see below
     <out>/split.csv                   FileID;patient_id;split  (the split actually used, reproducible)
-    <out>/<split>/shard-000000.tar    tar members per sample: "<key>.png" (or .jpg) + "<key>.json"
+    <out>/<split>/shard-000000.tar    tar members per sample: "<key>.png" (or .jpg, .npy) + "<key>.json"
 
 `<key>` is the sample key: the FileID with every character outside [A-Za-z0-9_-] replaced by "_" (webdataset
 splits a member name at the first dot), made unique with a numeric suffix when two FileIDs collide.
@@ -13,10 +13,11 @@ The "<key>.json" member holds LABEL_KEYS:
     {"file_id": "28694662", "zones": [0, 1, 4, 2, 3, 0], "csi": 1.2 | null, "ahf": 0 | 1 | null,
      "patient_id": "P001" | null}
 zones use the coding of csi_dist.domain (0-3 grades, 4 unknown). The image is 8-bit grayscale (mode "L"),
-already resized to manifest["image_size"] x manifest["image_size"].
+already resized to manifest["image_size"] x manifest["image_size"]: a PNG (lossless), a JPEG, or (npy) the raw
+uint8 array in numpy's format, lossless and nothing to decode, at about 1.5x the bytes of a PNG.
 
 manifest.json:
-    {"format": FORMAT_VERSION, "image_size": 512, "image_format": "png" | "jpg",
+    {"format": FORMAT_VERSION, "image_size": 512, "image_format": "png" | "jpg" | "npy",
      "created_utc": "...", "source_csv": "...", "split_seed": 42, "split_fractions": [0.7, 0.15, 0.15],
      "has_ahf_labels": bool,
      "splits": {"train": {"count": N, "label_histogram": {"right_sup": [n0, n1, n2, n3, n4], ...},
@@ -40,5 +41,5 @@ SPLIT_FILE_NAME = "split.csv"
 SPLIT_NAMES = ("train", "val", "test")
 SHARD_PATTERN = "shard-%06d.tar"
 LABEL_EXTENSION = "json"
-IMAGE_EXTENSIONS = ("png", "jpg")
+IMAGE_EXTENSIONS = ("png", "jpg", "npy")  # npy: raw uint8 arrays, nothing to decode
 LABEL_KEYS = ("file_id", "zones", "csi", "ahf", "patient_id")

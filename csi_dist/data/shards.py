@@ -91,10 +91,13 @@ def sample_keys(file_ids: Iterable[str]) -> list[str]:
 def encode_image_file(path: str | Path, image_size: int, image_format: str = "png",
                       jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """The image bytes a shard stores for one image file: decoded to 8-bit grayscale, resized to image_size square,
-    encoded as PNG or JPEG. Raises ImageError (the writer and csi_dist.predict share this one path)."""
+    encoded as PNG, JPEG or a raw .npy array. Raises ImageError (the writer and csi_dist.predict share this one
+    path)."""
     pixels = resize_square(load_grayscale(path), image_size)
     buffer = io.BytesIO()
-    if image_format == "jpg":
+    if image_format == "npy":
+        np.save(buffer, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+    elif image_format == "jpg":
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=jpeg_quality)
     else:
         Image.fromarray(pixels).save(buffer, format="PNG")
@@ -357,7 +360,8 @@ def verify_shards(out_dir: str | Path) -> list[str]:
 
 
 def write_demo(out_dir: str | Path = DEFAULT_DEMO_OUT, n_images: int = DEFAULT_DEMO_IMAGES,
-               image_size: int = DEFAULT_DEMO_SIZE, seed: int = 0, workers: int | None = None) -> dict:
+               image_size: int = DEFAULT_DEMO_SIZE, seed: int = 0, workers: int | None = None,
+               image_format: str = "png") -> dict:
     """Generate the phantom under out_dir/raw (at max(256, image_size) px) and write its shards into out_dir.
 
     Re-running over an earlier demo replaces it; an `out_dir` holding other shards is refused.
@@ -372,7 +376,7 @@ def write_demo(out_dir: str | Path = DEFAULT_DEMO_OUT, n_images: int = DEFAULT_D
     csv_path = generate_phantom(out_dir / "raw", n_images, image_size=max(256, image_size), seed=seed,
                                 workers=workers)
     return write_shards(csv_path, csv_path.parent / "images", out_dir, image_size=image_size, workers=workers,
-                        overwrite=True)
+                        image_format=image_format, overwrite=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE,
                         help=f"--demo image size (default {DEFAULT_DEMO_SIZE})")
     parser.add_argument("--workers", dest="demo_workers", type=int, help="--demo worker processes (default: all cores)")
+    parser.add_argument("--demo-format", choices=IMAGE_EXTENSIONS, default="png",
+                        help="--demo image format (default png; npy: raw arrays, nothing to decode)")
     commands = parser.add_subparsers(dest="command", metavar="{write,verify,show}")
 
     write = commands.add_parser("write", help="write shards from a label CSV and an image directory")
@@ -395,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--images", type=Path, required=True, help="directory of <FileID>.png/.jpg/.dcm/.nii.gz")
     write.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
     write.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image side in pixels")
-    write.add_argument("--image-format", choices=IMAGE_EXTENSIONS, default="png")
+    write.add_argument("--image-format", choices=IMAGE_EXTENSIONS, default="png",
+                       help="png (default, lossless), jpg, or npy: raw uint8 arrays, lossless, no decoding in the "
+                            "loader, about 1.5x the bytes (for few CPU cores per GPU; see BENCHMARKS.md)")
     write.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
     sizing = write.add_mutually_exclusive_group()
     sizing.add_argument("--shard-max-mb", type=float, default=DEFAULT_SHARD_MAX_MB,
@@ -453,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          split_fractions=args.split_fractions, split_file=args.split_file, exclude_ids=exclude,
                          strict=args.strict, overwrite=args.overwrite, csv_encoding=args.encoding)
         else:
-            write_demo(args.demo_out, args.demo, image_size=args.demo_size, workers=args.demo_workers)
+            write_demo(args.demo_out, args.demo, image_size=args.demo_size, workers=args.demo_workers,
+                       image_format=args.demo_format)
     except (LabelError, SplitError, ImageError, ShardWriteError) as err:
         logger.error("%s", err)
         return 2

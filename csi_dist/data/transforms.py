@@ -6,7 +6,6 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 # Grayscale versions of the normalisations users know: "medical" maps [0, 1] to [-1, 1];
 # "imagenet" uses the mean of ImageNet's channel statistics, matching RGB stems summed into one channel.
@@ -32,27 +31,86 @@ def decode_grayscale(image_bytes: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels.copy()).unsqueeze(0)
 
 
-def augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Small affine and intensity jitter. No horizontal flip: zones are lateralised (right vs left lung)."""
-    draw = torch.rand(6, generator=generator).tolist()
-    size = image.shape[-1]
-    angle = (draw[0] * 2 - 1) * 7.0
-    scale = 1.0 + (draw[1] * 2 - 1) * 0.08
-    translate = [round((draw[2] * 2 - 1) * 0.04 * size), round((draw[3] * 2 - 1) * 0.04 * size)]
-    image = TF.affine(image, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
-                      interpolation=TF.InterpolationMode.BILINEAR)
-    contrast = 1.0 + (draw[4] * 2 - 1) * 0.1
-    brightness = (draw[5] * 2 - 1) * 0.05
-    return (image * contrast + brightness).clamp(0.0, 1.0)
+def decode_array(array_bytes: bytes, size: int) -> torch.Tensor:
+    """A stored uint8 H x W array (numpy's .npy format, shards written with --image-format npy: no decoding work)
+    -> uint8 tensor 1 x size x size."""
+    try:
+        pixels = np.load(io.BytesIO(array_bytes), allow_pickle=False)
+    except Exception as error:  # noqa: BLE001 - numpy raises several types for a damaged header
+        raise DecodeError(f"not a .npy array: {error}") from error
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise DecodeError(f"expected a 2-D uint8 array, got {pixels.dtype} {pixels.shape}")
+    if pixels.shape != (size, size):
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
+
+
+def decode_image(image_bytes: bytes, extension: str, size: int) -> torch.Tensor:
+    """A shard's image member (png, jpg or npy) -> uint8 tensor 1 x size x size."""
+    return decode_array(image_bytes, size) if extension == "npy" else decode_grayscale(image_bytes, size)
+
+
+AUGMENT_DRAWS = 6  # uniform draws per sample: angle, scale, shift x, shift y, contrast, brightness
+MAX_ANGLE_DEGREES, MAX_SCALE_CHANGE, MAX_SHIFT_FRACTION = 7.0, 0.08, 0.04
+MAX_CONTRAST_CHANGE, MAX_BRIGHTNESS_SHIFT = 0.1, 0.05
+
+
+def augment_draws(seed: int, epoch: int, position: int) -> torch.Tensor:
+    """The sample's augmentation as AUGMENT_DRAWS numbers in [0, 1): a pure function of (seed, epoch, position)."""
+    return torch.rand(AUGMENT_DRAWS, generator=sample_generator(seed, epoch, position))
+
+
+def affine_sampling_grid(draws: torch.Tensor, size: int) -> torch.Tensor:
+    """B x size x size x 2 grid_sample coordinates of the small rotation, scale and shift each row of draws asks for.
+
+    The same mapping torchvision's `affine` builds for one image (inverse matrix about the image centre, pixel
+    centres at half-integers, shifts rounded to whole pixels), for a whole batch at once on any device.
+    """
+    draws = draws.to(torch.float64)
+    angle = torch.deg2rad((draws[:, 0] * 2 - 1) * MAX_ANGLE_DEGREES)
+    scale = 1.0 + (draws[:, 1] * 2 - 1) * MAX_SCALE_CHANGE
+    shift_x = torch.round((draws[:, 2] * 2 - 1) * MAX_SHIFT_FRACTION * size)
+    shift_y = torch.round((draws[:, 3] * 2 - 1) * MAX_SHIFT_FRACTION * size)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # output pixel (x, y), centred coordinates -> the input pixel it samples: inverse rotation-scale, then unshift
+    inverse = torch.stack([torch.stack([cos, sin, -cos * shift_x - sin * shift_y], dim=1),
+                           torch.stack([-sin, cos, sin * shift_x - cos * shift_y], dim=1)], dim=1)
+    inverse = inverse.to(torch.float32) / (0.5 * size)  # grid_sample wants [-1, 1]: divide by half the size
+    centres = torch.arange(size, dtype=torch.float32, device=draws.device) - (size * 0.5 - 0.5)
+    pixel_y, pixel_x = torch.meshgrid(centres, centres, indexing="ij")
+    homogeneous = torch.stack([pixel_x, pixel_y, torch.ones_like(pixel_x)], dim=-1).reshape(1, -1, 3)
+    grid = homogeneous.expand(draws.shape[0], -1, -1).bmm(inverse.transpose(1, 2))
+    return grid.reshape(draws.shape[0], size, size, 2)
+
+
+def augment_batch(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Small affine and intensity jitter of B x 1 x H x W images in [0, 1], one row of draws per image. No
+    horizontal flip: zones are lateralised (right vs left lung)."""
+    size = images.shape[-1]
+    if images.shape[-2] != size:
+        raise ValueError(f"augmentation expects square images, got {tuple(images.shape[-2:])}")
+    grid = affine_sampling_grid(draws.to(images.device), size)
+    moved = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    draws = draws.to(images.device, torch.float32)[:, :, None, None]
+    contrast = 1.0 + (draws[:, 4:5] * 2 - 1) * MAX_CONTRAST_CHANGE
+    brightness = (draws[:, 5:6] * 2 - 1) * MAX_BRIGHTNESS_SHIFT
+    return (moved * contrast + brightness).clamp_(0.0, 1.0)
+
+
+def model_input(pixels: torch.Tensor, normalization: str, draws: torch.Tensor | None) -> torch.Tensor:
+    """uint8 B x 1 x H x W -> normalised float32, augmented when draws (B x AUGMENT_DRAWS) are given. Runs where
+    the pixels are: in a loader worker on the CPU, or on the GPU after a uint8 copy (data.gpu_augment)."""
+    images = pixels.float().div_(255.0)
+    if draws is not None:
+        images = augment_batch(images, draws)
+    mean, std = NORMALIZATION[normalization]
+    return images.sub_(mean).div_(std)
 
 
 def to_model_input(pixels: torch.Tensor, normalization: str, generator: torch.Generator | None) -> torch.Tensor:
-    """uint8 1 x H x W -> normalised float32, augmented when a generator is given."""
-    image = pixels.float().div_(255.0)
-    if generator is not None:
-        image = augment(image, generator)
-    mean, std = NORMALIZATION[normalization]
-    return image.sub_(mean).div_(std)
+    """One uint8 1 x H x W image -> normalised float32, augmented with the generator's draws when one is given."""
+    draws = None if generator is None else torch.rand(AUGMENT_DRAWS, generator=generator)[None]
+    return model_input(pixels[None], normalization, draws)[0]
 
 
 def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:

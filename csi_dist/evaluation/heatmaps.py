@@ -15,6 +15,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from csi_dist.data.reader import finish_on_device
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
 
 
@@ -145,7 +146,8 @@ def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path
     returns the FileIDs drawn."""
     chosen: list[tuple[str, torch.Tensor]] = []
     for batch in batches:
-        for image, file_id, padding, failed in zip(batch["image"], batch["file_id"], batch["is_padding"],
+        images = finish_on_device(batch, device)  # finished by the workers or (data.gpu_augment) on the device
+        for image, file_id, padding, failed in zip(images, batch["file_id"], batch["is_padding"],
                                                    batch["decode_failed"]):
             if not padding and not failed and len(chosen) < n_images:
                 chosen.append((str(file_id), image))

@@ -1,29 +1,61 @@
-"""What the trainer reports every `training.log_every_steps` updates: loss, learning rate, images/s, decode failures.
+"""What the trainer reports every `training.log_every_steps` updates: loss, learning rate, images/s, decode failures,
+and the share of the time the step waited on its data (with what to do when that share is large).
 
 The loss is summed on the device and the decode failures on the host, so a step costs no host sync; a log line
-costs one collective (loss and failures together) and one sync.
+costs one collective (loss, failures and waiting together) and one sync. The trainer syncs once per update (the
+finite-gradient check), so the time blocked on the loader is time the GPU had nothing to do.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+
+DATA_BOUND_SHARE = 0.1  # waiting on the loader more than this share of a window is worth saying
+
+
+def data_bound_message(wait_share: float, loader_rate: float, step_rate: float, advice: str) -> str | None:
+    """The plain sentence for a window that waited on its data, or None when it hardly did."""
+    if wait_share <= DATA_BOUND_SHARE:
+        return None
+    return (f"data-bound: the step waited on the loader {wait_share:.0%} of the time; the loader gave "
+            f"{loader_rate:.0f} img/s, the step alone could do {step_rate:.0f} img/s: {advice}")
 
 
 class LogWindow:
     """One rank's sums since the last log line, and its undecodable samples of the whole epoch."""
 
-    def __init__(self, accelerator, check_failures: Callable[[int], None]):
+    def __init__(self, accelerator, check_failures: Callable[[int], None], advice: str = ""):
         self.accelerator = accelerator
         self.check_failures = check_failures  # raises TooManyBadSamples when the epoch's count is past the bound
+        self.advice = advice  # what would feed the step faster here (the data-bound message's last part)
         self.loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last line
         self.epoch_decode_failures = 0  # real samples only: padding copies are not counted
+        self.data_bound_said = False  # the message once per epoch; the share goes to the tracker every line
         self._restart()
 
     def _restart(self) -> None:
         self.loss.zero_()
         self.started, self.images, self.updates = time.perf_counter(), 0, 0
+        self.data_wait = 0.0  # seconds blocked on the loader since the line before
+        self.startup = 0.0  # the wait for the epoch's first batch (workers starting): not a steady-state wait
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """`batches`, with the time spent waiting for each one added to the window."""
+        iterator, first = iter(batches), True
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - asked
+            if first:
+                self.startup += waited
+                first = False
+            self.data_wait += waited
+            yield batch
 
     def add_micro_batch(self, loss: torch.Tensor, batch: dict, images: torch.Tensor) -> None:
         self.loss += loss.detach()
@@ -37,17 +69,28 @@ class LogWindow:
         """Time that is not training (a checkpoint write) does not count against images/s."""
         self.started += seconds
 
-    def emit(self, learning_rate: float) -> dict[str, float]:
-        """The line's values (one collective), checked against data.max_bad_fraction; the window restarts."""
+    def emit(self, learning_rate: float) -> tuple[dict[str, float], str | None]:
+        """The line's values (one collective), checked against data.max_bad_fraction, and the data-bound message
+        when this window waited on its data (the first time in the epoch); the window restarts."""
         world_size = self.accelerator.num_processes
-        failures = torch.tensor(float(self.epoch_decode_failures), device=self.accelerator.device)
-        loss_total, failures_total = self.accelerator.reduce(torch.stack([self.loss, failures]),
-                                                             reduction="sum").tolist()
+        elapsed = time.perf_counter() - self.started
+        host = torch.tensor([float(self.epoch_decode_failures), self.data_wait - self.startup, self.startup],
+                            device=self.accelerator.device)
+        totals = self.accelerator.reduce(torch.cat([self.loss[None], host]), reduction="sum").tolist()
+        loss_total, failures_total, steady_wait, startup = totals[0], totals[1], totals[2] / world_size, \
+            totals[3] / world_size
         self.check_failures(int(failures_total))
+        images = self.images * world_size
+        steady = max(elapsed - startup, 1e-9)  # ranks' mean; the epoch's worker start-up is not a data rate
+        wait_share = min(max(steady_wait / steady, 0.0), 1.0)
         values = {"train/loss": loss_total / world_size / self.updates, "train/lr": learning_rate,
-                  "train/images_per_second": self.images * world_size / (time.perf_counter() - self.started),
+                  "train/images_per_second": images / elapsed, "train/data_wait_share": wait_share,
                   "train/decode_failures": int(failures_total)}
         if self.accelerator.device.type == "cuda":
             values["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        message = data_bound_message(wait_share, images / steady, images / max(steady - steady_wait, 1e-9),
+                                     self.advice)
+        if message is not None:
+            message, self.data_bound_said = (None if self.data_bound_said else message), True
         self._restart()
-        return values
+        return values, message

@@ -36,7 +36,7 @@ from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_w
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
-from csi_dist.training.faults import limit_gpu_memory, nonfinite_loss_factors
+from csi_dist.faults import limit_gpu_memory, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
@@ -83,7 +83,7 @@ class Trainer:
             strategy_name = "ddp"
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
-            limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (training/faults.py)
+            limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/faults.py)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +124,8 @@ class Trainer:
                  strategy_name, strategy.precision, config.training.batch_size * self.world_size
                  * config.training.gradient_accumulation_steps, self.world_size, config.training.batch_size,
                  config.training.gradient_accumulation_steps)
-        self.train_settings = LoaderSettings.from_config(config, image_size, train=True)
-        self.val_settings = LoaderSettings.from_config(config, image_size, train=False)
+        self.train_settings = LoaderSettings.from_config(config, image_size, train=True, device=accelerator.device)
+        self.val_settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
         self.global_batch = config.training.batch_size * self.world_size  # the images of one micro-step
         self.steps_per_epoch = math.ceil(self.train_set.num_samples / self.global_batch)  # every rank (shard_plan)
         updates_per_epoch = math.ceil(self.steps_per_epoch / config.training.gradient_accumulation_steps)
@@ -161,7 +161,7 @@ class Trainer:
         self.watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
         self.watcher.install()
         self.startup_logged = False  # the first step of this process, whether the run starts or resumes
-        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (training/faults.py)
+        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
         self.max_steps = config.training.max_steps or math.inf
 
     # --- epochs --------------------------------------------------------------------------------------------------
@@ -206,8 +206,9 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", unit="batch",
                    disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         window_log = LogWindow(accelerator, lambda failures: check_bad_samples(
-            "train", failures, self.train_set.num_samples, config.data.max_bad_fraction, config.data.shard_dir))
-        batches = device_batches(loader, accelerator.device, self.channels_last)
+            "train", failures, self.train_set.num_samples, config.data.max_bad_fraction, config.data.shard_dir),
+            advice=self.data_advice())
+        batches = window_log.timed(device_batches(loader, accelerator.device, self.channels_last))
         for window in accumulation_windows(batches, config.training.gradient_accumulation_steps):
             loss_scale = window_loss_scale(self.criterion, window, accelerator)
             for micro_index, (batch, images, zone_targets, sample_mask) in enumerate(window):
@@ -237,8 +238,10 @@ class Trainer:
                 self.startup_logged = True
 
             if progress.global_step % config.training.log_every_steps == 0:
-                values = window_log.emit(self.optimizer.param_groups[0]["lr"])
+                values, data_bound = window_log.emit(self.optimizer.param_groups[0]["lr"])
                 self.tracker.log(values, progress.global_step)
+                if data_bound:
+                    log.warning("epoch %d step %d: %s", epoch, step_in_epoch, data_bound)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}",
                                 img_s=f"{values['train/images_per_second']:.0f}")
             if self.watcher.should_stop(progress.global_step, accelerator):
@@ -256,6 +259,15 @@ class Trainer:
         check_bad_samples("train", epoch_failures, self.train_set.num_samples, config.data.max_bad_fraction,
                           config.data.shard_dir)
         return epoch_failures
+
+    def data_advice(self) -> str:
+        """What would feed this run's step faster, for the data-bound message."""
+        ways = [f"raise training.num_workers (now {self.config.training.num_workers})"]
+        if not self.train_settings.finish_on_device and self.accelerator.device.type == "cuda":
+            ways.append("set data.gpu_augment = auto or true (normalise and augment on the GPU)")
+        if self.train_set.image_format != "npy":
+            ways.append("write the shards with --image-format npy (nothing to decode)")
+        return ", or ".join(ways)
 
     def count_bad_step(self, epoch: int, step_in_epoch: int) -> None:
         """An update skipped for a non-finite loss or gradient: counted, and the run stops past the bound."""

@@ -6,6 +6,9 @@ gradients become non-finite as they would after a real overflow, so the trainer'
 
 CSI_FAULT_GPU_MEMORY_GIB=G lets this process use only G GiB of its GPU (torch's per-process memory fraction), so a
 micro-batch that needs more meets a real CUDA out-of-memory error (tests/gpu: the micro-batch fitting).
+
+CSI_FAULT_SLOW_BATCH_SECONDS=S makes every loader worker take S seconds more for each batch it builds, so the
+trainer really waits on its data (tests: the data-bound message).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 
 NONFINITE_LOSS_VARIABLE = "CSI_FAULT_NONFINITE_LOSS"
 GPU_MEMORY_VARIABLE = "CSI_FAULT_GPU_MEMORY_GIB"
+SLOW_BATCH_VARIABLE = "CSI_FAULT_SLOW_BATCH_SECONDS"
 
 
 def nonfinite_loss_factors(rank: int) -> dict[int, float]:
@@ -36,3 +40,8 @@ def limit_gpu_memory(device) -> None:
     import torch
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total), device)
+
+
+def slow_batch_seconds() -> float:
+    """Seconds each loader batch is held back (0.0 unless CSI_FAULT_SLOW_BATCH_SECONDS asks for it)."""
+    return float(os.environ.get(SLOW_BATCH_VARIABLE, "").strip() or 0.0)
