@@ -72,15 +72,17 @@ def affine_sampling_grid(draws: torch.Tensor, size: int) -> torch.Tensor:
     shift_x = torch.round((draws[:, 2] * 2 - 1) * MAX_SHIFT_FRACTION * size)
     shift_y = torch.round((draws[:, 3] * 2 - 1) * MAX_SHIFT_FRACTION * size)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    # output pixel (x, y), centred coordinates -> the input pixel it samples: inverse rotation-scale, then unshift
-    inverse = torch.stack([torch.stack([cos, sin, -cos * shift_x - sin * shift_y], dim=1),
-                           torch.stack([-sin, cos, sin * shift_x - cos * shift_y], dim=1)], dim=1)
-    inverse = inverse.to(torch.float32) / (0.5 * size)  # grid_sample wants [-1, 1]: divide by half the size
-    centres = torch.arange(size, dtype=torch.float32, device=draws.device) - (size * 0.5 - 0.5)
+    # output pixel (x, y), centred coordinates -> the input pixel it samples: inverse rotation-scale, then unshift;
+    # divided by half the size for grid_sample's [-1, 1]
+    half = 0.5 * size
+    rows = [(coefficient.to(torch.float32) / half)[:, None, None] for coefficient in
+            (cos, sin, -cos * shift_x - sin * shift_y, -sin, cos, sin * shift_x - cos * shift_y)]
+    centres = torch.arange(size, dtype=torch.float32, device=draws.device) - (half - 0.5)
     pixel_y, pixel_x = torch.meshgrid(centres, centres, indexing="ij")
-    homogeneous = torch.stack([pixel_x, pixel_y, torch.ones_like(pixel_x)], dim=-1).reshape(1, -1, 3)
-    grid = homogeneous.expand(draws.shape[0], -1, -1).bmm(inverse.transpose(1, 2))
-    return grid.reshape(draws.shape[0], size, size, 2)
+    # multiply-adds, not a matrix product: the trainer allows TF32 matmuls, whose 10-bit mantissa would move pixels
+    grid_x = rows[0] * pixel_x + rows[1] * pixel_y + rows[2]
+    grid_y = rows[3] * pixel_x + rows[4] * pixel_y + rows[5]
+    return torch.stack([grid_x, grid_y], dim=-1)
 
 
 def augment_batch(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from test_gpu_matrix import gpu_shards  # noqa: F401 - fixture
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]
 
 
-def test_the_gpu_finishes_images_as_the_workers_do(gpu_shards: Path):
+def test_the_gpu_finishes_images_as_the_workers_do(gpu_shards: Path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as the trainer runs (distributed.py)
     workers = LoaderSettings(batch_size=32, image_size=224, augment=True, shuffle=True, shuffle_window=64, seed=9,
                              num_workers=2)
     shard_set = open_split(gpu_shards, "train")
@@ -26,6 +27,7 @@ def test_the_gpu_finishes_images_as_the_workers_do(gpu_shards: Path):
         assert torch.equal(cpu_batch["sample_index"], raw_batch["sample_index"])
         finished = finish_on_device(raw_batch, torch.device("cuda"))
         assert finished.is_cuda and finished.dtype == torch.float32
-        torch.testing.assert_close(finished.cpu(), cpu_batch["image"], atol=2e-5, rtol=0)
+        difference = (finished.cpu() - cpu_batch["image"]).abs().max().item()
+        assert difference <= 2e-5, f"batch of {compared}: max difference {difference}"
         compared += finished.shape[0]
     assert compared >= 200
