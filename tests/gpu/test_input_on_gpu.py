@@ -28,6 +28,6 @@ def test_the_gpu_finishes_images_as_the_workers_do(gpu_shards: Path, monkeypatch
         finished = finish_on_device(raw_batch, torch.device("cuda"))
         assert finished.is_cuda and finished.dtype == torch.float32
         difference = (finished.cpu() - cpu_batch["image"]).abs().max().item()
-        assert difference <= 2e-5, f"batch of {compared}: max difference {difference}"
+        assert difference <= 1e-4, f"batch of {compared}: max difference {difference}"  # 1/78 of a grey level
         compared += finished.shape[0]
     assert compared >= 200
