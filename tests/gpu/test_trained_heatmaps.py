@@ -27,12 +27,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 SIZE, HIGH_GRADE = 224, 2
 
 
+# Measured on an H200 (2026-12-03, BENCHMARKS.md): own-zone share 5.0-7.8 %, other maps 5.3-8.6 %, chance 4.7 %.
+@pytest.mark.xfail(strict=True, reason="a ResNet50 trained from scratch for 12 epochs on 280 phantom images does "
+                   "not localize its zones (issue 17 stays open on this); strict: a pass says the mark must go")
 def test_a_trained_models_zone_maps_lie_in_their_zones(gpu_shards, tmp_path: Path):
     settings = [f"data.shard_dir={gpu_shards}", f"data.image_size={SIZE}", "model.model_arch=ResNet50",
                 "training.batch_size=32", "training.n_epochs=12", "training.num_workers=4",
                 "training.mixed_precision=bf16", "logging.wandb_mode=disabled"]
     assert train_runs(1, tmp_path, settings, {"run": ""}, timeout=600, env=gpu_env()) == {"run": 0}
     run_dir = tmp_path / "run"
+    history = json.loads((run_dir / "training_history.json").read_text())
+    print("val f1_macro per epoch:", [round(record.get("val_f1_macro", float("nan")), 3) for record in history])
     config = load_config(run_dir / "resolved_config.ini")
     accelerator = Accelerator(cpu=False)
     model, _, _, image_size = load_trained_model(config, run_dir, "best", accelerator)
