@@ -49,9 +49,8 @@ class DataConfig:
     image_size: int = 0  # 0 = the backbone's native input size
     normalization: str = "medical"  # medical (0.5/0.5) or imagenet (grayscale mean/std)
     augment: bool = True  # random affine and intensity jitter on training images
-    # where images are finished (normalised, augmented): auto = on the GPU when training on one (workers then only
-    # read and decode, and send uint8), true = where the batch is moved, also on a CPU, false = in the loader workers
-    gpu_augment: str = "auto"
+    # auto: on a GPU the workers only read and decode (uint8 out); true: also on a CPU, in the main process
+    gpu_augment: str = "auto"  # where images are normalised and augmented: on the device (auto/true) or in workers
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
     max_bad_fraction: float = 0.01  # share of a split that may be undecodable (skipped) before a run stops
 
