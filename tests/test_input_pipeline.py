@@ -94,3 +94,7 @@ def test_a_trainer_waiting_on_its_data_says_so_and_logs_the_share(phantom_shards
     events.Reload()
     shares = [event.value for event in events.Scalars("train/data_wait_share")]
     assert len(shares) == 3 and min(shares[1:]) > 0.5, shares  # 0.4 s per batch against a step of milliseconds
+    for step in range(3):  # the window's time, split three ways
+        parts = [events.Scalars(tag)[step].value for tag in ("train/data_wait_share", "train/device_wait_share",
+                                                             "train/host_share")]
+        assert min(parts) >= 0.0 and sum(parts) == pytest.approx(1.0, abs=1e-6), parts

@@ -1,9 +1,12 @@
 """What the trainer reports every `training.log_every_steps` updates: loss, learning rate, images/s, decode failures,
-and the share of the time the step waited on its data (with what to do when that share is large).
+and where the time went: waiting on the loader (with what to do when that share is large), waiting on the device,
+and the rest, the host's own work.
 
 The loss is summed on the device and the decode failures on the host, so a step costs no host sync; a log line
-costs one collective (loss, failures and waiting together) and one sync. The trainer syncs once per update (the
-finite-gradient check), so the time blocked on the loader is time the GPU had nothing to do.
+costs one collective (loss, failures and waits together) and one sync. The trainer syncs once per update (the
+finite-gradient check inside `strategy.step`): time blocked on the loader is time the GPU had nothing to do; time
+in `strategy.step` is mostly the wait for the GPU to finish the update's work; what is left is the host launching
+work (Python, kernel launches), and when that is most of the window the step is host-bound.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class LogWindow:
         self.loss.zero_()
         self.started, self.images, self.updates = time.perf_counter(), 0, 0
         self.data_wait = 0.0  # seconds blocked on the loader since the line before
+        self.device_wait = 0.0  # seconds in the optimizer step (its sync waits for the device's queued work)
         self.startup = 0.0  # the wait for the epoch's first batch (workers starting): not a steady-state wait
 
     def timed(self, batches: Iterable) -> Iterator:
@@ -65,6 +69,9 @@ class LogWindow:
     def add_update(self) -> None:
         self.updates += 1
 
+    def add_device_wait(self, seconds: float) -> None:
+        self.device_wait += seconds
+
     def exclude(self, seconds: float) -> None:
         """Time that is not training (a checkpoint write) does not count against images/s."""
         self.started += seconds
@@ -74,17 +81,19 @@ class LogWindow:
         when this window waited on its data (the first time in the epoch); the window restarts."""
         world_size = self.accelerator.num_processes
         elapsed = time.perf_counter() - self.started
-        host = torch.tensor([float(self.epoch_decode_failures), self.data_wait - self.startup, self.startup],
-                            device=self.accelerator.device)
+        host = torch.tensor([float(self.epoch_decode_failures), self.data_wait - self.startup, self.startup,
+                             self.device_wait], device=self.accelerator.device)
         totals = self.accelerator.reduce(torch.cat([self.loss[None], host]), reduction="sum").tolist()
-        loss_total, failures_total, steady_wait, startup = totals[0], totals[1], totals[2] / world_size, \
-            totals[3] / world_size
+        loss_total, failures_total = totals[0], totals[1]
+        steady_wait, startup, device_wait = (total / world_size for total in totals[2:])
         self.check_failures(int(failures_total))
         images = self.images * world_size
         steady = max(elapsed - startup, 1e-9)  # ranks' mean; the epoch's worker start-up is not a data rate
         wait_share = min(max(steady_wait / steady, 0.0), 1.0)
+        device_share = min(max(device_wait / steady, 0.0), 1.0 - wait_share)
         values = {"train/loss": loss_total / world_size / self.updates, "train/lr": learning_rate,
                   "train/images_per_second": images / elapsed, "train/data_wait_share": wait_share,
+                  "train/device_wait_share": device_share, "train/host_share": 1.0 - wait_share - device_share,
                   "train/decode_failures": int(failures_total)}
         if self.accelerator.device.type == "cuda":
             values["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -225,7 +225,9 @@ class Trainer:
                 progress.epoch_position += self.global_batch
                 step_in_epoch += 1
                 bar.update(1)
+                step_started = time.perf_counter()
                 stepped = strategy.step(self.model, self.optimizer, is_update_step)
+                window_log.add_device_wait(time.perf_counter() - step_started)
             window_log.add_update()
             if stepped:
                 self.schedule.after_optimizer_step()
