@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -46,6 +45,7 @@ def backbone_spec(model_arch: str) -> BackboneSpec:
     named = NAMED_BACKBONES.get(_canonical(model_arch))
     if named is not None:
         return named
+    import timm  # 2-4 s of imports (torchvision, torch._dynamo) that Custom_1 runs never pay
     if model_arch in timm.list_models():
         default = timm.get_pretrained_cfg(model_arch)
         size = default.input_size[-1] if default is not None else 224
@@ -154,7 +154,8 @@ def _load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str | Non
     own = backbone.state_dict()
     for key, value in list(state.items()):
         if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
-            state[key] = timm.models.adapt_input_conv(1, value)  # RGB stem -> grayscale stem
+            from timm.models import adapt_input_conv
+            state[key] = adapt_input_conv(1, value)  # RGB stem -> grayscale stem
     state = {key: value for key, value in state.items() if key in own}
     if not state:
         raise ModelError(f"{path}: no tensor matches the {timm_name or 'Custom_1'} backbone; "
@@ -213,6 +214,7 @@ def build_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     if spec.timm_name is None:
         backbone: nn.Module = Custom1Backbone(in_chans=INPUT_CHANNELS)
     else:
+        import timm
         backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
                                      in_chans=INPUT_CHANNELS, **_vit_kwargs(spec, image_size))
     if cfg.pretrained_weights:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                             roc_auc_score)
 
 from csi_dist.domain import GRADES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES, ahf_class
 
@@ -84,6 +82,7 @@ def zone_predictions(zone_probs: np.ndarray) -> np.ndarray:
 def confusion_matrices(zone_probs: np.ndarray, zone_targets: np.ndarray) -> dict[str, np.ndarray]:
     """5x5 confusion matrix per zone name and "pooled" (sum over zones); rows = true class incl. unknown,
     columns = predicted class."""
+    from sklearn.metrics import confusion_matrix  # scikit-learn takes ~1 s to load: only when metrics are asked
     zone_probs, zone_targets = _check_inputs(zone_probs, zone_targets)
     predictions = zone_predictions(zone_probs)
     labels = list(range(NUM_CLASSES))
@@ -106,6 +105,7 @@ def pearson_r(x: np.ndarray, y: np.ndarray) -> float:
 def compute_metrics(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth: np.ndarray | None = None,
                     ahf_truth: np.ndarray | None = None) -> dict[str, float]:
     """All evaluation metrics of one split as a flat {key: float} dict; the keys are listed in the module docstring."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score  # ~1 s to load: only when used
     zone_probs, zone_targets = _check_inputs(zone_probs, zone_targets)
     n_images = zone_targets.shape[0]
     csi_truth = _check_per_image(csi_truth, n_images, "csi_truth")
@@ -160,6 +160,7 @@ def compute_metrics(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth:
 
 def _grade_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     """F1/precision/recall/accuracy over the graded targets of a flat target/prediction pair, plus their count."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support  # loaded when used
     graded = targets != UNKNOWN_CLASS
     targets, predictions = targets[graded], predictions[graded]
     if targets.size == 0:
