@@ -5,7 +5,7 @@ Options: --weights best|last|PATH (as evaluate), --batch-size N (default trainin
 Grades the 6 lung zones of unlabelled radiographs with a trained run, through the code training and evaluate use:
 the run's resolved_config.ini, its weights (`evaluate.weights_path`), the shard writer's image path
 (`shards.encode_image_file`: load_grayscale, resize to the manifest's stored image size, 8-bit PNG/JPEG as stored)
-and the reader's (`transforms.decode_grayscale` to the model input size, `to_model_input`, no augmentation).
+and the reader's (`transforms.decode_image` to the model input size, `to_model_input`, no augmentation).
 
 Inputs:
     --images DIR           every file of a known image suffix (images.IMAGE_SUFFIXES) directly in DIR, found as the

@@ -1,7 +1,7 @@
 """`csi-shards show`: a PNG grid of samples as the model sees them, each zone's grade written where that zone is.
 
 From shards the samples come through the training reader (`build_loader`: decode, resize, with `--augment` the
-training augmentation of `transforms.augment`, normalisation), and the normalisation is undone for display. From a
+training augmentation of `transforms.augment_batch`, normalisation), and the normalisation is undone for display. From a
 label CSV and its images (before sharding) they go through the shard writer's decode and resize, then the same
 `to_model_input`. The first N samples of the split in shard order (of the CSV in file order) are drawn.
 
