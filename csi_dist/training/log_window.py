@@ -97,9 +97,10 @@ class LogWindow:
                   "train/decode_failures": int(failures_total)}
         if self.accelerator.device.type == "cuda":
             values["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        message = data_bound_message(wait_share, images / steady, images / max(steady - steady_wait, 1e-9),
-                                     self.advice)
-        if message is not None:
-            message, self.data_bound_said = (None if self.data_bound_said else message), True
+        message = None
+        if not self.data_bound_said:
+            message = data_bound_message(wait_share, images / steady, images / max(steady - steady_wait, 1e-9),
+                                         self.advice)
+            self.data_bound_said = message is not None
         self._restart()
         return values, message
