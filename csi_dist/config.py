@@ -107,6 +107,14 @@ class LoggingConfig:
 
 
 @dataclass
+class HeatmapConfig:  # the seed's [HEATMAP] section and heatmap_* keys load here
+    enabled: bool = False  # Grad-CAM zone maps of val images with the best weights when training ends (run/heatmaps)
+    images: int = 1  # val images drawn, the first ones of the split (seed: heatmap_samples_per_epoch)
+    every_epoch: bool = False  # also after every evaluation, with that epoch's weights (run/heatmaps/epoch_NNN)
+    color_map: str = "jet"  # a matplotlib colormap name, or custom_purple_red (the seed's purple-to-red map)
+
+
+@dataclass
 class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,7 +123,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
 
+
+CUSTOM_PURPLE_RED = "custom_purple_red"  # the seed's heatmap colormap: purple, blue, green, yellow, red
 
 SECTION_FIELDS = {f.name: f.type for f in dataclasses.fields(Config)}
 
@@ -126,15 +137,18 @@ SEED_KEY_ALIASES: dict[str, tuple[str, str]] = {
     "scheduler_type": ("optimization", "scheduler"),
     "normalization_strategy": ("data", "normalization"),
     "excluded_file_ids": ("data", "excluded_file_ids"),
+    "heatmap_enabled": ("heatmap", "enabled"),
+    "heatmap_samples_per_epoch": ("heatmap", "images"),
+    "heatmap_generate_per_epoch": ("heatmap", "every_epoch"),
+    "heatmap_color_map": ("heatmap", "color_map"),
 }
 # Seed keys that still load but no longer do anything (the seed's zone-masking model and paths): warned, not errors.
 SEED_IGNORED_KEYS = {
     "device", "load_data_to_memory", "labels_csv", "labels_csv_separator", "excluded_file_ids",
     "use_official_processor", "zone_focus_method", "use_segmentation_masking", "masking_strategy",
     "attention_strength", "image_format", "image_extension", "custom_mean", "custom_std",
-    "heatmap_enabled", "heatmap_samples_per_epoch", "heatmap_generate_per_epoch", "heatmap_color_map",
 }
-IGNORED_SECTIONS = {"heatmap", "paths", "data_paths"}
+IGNORED_SECTIONS = {"paths", "data_paths"}
 
 CHOICES = {
     ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
@@ -185,6 +199,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("optimization", "step_size"): Range(1),
     ("optimization", "gamma"): Range(0, 1, low_open=True),
     ("loss", "unknown_weight"): Range(0),
+    ("heatmap", "images"): Range(1),
     **{("callbacks", key): Range(0) for key in ("early_stopping_patience", "early_stopping_min_delta",
                                                 "checkpoint_every_steps", "max_failure_requeues")},
     **{("callbacks", key): Range(1) for key in ("checkpoint_every_epochs", "keep_last_checkpoints",
@@ -275,6 +290,12 @@ def _check_value(section: str, key: str, value: object, where: str) -> None:
             monitored_metric(str(value))
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
+    if (section, key) == ("heatmap", "color_map") and value not in ("jet", CUSTOM_PURPLE_RED):
+        from matplotlib import colormaps  # only for a colormap other than the two known ones
+        if value not in colormaps:
+            close = difflib.get_close_matches(str(value), list(colormaps), n=1)
+            raise ConfigError(f"{where}: {value!r} is not a matplotlib colormap (nor {CUSTOM_PURPLE_RED})"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -49,6 +49,17 @@ def test_seed_ini_loads_with_its_keys_mapped(tmp_path: Path):
     assert config.model.model_arch == "resnet50"
 
 
+def test_the_seeds_heatmap_keys_load_from_its_heatmap_section_or_any_other(tmp_path: Path):
+    config = load_config(write(tmp_path, SEED_INI + "[HEATMAP]\nheatmap_enabled = True\nheatmap_samples_per_epoch = 3\n"
+                               "heatmap_generate_per_epoch = False\nheatmap_color_map = custom_purple_red\n"))
+    assert (config.heatmap.enabled, config.heatmap.images, config.heatmap.every_epoch, config.heatmap.color_map) == \
+        (True, 3, False, "custom_purple_red")
+    flattened = load_config(write(tmp_path, SEED_INI.replace("[Loss]", "heatmap_generate_per_epoch = yes\n[Loss]")))
+    assert flattened.heatmap.every_epoch and not flattened.heatmap.enabled
+    with pytest.raises(ConfigError, match=r"\[HEATMAP\] heatmap_color_map: 'purple_red' is not a matplotlib colormap"):
+        load_config(write(tmp_path, SEED_INI + "[HEATMAP]\nheatmap_color_map = purple_red\n"))
+
+
 def test_unknown_key_names_the_closest_valid_key(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"config.ini \[Training\] bach_size: unknown key 'bach_size'; "
                                           r"did you mean 'training.batch_size'"):

@@ -2,6 +2,8 @@
 zone's predicted grade, overlays written by evaluate."""
 from __future__ import annotations
 
+import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,21 @@ def test_every_backbone_gives_six_maps_of_the_input_size_for_its_predicted_grade
         explained, _ = cam_model_and_layer(model, images)
         assert torch.allclose(explained(images), logits, atol=1e-5)  # the ViT's patch grid changes nothing
     assert (grades == logits.argmax(dim=-1).numpy()).all()
+
+
+@pytest.mark.parametrize("arch", ["Custom_1", "ResNet50"])
+def test_a_cnn_is_explained_at_stride_32_even_where_it_pools_further(arch):
+    """At 224 px Custom_1's last map is 2 x 2 cells, too coarse to tell lung zones apart: its map comes from the
+    7 x 7 stage, as ResNet50's (layer4) does."""
+    model = build_model(ModelConfig(model_arch=arch), 224).eval()
+    images = torch.randn(1, 1, 224, 224)
+    _, layer = cam_model_and_layer(model, images)
+    shapes = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape[-2:])))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    assert shapes[-1] == (7, 7)
 
 
 class ZoneReader(nn.Module):
@@ -75,3 +92,16 @@ def test_evaluate_writes_six_overlays_and_a_grid_per_image(trained_run: Path):
     assert len(file_ids) == 2
     for file_id in file_ids:
         assert {f"{file_id}_{zone}.png" for zone in ZONE_NAMES} | {f"{file_id}_zones.png"} <= set(written)
+
+
+@pytest.mark.slow
+def test_the_seeds_heatmap_settings_draw_val_images_at_the_end_and_every_epoch(trained_run: Path):
+    """The fixture trained with heatmap.enabled, heatmap.every_epoch and the seed's purple-to-red map."""
+    config = (trained_run / "resolved_config.ini").read_text()
+    assert "color_map = custom_purple_red" in config
+    shard_dir = Path(re.search(r"^shard_dir = (.+)$", config, flags=re.MULTILINE).group(1))
+    with tarfile.open(shard_dir / "val" / "shard-000000.tar") as first_val_shard:
+        first_val_id = first_val_shard.getnames()[0].split(".")[0]  # heatmap.images = 1: the split's first image
+    for folder in (trained_run / "heatmaps", trained_run / "heatmaps" / "epoch_000"):
+        written = {path.name for path in folder.glob("*.png")}
+        assert written == {f"{first_val_id}_{zone}.png" for zone in [*ZONE_NAMES, "zones"]}, (folder, written)

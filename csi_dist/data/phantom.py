@@ -106,7 +106,12 @@ def phantom_image(zones: Sequence[int], rng: np.random.Generator, size: int = 25
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _patient_zones(rng: np.random.Generator, severity: float, unknown_fraction: float) -> np.ndarray:
+def _patient_zones(rng: np.random.Generator, severity: float, unknown_fraction: float,
+                   independent_zones: bool) -> np.ndarray:
+    if independent_zones:  # each zone its own grade: only a zone's own region tells its grade
+        zones = rng.integers(0, 4, NUM_ZONES)
+        zones[rng.random(NUM_ZONES) < unknown_fraction] = UNKNOWN_CLASS
+        return zones
     # Congestion is usually worse at the bases: inferior zones a bit higher, superior a bit lower.
     level_bias = np.array([{"sup": -0.3, "mid": 0.0, "inf": 0.35}[zone.split("_")[1]] for zone in ZONE_NAMES])
     zones = np.clip(np.rint(severity + level_bias + rng.normal(0.0, 0.5, NUM_ZONES)), 0, 3).astype(int)
@@ -124,9 +129,11 @@ def _follow_up_zones(rng: np.random.Generator, zones: np.ndarray, unknown_fracti
 
 
 def phantom_labels(n_images: int, seed: int = 0, unknown_fraction: float = 0.1,
-                   second_image_fraction: float = 0.2) -> list[dict]:
+                   second_image_fraction: float = 0.2, independent_zones: bool = False) -> list[dict]:
     """Label rows for `n_images` images: 8-digit FileIDs, patients of one or two images, zones, csi and ahf.
 
+    A patient's zones follow a latent severity (correlated, like real congestion), or with `independent_zones`
+    are drawn each on its own (so a zone's grade can only be read from its own region: the heatmap check).
     ahf (a patient-level 0/1 diagnosis) is drawn with probability sigmoid(2.5 x (severity - 1.5)) from the
     patient's latent severity, so it correlates with the CSI but not perfectly.
     """
@@ -138,7 +145,7 @@ def phantom_labels(n_images: int, seed: int = 0, unknown_fraction: float = 0.1,
         patient += 1
         severity = 3.0 * rng.beta(1.4, 1.8)
         ahf = int(rng.random() < 1.0 / (1.0 + math.exp(-2.5 * (severity - 1.5))))
-        zones = _patient_zones(rng, severity, unknown_fraction)
+        zones = _patient_zones(rng, severity, unknown_fraction, independent_zones)
         images = [zones]
         if rng.random() < second_image_fraction and len(rows) + 2 <= n_images:
             images.append(_follow_up_zones(rng, zones, unknown_fraction))
@@ -169,7 +176,7 @@ def _write_phantom_image(task: tuple) -> None:
 
 def generate_phantom(out_dir: str | Path, n_images: int, image_size: int = 256, seed: int = 0,
                      unknown_fraction: float = 0.1, second_image_fraction: float = 0.2,
-                     workers: int | None = None) -> Path:
+                     workers: int | None = None, independent_zones: bool = False) -> Path:
     """Write `n_images` phantom PNGs to out_dir/images/<FileID>.png and out_dir/labels.csv; return the CSV path.
 
     Deterministic for a seed whatever `workers` is: image i is drawn from its own generator seeded by (seed, i + 1).
@@ -180,7 +187,7 @@ def generate_phantom(out_dir: str | Path, n_images: int, image_size: int = 256, 
     out_dir = Path(out_dir)
     image_dir = out_dir / IMAGES_DIR_NAME
     image_dir.mkdir(parents=True, exist_ok=True)
-    rows = phantom_labels(n_images, seed, unknown_fraction, second_image_fraction)
+    rows = phantom_labels(n_images, seed, unknown_fraction, second_image_fraction, independent_zones)
     tasks = [(image_dir / f"{row[FILE_ID_COLUMN]}.png", row["zones"], seed, index, image_size)
              for index, row in enumerate(rows)]
     workers = min(workers or len(os.sched_getaffinity(0)), max(1, n_images // 64))

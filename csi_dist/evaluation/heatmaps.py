@@ -1,9 +1,10 @@
 """Where the model looks: one Grad-CAM map per lung zone, computed by captum, for the CNN backbones and the ViTs.
 
 The map of zone z explains the logit of the grade the model predicts for z (the seed project indexed the class axis
-by the zone number instead). CNNs: Grad-CAM on the backbone's last spatial feature map. ViTs (RadDINO): the patch
-tokens entering the last block, laid out as their patch grid, so the map is Grad-CAM over patches. Maps are
-upsampled to the input size and scaled to 0..1 per map; `save_heatmaps` writes one overlay per zone and a 6-zone grid.
+by the zone number instead). CNNs: Grad-CAM on the backbone's deepest feature map at stride <= 32. ViTs (RadDINO):
+the patch tokens entering the last block, laid out as their patch grid, so the map is Grad-CAM over patches. Maps
+are upsampled to the input size and scaled to 0..1 per map; `save_heatmaps` writes one overlay per zone and a 6-zone
+grid.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from csi_dist.config import CUSTOM_PURPLE_RED
 from csi_dist.data.reader import finish_on_device
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
 
@@ -44,12 +46,20 @@ class PatchTokens(nn.Module):
         return torch.cat([self.grid[0].prefix, grid_map.flatten(2).transpose(1, 2)], dim=1)
 
 
+# Grad-CAM's map has the explained layer's resolution: the deepest map at stride <= 32 (7 x 7 cells at 224 px, as
+# ResNet50's layer4), so a backbone that goes on pooling (Custom_1 ends at 2 x 2 at 224 px) is explained where its
+# map can still tell one lung zone from another.
+MAX_CAM_STRIDE = 32
+
+
 def _last_feature_map(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """The backbone module that last produces a spatial (B, C, H, W) output in a forward pass."""
+    """The backbone module that last produces a spatial (B, C, H, W) output of at least input/32 (and 2) cells a
+    side in a forward pass."""
+    min_side = max(2, images.shape[-1] // MAX_CAM_STRIDE)
     finished: list[nn.Module] = []
     hooks = [module.register_forward_hook(lambda module, _, output: finished.append(module)
                                           if isinstance(output, torch.Tensor) and output.dim() == 4
-                                          and output.shape[-1] > 1 else None)
+                                          and output.shape[-1] >= min_side else None)
              for module in model.backbone.modules() if module is not model.backbone]
     try:
         with torch.no_grad():
@@ -97,7 +107,17 @@ def grade_name(grade: int) -> str:
     return f"grade {grade} ({CLASS_NAMES[grade]})" if grade != UNKNOWN_CLASS else "unknown"
 
 
-def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray) -> list[Path]:
+def color_map(name: str):
+    """A matplotlib colormap by name, or the seed's custom_purple_red (purple, blue, green, yellow, red)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+    if name == CUSTOM_PURPLE_RED:
+        return LinearSegmentedColormap.from_list(name, ["purple", "blue", "green", "yellow", "red"])
+    return colormaps[name]
+
+
+def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray,
+                  color_map_name: str = "jet") -> list[Path]:
     """One overlay PNG per zone (`<FileID>_<zone>.png`) and a 6-zone grid (`<FileID>_zones.png`); `image` H x W."""
     import matplotlib
     matplotlib.use("Agg")
@@ -111,7 +131,7 @@ def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarr
         figure, axis = plt.subplots(figsize=(4, 4.3))
         for target in (axis, axes[zone // 2, zone % 2]):
             target.imshow(image, cmap="gray")
-            target.imshow(maps[zone], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            target.imshow(maps[zone], cmap=color_map(color_map_name), alpha=0.45, vmin=0, vmax=1)
             target.set_title(title if target is axis else f"{name}: {grade_name(int(grades[zone]))}", fontsize=9)
             target.axis("off")
         path = out_dir / f"{file_id}_{name}.png"
@@ -132,16 +152,17 @@ def display_image(model_input: torch.Tensor) -> np.ndarray:
 
 
 def heatmaps_for_images(model: nn.Module, images: list[tuple[str, torch.Tensor]], out_dir: Path,
-                        device: torch.device, batch_size: int = 8) -> None:
+                        device: torch.device, batch_size: int = 8, color_map_name: str = "jet") -> None:
     """Maps and overlays for (FileID, model input 1 x H x W) pairs, written under `out_dir`."""
     for start in range(0, len(images), batch_size):
         part = images[start:start + batch_size]
         maps, grades = zone_heatmaps(model, torch.stack([image for _, image in part]).to(device))
         for (file_id, image), image_maps, image_grades in zip(part, maps, grades):
-            save_heatmaps(out_dir, file_id, display_image(image), image_maps, image_grades)
+            save_heatmaps(out_dir, file_id, display_image(image), image_maps, image_grades, color_map_name)
 
 
-def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path, device: torch.device) -> list[str]:
+def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path, device: torch.device,
+                         color_map_name: str = "jet") -> list[str]:
     """Maps and overlays for the first `n_images` real, decodable samples of `batches` (the reader's batch dicts);
     returns the FileIDs drawn."""
     chosen: list[tuple[str, torch.Tensor]] = []
@@ -153,5 +174,5 @@ def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path
                 chosen.append((str(file_id), image))
         if len(chosen) >= n_images:
             break
-    heatmaps_for_images(model, chosen, out_dir, device)
+    heatmaps_for_images(model, chosen, out_dir, device, color_map_name=color_map_name)
     return [file_id for file_id, _ in chosen]

@@ -90,7 +90,7 @@ class Trainer:
             save_config(requested, run_dir / "resolved_config.ini")
 
         # --- data ------------------------------------------------------------------------------------------
-        image_size = model_input_size(config.model, config.data.image_size)
+        self.image_size = image_size = model_input_size(config.model, config.data.image_size)
         self.train_set = open_split(config.data.shard_dir, "train")
         self.val_set = open_split(config.data.shard_dir, "val")
         if self.train_set.num_samples == 0:
@@ -306,10 +306,12 @@ class Trainer:
         if epoch_finished:
             self.schedule.after_epoch()
         improved = self.early_stopping.update(monitored, epoch)
-        if improved:
-            best_weights = self.strategy.full_state_dict(self.model)  # a collective under FSDP2/ZeRO-3
-            if accelerator.is_main_process:
-                save_weights(best_weights, self.run_dir / "weights" / "best.safetensors")
+        if improved or config.heatmap.every_epoch:
+            weights = self.strategy.full_state_dict(self.model)  # a collective under FSDP2/ZeRO-3
+            if improved and accelerator.is_main_process:
+                save_weights(weights, self.run_dir / "weights" / "best.safetensors")
+            if config.heatmap.every_epoch and accelerator.is_main_process:
+                self.draw_heatmaps(weights, self.run_dir / "heatmaps" / f"epoch_{epoch:03d}")
         progress.history.append(record)
         self.tracker.log({f"val/{key}": value for key, value in metrics.items()} | {"val/loss": predictions.loss},
                          progress.global_step)
@@ -319,6 +321,21 @@ class Trainer:
         if accelerator.is_main_process:
             atomic_write_json(self.run_dir / "training_history.json", progress.history)
         return record
+
+    def draw_heatmaps(self, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """heatmap.*: the zone maps of the split's first val images, drawn by this rank alone on an unsharded copy of
+        the model holding `weights` (a full state dict), whatever the strategy."""
+        from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum and matplotlib: only when asked
+        if self.val_set.num_samples == 0:
+            log.warning("heatmap.enabled: the val split is empty, no heatmaps drawn")
+            return
+        model = build_model(self.config.model, self.image_size)
+        model.load_state_dict(weights)
+        device = self.accelerator.device
+        loader = build_loader(self.val_set, self.val_settings, epoch=0, rank=0, world_size=1)
+        drawn = heatmaps_for_batches(model.to(device), loader, self.config.heatmap.images, out_dir, device,
+                                     self.config.heatmap.color_map)
+        log.info("zone heatmaps of %d val image(s) in %s", len(drawn), out_dir)
 
     def record_provenance(self) -> ProvenanceRecord:
         device = self.accelerator.device
@@ -354,6 +371,9 @@ class Trainer:
         best_path = self.run_dir / "weights" / "best.safetensors"
         if best_path.is_file():
             self.strategy.load_full_state_dict(self.model, load_weights(best_path))
+        if config.heatmap.enabled and accelerator.is_main_process:
+            self.draw_heatmaps(load_weights(best_path if best_path.is_file() else
+                                            self.run_dir / "weights" / "last.safetensors"), self.run_dir / "heatmaps")
         if self.val_set.num_samples == 0:
             stop_reason += " WITHOUT VALIDATION (the val split is empty)"
         log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
