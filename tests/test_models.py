@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from csi_dist.config import ModelConfig
 from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import ModelError, _load_backbone_weights, backbone_spec, build_model
+from csi_dist.models import ModelError, _load_backbone_weights, backbone_spec, build_model, model_input_size
 
 
 @pytest.mark.parametrize("name,size", [("Custom_1", 64), ("ResNet50", 64), ("CheXNet", 64), ("resnet18", 64)])
@@ -26,6 +26,17 @@ def test_raddino_is_a_vit_b14_at_518():
     assert model.backbone.num_features == 768
     with torch.no_grad():
         assert model(torch.randn(1, 1, 518, 518)).shape == (1, 6, 5)
+
+
+def test_raddino_follows_the_data_size_and_trains_there():
+    """A ViT built for 518 px used to die on any other `data.image_size` (the trainer builds it for that size)."""
+    config = ModelConfig(model_arch="RadDINO")
+    assert model_input_size(config, 56) == 56 and model_input_size(config, 0) == 518
+    model = build_model(config, model_input_size(config, 56))
+    logits = model(torch.randn(2, 1, 56, 56))
+    logits.sum().backward()
+    assert logits.shape == (2, 6, 5) and model.backbone.pos_embed.grad is not None
+    assert model.backbone.patch_embed.grid_size == (4, 4)
 
 
 def test_unknown_arch_and_missing_weights_are_clear_errors(tmp_path: Path):

@@ -205,6 +205,13 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 ZERO_TAG, UNIVERSAL_TAG = "zero", "zero_universal"  # DeepSpeed's checkpoint and its universal form
 
 
+def _collectives_through_gloo(deepspeed) -> None:
+    """On a CPU, DeepSpeed JIT-compiles a shared-memory all-reduce before its first collective: 45 s of C++ on a
+    2-core machine, once per machine, for CPU speed that a debug run does not need (and whose bf16 kernels fault on
+    CPUs without AVX-512). Marking it incompatible keeps the collectives on the process group's gloo, as for DDP."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's engine and its own checkpoints (fp32 weights, bf16 autocast).
 
@@ -238,6 +245,8 @@ class DeepSpeedStrategy:
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
         }
+        if self.accelerator.device.type == "cpu":
+            _collectives_through_gloo(deepspeed)
         model = model.to(self.accelerator.device)
         optimizer = make_optimizer(model)
         # the engine wraps this optimizer and shares its param_groups: the lr schedule drives it directly
