@@ -96,9 +96,11 @@ def test_training_writes_outputs_and_resumes_mid_epoch_bit_identically(phantom_s
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ddp_processes_match_one_process_on_the_same_global_batch(phantom_shards: Path, tmp_path: Path):
-    # a LayerNorm model (no BatchNorm: per-rank batch statistics would differ by design) without dropout
+    # a LayerNorm model (no BatchNorm: per-rank batch statistics would differ by design) without dropout. Early
+    # stopping on a metric only rank 0 computes: every rank must take rank 0's decision (else rank 1 stops alone)
     common = ["--set", "model.model_arch=convnext_atto", "--set", "model.dropout_rate=0",
-              "--set", "training.n_epochs=2", "--set", "training.num_workers=0"]
+              "--set", "training.n_epochs=2", "--set", "training.num_workers=0",
+              "--set", "callbacks.monitor=f1_macro", "--set", "callbacks.early_stopping_patience=1"]
     run_train(phantom_shards, tmp_path / "one", *common, "--set", "training.batch_size=8")
     result = run_train(phantom_shards, tmp_path / "two", *common, "--set", "training.batch_size=4", nproc=2)
     assert "2 process(es)" in result.stderr

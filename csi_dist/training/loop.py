@@ -60,8 +60,9 @@ def train(config: Config, run_dir: Path, resume: str,
     """Train from `config` into `run_dir`; returns the exit status.
 
     `epoch_end_hook(record, accelerator)` runs on every rank after each evaluation with that epoch's history
-    record (val metrics prefixed "val_"); returning True stops training there (e.g. a pruned sweep trial). The
-    hook must return the same answer on every rank (decide on rank 0 and broadcast).
+    record (val metrics prefixed "val_": on rank 0; the other ranks get val_loss); returning True stops training
+    there (e.g. a pruned sweep trial). The hook must return the same answer on every rank (decide on rank 0 and
+    broadcast).
     """
     return Trainer(config, run_dir, resume).run(epoch_end_hook)
 
@@ -294,14 +295,17 @@ class Trainer:
                                         should_stop=lambda batches: self.watcher.should_stop(batches, accelerator))
         except StopRequested:  # a notice during validation: save the trained epoch; a resume validates it
             self.stop_for_notice()
-        metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
-                                  predictions.ahf_truth) if predictions.file_ids else {}
+        metrics = {}  # on rank 0 alone: every rank holds the same gathered split, and only rank 0 writes and logs
+        if predictions.file_ids and accelerator.is_main_process:
+            metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
+                                      predictions.ahf_truth)
         check_bad_samples("val", predictions.decode_failures, self.val_set.num_samples, config.data.max_bad_fraction,
                           config.data.shard_dir)
         record.update({"train_decode_failures": epoch_failures,
                        "val_loss": predictions.loss, "val_decode_failures": predictions.decode_failures,
                        **{f"val_{key}": value for key, value in metrics.items() if "/" not in key}})
-        monitored = predictions.loss if self.monitored_key == "loss" else metrics.get(self.monitored_key, math.nan)
+        monitored = predictions.loss if self.monitored_key == "loss" else \
+            self.from_main_process(metrics.get(self.monitored_key, math.nan))
         self.schedule.after_evaluation(monitored)
         if epoch_finished:
             self.schedule.after_epoch()
@@ -321,6 +325,13 @@ class Trainer:
         if accelerator.is_main_process:
             atomic_write_json(self.run_dir / "training_history.json", progress.history)
         return record
+
+    def from_main_process(self, value: float) -> float:
+        """Rank 0's value on every rank (a collective), for decisions all ranks take alike."""
+        shared = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        if self.world_size > 1:
+            torch.distributed.broadcast(shared, src=0)
+        return float(shared.item())
 
     def draw_heatmaps(self, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
         """heatmap.*: the zone maps of the split's first val images, drawn by this rank alone on an unsharded copy of
