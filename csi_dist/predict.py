@@ -277,14 +277,14 @@ def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path 
     if not run_dir.is_dir():
         raise PredictError(f"--run-dir {run_dir}: no such run directory")
     config = load_config(run_dir / "resolved_config.ini")
-    accelerator = build_accelerator(config.training)
-    configure_logging(accelerator)
-    if list_csv is not None:
+    if list_csv is not None:  # the inputs are checked before any process group or model is set up
         images, missing = list_images(list_csv, image_dir)
         source = f"--list {list_csv}"
     else:
         images, missing = folder_images(image_dir), []
         source = f"--images {image_dir}"
+    accelerator = build_accelerator(config.training)
+    configure_logging(accelerator)
     model, path, channels_last, input_size = load_trained_model(config, run_dir, weights, accelerator)
     pipeline = image_pipeline(config, input_size)
     rank, world = accelerator.process_index, accelerator.num_processes

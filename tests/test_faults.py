@@ -233,7 +233,7 @@ def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_ident
     run_dir = tmp_path / "run"
     kills, partial_kills = [], 0
     progress, newest = 0, None
-    while len(kills) < 7:
+    while len(kills) < 5:
         log = tmp_path / f"launch-{len(kills)}.log"
         process = start(torchrun_command(WORLD, *trainer_args(shards, run_dir)), log)
         target = progress + rng.randint(1, 2)
@@ -262,7 +262,7 @@ def test_kill_9_at_random_steps_never_leaves_a_bad_checkpoint_and_ends_bit_ident
 
     print(f"kills (step, newest complete checkpoint, checkpoint being written): {kills}")  # shown with -s
     assert partial_kills >= 1, f"no kill landed inside a checkpoint write: {kills}"
-    assert len({step for step, _, _ in kills}) == len(kills), kills  # 7 different steps
+    assert len({step for step, _, _ in kills}) == len(kills), kills  # 5 different steps
     result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"resumed from {newest}" in result.stderr

@@ -17,6 +17,7 @@ from data_helpers import write_dicom
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
 from csi_dist.cluster.slurm import EXIT_PREEMPTED
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.predict import main as predict_main
 
 PROB_COLUMNS = [f"{zone}_p_{name}" for zone in ZONE_NAMES for name in CLASS_NAMES]
 
@@ -124,7 +125,8 @@ def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(pha
     assert "Traceback" not in no_weights.stderr
 
 
-def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path):
+def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path, caplog):
+    """In this process (the command line's main): the inputs are checked before anything is launched or loaded."""
     run_dir = tmp_path / "run"  # only a config: inputs are checked before weights are loaded
     run_dir.mkdir()
     shutil.copy(REPO_ROOT / "configs" / "demo.ini", run_dir / "resolved_config.ini")
@@ -132,10 +134,9 @@ def test_no_images_or_no_folder_exits_2_naming_the_folder(tmp_path: Path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here\n")
     for folder, message in ((empty, "no images found"), (tmp_path / "no_such_folder", "no such folder")):
-        result = run_predict("--run-dir", str(run_dir), "--images", str(folder), "--out", str(tmp_path / "p.csv"))
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert str(folder) in result.stderr and message in result.stderr
-        assert "Traceback" not in result.stderr
-    result = run_predict("--run-dir", str(tmp_path / "no_run"), "--images", str(empty))
-    assert result.returncode == 2 and "no_run: no such run directory" in result.stderr
-    assert "Traceback" not in result.stderr
+        caplog.clear()
+        assert predict_main(["--run-dir", str(run_dir), "--images", str(folder), "--out", str(tmp_path / "p.csv")]) == 2
+        assert str(folder) in caplog.text and message in caplog.text, caplog.text
+    caplog.clear()
+    assert predict_main(["--run-dir", str(tmp_path / "no_run"), "--images", str(empty)]) == 2
+    assert "no_run: no such run directory" in caplog.text

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from csi_dist.cluster.preemption import EXIT_PREEMPTED, REQUEST_FILE_NAME
+from csi_dist.train import main as train_main
 from wandb_reader import history_rows
 
 SMALL = ["--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
@@ -154,13 +155,11 @@ def test_a_resumed_compiled_run_compiles_nothing_again(phantom_shards: Path, tmp
     assert compiled_graphs(run_dir / "compile_cache") == first  # every graph came from the run's cache
 
 
-def test_bad_config_exits_2_naming_the_key(tmp_path: Path):
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, caplog):
     bad = tmp_path / "bad.ini"
     bad.write_text("[Training]\nbatch_sise = 8\n")
-    result = subprocess.run([sys.executable, "-m", "csi_dist.train", "--config", str(bad)], env=subprocess_env(),
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "bad.ini [Training] batch_sise: unknown key 'batch_sise'; did you mean 'training.batch_size'" in result.stderr
+    assert train_main(["--config", str(bad)]) == 2  # the command line's main, in this process
+    assert "bad.ini [Training] batch_sise: unknown key 'batch_sise'; did you mean 'training.batch_size'" in caplog.text
 
 
 def test_missing_shards_exit_2_with_the_fix(tmp_path: Path):
