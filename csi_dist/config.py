@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    model_arch: str = "ResNet50"  # ResNet50, CheXNet, RadDINO, Custom_1 or any timm model name
+    model_arch: str = "ResNet50"  # ResNet50, CheXNet, RadDINO, Custom_1, Tiny_CNN (smoke tests) or a timm name
     pretrained_weights: str = ""  # local file; nothing is downloaded at run time
     dropout_rate: float = 0.5  # dropout before the zone head
     channels_last: bool = True  # channels_last memory for timm CNNs (used under DDP only)

@@ -50,14 +50,15 @@ def phantom_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(phantom_shards, tmp_path_factory) -> Path:
-    """A tiny run on the phantom (1 epoch, 32 px, the seed's heatmap settings on) and its evaluation of the test split
-    (with the zone heatmaps of 2 images), shared by the evaluate, predict, heatmap and provenance tests. Tests may add files to it but must
-    leave what is there unchanged."""
+    """A tiny run on the phantom (Tiny_CNN, 1 epoch, 32 px, the seed's heatmap settings on) and its evaluation of the
+    test split (with the zone heatmaps of 2 images), shared by the evaluate, predict, heatmap and provenance tests.
+    Tests may add files to it but must leave what is there unchanged."""
     import subprocess
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     for args in (["-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
                   "--set", f"data.shard_dir={phantom_shards}", "--set", "training.n_epochs=1",
                   "--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
+                  "--set", "model.model_arch=Tiny_CNN",
                   "--set", "logging.wandb_mode=disabled", "--set", "heatmap.enabled=true",
                   "--set", "heatmap.every_epoch=true", "--set", "heatmap.color_map=custom_purple_red"],
                  ["-m", "csi_dist.evaluate", "--run-dir", str(run_dir), "--splits", "test", "--heatmaps", "2"]):

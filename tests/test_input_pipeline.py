@@ -81,7 +81,8 @@ def test_a_trainer_waiting_on_its_data_says_so_and_logs_the_share(phantom_shards
     result = subprocess.run(
         [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
          "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32", "--set", "training.batch_size=8",
-         "--set", "training.num_workers=1", "--set", "training.max_steps=12", "--set", "training.log_every_steps=4",
+         "--set", "training.num_workers=1", "--set", "model.model_arch=Tiny_CNN", "--set", "training.max_steps=12",
+         "--set", "training.log_every_steps=4",
          "--set", "logging.wandb_mode=disabled"],
         env=subprocess_env(**{SLOW_BATCH_VARIABLE: "0.8"}), cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=300)

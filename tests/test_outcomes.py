@@ -21,7 +21,8 @@ from shard_factory import write_shards
 from test_parity import train_runs
 
 pytestmark = [pytest.mark.slow]
-SMALL = ["data.image_size=32", "training.batch_size=8", "training.num_workers=0", "logging.wandb_mode=disabled"]
+SMALL = ["model.model_arch=Tiny_CNN", "data.image_size=32", "training.batch_size=8", "training.num_workers=0",
+         "logging.wandb_mode=disabled"]
 
 
 def strict_json(path: Path) -> object:

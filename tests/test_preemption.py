@@ -163,7 +163,8 @@ def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(phantom_shar
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
                "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32", "--set",
-               "training.batch_size=4", "--set", "training.num_workers=2", "--set", "training.n_epochs=50",
+               "training.batch_size=4", "--set", "model.model_arch=Tiny_CNN", "--set", "training.num_workers=2",
+               "--set", "training.n_epochs=50",
                "--set", "callbacks.preemption_check_every_steps=1", "--set", "callbacks.checkpoint_every_steps=5",
                "--set", "logging.wandb_mode=disabled"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(CSI_REQUEUE="0"), start_new_session=True,
@@ -190,6 +191,7 @@ def test_a_notice_during_validation_is_not_lost_and_the_resume_validates_that_ep
     (run_dir / REQUEST_FILE_NAME).touch()  # a manual request, as if the notice had just arrived
     command = [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
                "--set", f"data.shard_dir={shards}", "--set", "data.image_size=16", "--set", "training.batch_size=4",
+               "--set", "model.model_arch=Tiny_CNN",
                "--set", "training.num_workers=0", "--set", "training.n_epochs=2", "--set",
                "callbacks.preemption_check_every_steps=2", "--set", "logging.wandb_mode=disabled"]
     stopped = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(CSI_REQUEUE="0"), capture_output=True,

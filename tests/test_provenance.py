@@ -29,7 +29,8 @@ def run(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 def test_a_run_requeued_twice_shows_three_segments_and_what_it_was_made_of(phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
     common = ["--config", "configs/demo.ini", "--run-dir", str(run_dir), "--set", f"data.shard_dir={phantom_shards}",
-              "--set", "data.image_size=16", "--set", "training.batch_size=8", "--set", "training.num_workers=0",
+              "--set", "data.image_size=16", "--set", "training.batch_size=8", "--set", "model.model_arch=Tiny_CNN",
+              "--set", "training.num_workers=0",
               "--set", "logging.wandb_mode=disabled", "--set", "training.max_steps=6",
               "--set", "callbacks.preemption_check_every_steps=2"]
     for restart in range(3):  # one job, started, then preempted and requeued twice: the same command each time

@@ -41,7 +41,8 @@ def demo_shards(tmp_path_factory) -> Path:
 
 def trainer_args(shards: Path, run_dir: Path) -> list[str]:
     """Demo config, shrunk: 2 epochs of 9 steps, a periodic checkpoint every 2 steps, preemption checked every step."""
-    overrides = {"data.shard_dir": shards, "data.image_size": 32, "training.batch_size": 4, "training.n_epochs": 2,
+    overrides = {"data.shard_dir": shards, "data.image_size": 32, "model.model_arch": "Tiny_CNN",
+                 "training.batch_size": 4, "training.n_epochs": 2,
                  "training.num_workers": 1, "training.deterministic": "true", "logging.wandb_mode": "disabled",
                  "callbacks.checkpoint_every_steps": 2, "callbacks.preemption_check_every_steps": 1}
     args = ["--config", str(REPO_ROOT / "configs" / "demo.ini"), "--run-dir", str(run_dir)]

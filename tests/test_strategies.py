@@ -14,7 +14,8 @@ from conftest import REPO_ROOT, free_port, subprocess_env
 from test_train import run_train, tensors_equal
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-COMMON = ["--set", "training.n_epochs=2", "--set", "training.num_workers=0", "--set", "logging.wandb_mode=disabled",
+COMMON = ["--set", "model.model_arch=Tiny_CNN", "--set", "training.n_epochs=2", "--set", "training.num_workers=0",
+          "--set", "logging.wandb_mode=disabled",
           "--set", "callbacks.checkpoint_every_steps=4"]
 
 
@@ -51,7 +52,7 @@ def test_fsdp2_from_the_accelerate_config_shards_resumes_and_reshards(phantom_sh
     result = subprocess.run(command, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FSDP2: 17 DTensor parameters sharded over 2 process(es)" in result.stderr  # Custom_1: all 17 sharded
+    assert "FSDP2: 17 DTensor parameters sharded over 2 process(es)" in result.stderr  # Tiny_CNN (Custom_1 narrowed): all 17 sharded
     last = checkpoint_steps(run_dir)[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints" / f"step-{last:08d}" / "state").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]

@@ -144,7 +144,8 @@ def phantom_shards(tmp_path_factory) -> Path:
 
 
 def fixed_overrides(shards: Path) -> list[str]:
-    return [f"data.shard_dir={shards}", "data.image_size=32", "training.batch_size=8", "training.n_epochs=3",
+    return [f"data.shard_dir={shards}", "model.model_arch=Tiny_CNN", "data.image_size=32", "training.batch_size=8",
+            "training.n_epochs=3",
             "training.num_workers=0"]
 
 
