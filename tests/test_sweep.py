@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.config import ConfigError, load_config
+from csi_dist.faults import SLOW_BATCH_VARIABLE
 from csi_dist.sweep.space import load_space, wandb_sweep
 from csi_dist.sweep.study import SweepSettings, budget_used, finished_count, load_study
 from csi_dist.train import hyperparameter_overrides
@@ -276,9 +277,11 @@ def cancel_sweep_jobs(sweep_dir: Path) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
-def start_driver(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_driver(command: list[str], slow_batch_s: float = 0.0) -> subprocess.Popen:
+    """`slow_batch_s`: each loader batch of the trials held back (csi_dist/faults.py), so that a signal sent after the
+    first checkpoint lands before a Tiny_CNN trial has run its 45 steps to the end."""
+    return subprocess.Popen(command, env=subprocess_env(**{SLOW_BATCH_VARIABLE: str(slow_batch_s)}), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
@@ -303,7 +306,7 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
     sweep_dir = tmp_path / "sweep"
     command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
     command += ["--set", "callbacks.preemption_check_every_steps=1"]
-    driver = start_driver(command)
+    driver = start_driver(command, slow_batch_s=0.15)
     try:
         wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
         job = json.loads((sweep_dir / "jobs.json").read_text())[0]["owner"].removeprefix("slurm-")
@@ -331,7 +334,7 @@ def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(p
     sweep_dir = tmp_path / "sweep"
     command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
     command[command.index("--dead-grace-s") + 1] = "5"
-    driver = start_driver(command)
+    driver = start_driver(command, slow_batch_s=0.15)
     try:
         wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
         marker = f"submitit.core._submit {sweep_dir}"
