@@ -23,17 +23,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import Accelerator
-from captum.attr import LayerAttribution, LayerGradCam
 
 from csi_dist.config import load_config
-from csi_dist.data.phantom import generate_phantom, zone_boxes
+from csi_dist.data.phantom import generate_phantom, zone_masks
 from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
 from csi_dist.data.shards import write_shards
-from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.domain import NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model
-from csi_dist.evaluation.heatmaps import cam_model_and_layer
+from csi_dist.evaluation.heatmaps import zone_heatmaps
 
 out = Path(sys.argv[1])
 plans = [json.loads(arg) for arg in sys.argv[2:]]
@@ -47,16 +45,11 @@ def shards(name: str, n: int, independent: bool, size: int) -> Path:
     return target
 
 
-def shares(model, layer, images, grades, masks):
-    gradcam = LayerGradCam(lambda batch: model(batch).flatten(1), layer)
-    result = []
-    for zone in range(NUM_ZONES):
-        target = (zone * NUM_CLASSES + grades[:, zone]).tolist()
-        attribution = gradcam.attribute(images, target=target, relu_attributions=True)
-        result.append(LayerAttribution.interpolate(attribution, tuple(images.shape[-2:]), "bilinear")[:, 0])
-    maps = torch.stack(result, 1).detach().float().cpu().numpy()
+def shares(model, layer, images, masks):
+    """b x map z x box k: the share of map z's mass inside zone k's box."""
+    maps, _ = zone_heatmaps(model, images, layer)
     mass = maps.reshape(*maps.shape[:2], -1).sum(axis=2) + 1e-12
-    return np.einsum("bzhw,khw->bzk", maps, masks.astype(np.float32)) / mass[..., None]  # b, map z, box k
+    return np.einsum("bzhw,khw->bzk", maps, masks.astype(np.float32)) / mass[..., None]
 
 
 for plan in plans:
@@ -83,22 +76,15 @@ for plan in plans:
     loader = build_loader(open_split(data, "test"), LoaderSettings.from_config(config, size, train=False,
                                                                                 device=accelerator.device),
                           epoch=0, rank=0, world_size=1)
-    boxes = zone_boxes(size)
-    masks = np.zeros((NUM_ZONES, size, size), dtype=bool)
-    for zone, name in enumerate(ZONE_NAMES):
-        top, bottom, left, right = boxes[name]
-        masks[zone, top:bottom, left:right] = True
+    masks = zone_masks(size)
     chance = masks.reshape(NUM_ZONES, -1).mean(axis=1)
     layers = {"last": None, **{name: dict(model.named_modules())[name] for name in plan.get("layers", [])}}
     table = {key: [] for key in layers}
     graded = []
     for batch in loader:
         images = finish_on_device(batch, accelerator.device)
-        with torch.no_grad():
-            grades = model(images).argmax(-1)
         for key, layer in layers.items():
-            explained, default_layer = cam_model_and_layer(model, images)
-            table[key].append(shares(explained, layer or default_layer, images, grades, masks))
+            table[key].append(shares(model, layer, images, masks))
         keep = ~batch["is_padding"].numpy()
         graded.append(batch["zones"].numpy()[keep])
         for key in table:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from csi_dist.config import ModelConfig
-from csi_dist.data.phantom import zone_boxes
+from csi_dist.data.phantom import zone_boxes, zone_masks
 from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.heatmaps import cam_model_and_layer, zone_heatmaps
 from csi_dist.models import CSIModel, build_model
@@ -52,9 +52,7 @@ class ZoneReader(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        masks = torch.zeros(NUM_ZONES, size, size)
-        for index, (top, bottom, left, right) in enumerate(zone_boxes(size)[zone] for zone in ZONE_NAMES):
-            masks[index, top:bottom, left:right] = 1
+        masks = torch.from_numpy(zone_masks(size)).float()
         self.register_buffer("masks", masks)
         self.masked = nn.Identity()  # the spatial map Grad-CAM explains
         self.num_features = NUM_ZONES

@@ -67,6 +67,14 @@ def zone_boxes(size: int, shift_y: float = 0.0, shift_x: float = 0.0, scale: flo
     return boxes
 
 
+def zone_masks(size: int) -> np.ndarray:
+    """6 x size x size booleans, True inside each zone's box of an unjittered phantom (in ZONE_NAMES order)."""
+    masks = np.zeros((NUM_ZONES, size, size), dtype=bool)
+    for index, (top, bottom, left, right) in enumerate(zone_boxes(size)[zone] for zone in ZONE_NAMES):
+        masks[index, top:bottom, left:right] = True
+    return masks
+
+
 def phantom_image(zones: Sequence[int], rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """One size x size uint8 radiograph: dark background, bright body and mediastinum, two dark lungs.
 

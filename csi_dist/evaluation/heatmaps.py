@@ -86,10 +86,13 @@ def cam_model_and_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Modu
     return model, _last_feature_map(model, images)
 
 
-def zone_heatmaps(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(maps B x 6 x H x W in 0..1, predicted grades B x 6) for a batch of model inputs (B x 1 x H x W)."""
+def zone_heatmaps(model: nn.Module, images: torch.Tensor,
+                  layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps B x 6 x H x W in 0..1, predicted grades B x 6) for a batch of model inputs (B x 1 x H x W); `layer`
+    replaces the CNN layer `cam_model_and_layer` picks (a module of `model`, e.g. to compare depths)."""
     model.eval()
-    explained, layer = cam_model_and_layer(model, images)
+    explained, chosen = cam_model_and_layer(model, images)
+    layer = layer or chosen
     with torch.no_grad():
         grades = model(images).argmax(dim=-1)
     gradcam = LayerGradCam(lambda batch: explained(batch).flatten(1), layer)

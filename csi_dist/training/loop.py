@@ -380,11 +380,12 @@ class Trainer:
             save_weights(last_weights, self.run_dir / "weights" / "last.safetensors")
         accelerator.wait_for_everyone()
         best_path = self.run_dir / "weights" / "best.safetensors"
+        final_weights = last_weights  # complete on rank 0
         if best_path.is_file():
-            self.strategy.load_full_state_dict(self.model, load_weights(best_path))
+            final_weights = load_weights(best_path)
+            self.strategy.load_full_state_dict(self.model, final_weights)
         if config.heatmap.enabled and accelerator.is_main_process:
-            self.draw_heatmaps(load_weights(best_path if best_path.is_file() else
-                                            self.run_dir / "weights" / "last.safetensors"), self.run_dir / "heatmaps")
+            self.draw_heatmaps(final_weights, self.run_dir / "heatmaps")
         if self.val_set.num_samples == 0:
             stop_reason += " WITHOUT VALIDATION (the val split is empty)"
         log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,

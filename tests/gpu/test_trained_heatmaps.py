@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from csi_dist.config import load_config
-from csi_dist.data.phantom import generate_phantom, zone_boxes
+from csi_dist.data.phantom import generate_phantom, zone_masks
 from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
 from csi_dist.data.shards import write_shards
 from csi_dist.domain import NUM_ZONES, ZONE_NAMES
@@ -59,11 +59,7 @@ def test_a_trained_models_zone_maps_lie_in_their_zones(independent_zone_shards, 
     model, _, _, image_size = load_trained_model(config, run_dir, "best", accelerator)
     loader_settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
     loader = build_loader(open_split(independent_zone_shards, "test"), loader_settings, epoch=0, rank=0, world_size=1)
-    boxes = zone_boxes(image_size)
-    masks = np.zeros((NUM_ZONES, image_size, image_size), dtype=bool)
-    for zone, name in enumerate(ZONE_NAMES):
-        top, bottom, left, right = boxes[name]
-        masks[zone, top:bottom, left:right] = True
+    masks = zone_masks(image_size)
     chance = masks.reshape(NUM_ZONES, -1).mean(axis=1)
     own, others = [[] for _ in ZONE_NAMES], [[] for _ in ZONE_NAMES]  # zone z's box share of map z / of the others
     picture_dir = os.environ.get("CSI_GPU_MATRIX") and Path(os.environ["CSI_GPU_MATRIX"]).parent / f"heatmaps_{arch}"
