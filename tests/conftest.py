@@ -66,3 +66,35 @@ def trained_run(phantom_shards, tmp_path_factory) -> Path:
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
+
+
+
+CLUSTER_FILES = "test_slurm*.py"  # the tests that drive the SLURM cluster live in these files, and only there
+
+
+def pytest_collection_modifyitems(config, items):
+    misplaced = [item.nodeid for item in items
+                 if item.get_closest_marker("slurm") and not item.path.match(CLUSTER_FILES)]
+    if misplaced:
+        raise pytest.UsageError(f"SLURM tests belong in tests/{CLUSTER_FILES} (they share one pytest-xdist worker): "
+                                + ", ".join(misplaced))
+    items.sort(key=lambda item: not item.path.match(CLUSTER_FILES))  # they go first (stable: file order kept)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (what launch/test.sh runs), with every tests/test_slurm*.py file as one unit: a file's tests
+    stay on one worker, so its module fixtures (reference runs) are built once, and the SLURM tests run one after
+    another, so their jobs never queue behind each other's on the 2-node cluster. That unit, the largest, starts
+    first; it mostly waits on SLURM while the other worker computes."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    config.option.loadscopereorder = False  # units in collection order, so the SLURM unit first
+    from xdist.scheduler import LoadFileScheduling
+
+    class ClusterFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return CLUSTER_FILES if Path(file).match(CLUSTER_FILES) else file
+
+    return ClusterFilesTogether(config, log)

@@ -1,6 +1,7 @@
-"""Sweeps: search-space files, trial budget, best_params.json for the trainer, and real sweeps (local and SLURM).
+"""Sweeps: search-space files, trial budget, best_params.json for the trainer, and a real local sweep (the SLURM
+sweeps are in tests/test_slurm_sweep.py).
 
-The end-to-end sweeps train Custom_1 on a 160-image phantom at 32 px for 3 epochs per trial, with the CI space
+The end-to-end sweeps train Tiny_CNN on a 160-image phantom at 32 px for 3 epochs per trial, with the CI space
 (configs/sweep/phantom_ci.ini): its sampler is random and seeded by trial number, and half its learning rates are
 too small to learn, so the median pruner stops some trials whichever job runs them.
 """
@@ -9,12 +10,8 @@ from __future__ import annotations
 import importlib.util
 import hashlib
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -23,7 +20,6 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.config import ConfigError, load_config
-from csi_dist.faults import SLOW_BATCH_VARIABLE
 from csi_dist.sweep.space import load_space, wandb_sweep
 from csi_dist.sweep.study import SweepSettings, budget_used, finished_count, load_study
 from csi_dist.train import hyperparameter_overrides
@@ -136,14 +132,6 @@ def test_wandb_sweep_definition_runs_the_wandb_agent_module():
 
 
 # ------------------------------------------------------------------------------------------------ real sweeps
-@pytest.fixture(scope="module")
-def phantom_shards(tmp_path_factory) -> Path:
-    from csi_dist.data.shards import write_demo
-    out = tmp_path_factory.mktemp("phantom") / "shards"
-    write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
-    return out
-
-
 def fixed_overrides(shards: Path) -> list[str]:
     return [f"data.shard_dir={shards}", "model.model_arch=Tiny_CNN", "data.image_size=32", "training.batch_size=8",
             "training.n_epochs=3",
@@ -222,134 +210,3 @@ def test_local_sweep_completes_and_its_best_params_retrain_to_the_same_metric(ph
     run_sweep(sweep_command(phantom_shards, sweep_dir, n_trials=3, parallel=2, executor="local"))
     assert_sweep_outputs(sweep_dir, 3)
     assert_best_params_reproduce(sweep_dir, phantom_shards, tmp_path)
-
-
-def slurm_problem() -> str | None:
-    from slurm_helpers import cluster_problem
-    return cluster_problem()
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_best_params(phantom_shards, tmp_path):
-    if problem := slurm_problem():
-        pytest.skip(problem)
-    sweep_dir = tmp_path / "sweep"
-    command = sweep_command(phantom_shards, sweep_dir, n_trials=6, parallel=2, executor="slurm")
-    driver = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_until(lambda: (sweep_dir / "sweep.json").exists() and
-                   finished_count(study_trials(sweep_dir)) >= 1, SWEEP_TIMEOUT_S, "a first finished trial")
-    finally:
-        os.kill(driver.pid, signal.SIGKILL)  # the driver dies without warning; the trial jobs go on
-        driver.wait(timeout=30)
-    jobs_before = json.loads((sweep_dir / "jobs.json").read_text())
-    try:
-        run_sweep(command)  # the same command continues the same study
-    except BaseException:
-        cancel_sweep_jobs(sweep_dir)
-        raise
-    trials = assert_sweep_outputs(sweep_dir, 6)
-    assert json.loads((sweep_dir / "jobs.json").read_text()) == jobs_before, "the restarted driver resubmitted jobs"
-    assert optuna.study.get_all_study_names(load_study_storage(sweep_dir)) == [sweep_dir.name]
-    assert sum(t.state == TrialState.PRUNED for t in trials) >= 1
-    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 1
-    assert all(t.user_attrs["owner"].startswith("slurm-") for t in trials)
-    assert_best_params_reproduce(sweep_dir, phantom_shards, tmp_path)
-
-
-def cancel_sweep_jobs(sweep_dir: Path) -> None:
-    """After a failed test: cancel exactly this sweep's jobs (other tests may share the cluster)."""
-    jobs_file = sweep_dir / "jobs.json"
-    ids = [job["owner"].removeprefix("slurm-") for job in json.loads(jobs_file.read_text())] if jobs_file.exists() else []
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
-
-
-def start_driver(command: list[str], slow_batch_s: float = 0.0) -> subprocess.Popen:
-    """`slow_batch_s`: each loader batch of the trials held back (csi_dist/faults.py), so that a signal sent after the
-    first checkpoint lands before a Tiny_CNN trial has run its 45 steps to the end."""
-    return subprocess.Popen(command, env=subprocess_env(**{SLOW_BATCH_VARIABLE: str(slow_batch_s)}), cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
-    """A kill must not land while the first checkpoint is still a .partial directory: nothing to resume then."""
-    checkpoints = trial_dir / "checkpoints"
-    wait_until(lambda: checkpoints.is_dir() and any(re.fullmatch(r"step-\d{8}", path.name)
-                                                    for path in checkpoints.iterdir()),
-               SWEEP_TIMEOUT_S, "the trial's first complete checkpoint")
-
-
-def load_study_storage(sweep_dir: Path):
-    from csi_dist.sweep.study import open_storage
-    return open_storage(SweepSettings.load(sweep_dir))
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phantom_shards, tmp_path):
-    if problem := slurm_problem():
-        pytest.skip(problem)
-    from slurm_helpers import job_field
-    sweep_dir = tmp_path / "sweep"
-    command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
-    command += ["--set", "callbacks.preemption_check_every_steps=1"]
-    driver = start_driver(command, slow_batch_s=0.15)
-    try:
-        wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
-        job = json.loads((sweep_dir / "jobs.json").read_text())[0]["owner"].removeprefix("slurm-")
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # Slurm's preemption notice
-        wait_until(lambda: job_field(job, "Restarts") not in (None, "0"), 120, f"job {job} to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
-        output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            cancel_sweep_jobs(sweep_dir)
-    assert driver.returncode == 0, output[-4000:]
-    [trial] = study_trials(sweep_dir)
-    assert trial.state == TrialState.COMPLETE and trial.user_attrs["requeues"] == 1
-    assert sorted(trial.intermediate_values) == [0, 1, 2]
-    log = "".join(path.read_text() for path in (sweep_dir / "submitit").rglob("*_log.err"))
-    assert "resumes its trial 0" in log and "resumed from" in log
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(phantom_shards, tmp_path):
-    if problem := slurm_problem():
-        pytest.skip(problem)
-    sweep_dir = tmp_path / "sweep"
-    command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
-    command[command.index("--dead-grace-s") + 1] = "5"
-    driver = start_driver(command, slow_batch_s=0.15)
-    try:
-        wait_for_first_complete_checkpoint(sweep_dir / "trials" / "trial-0000")
-        marker = f"submitit.core._submit {sweep_dir}"
-        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,comm=,args="], capture_output=True, text=True, timeout=30).stdout
-        [pid] = [int(line.split()[0]) for line in ps.splitlines() if marker in line and line.split()[1] != "srun"]
-        os.kill(pid, signal.SIGKILL)  # the trial process dies without a word: no tell, no requeue
-        output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            cancel_sweep_jobs(sweep_dir)
-    assert driver.returncode == 0, output[-4000:]
-    dead, retry = study_trials(sweep_dir)
-    assert dead.state == TrialState.FAIL and "ended without reporting" in dead.user_attrs["fail_reason"]
-    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
-    assert retry.user_attrs["overrides"] == dead.user_attrs["overrides"]
-    log = "".join(path.read_text() for path in (sweep_dir / "submitit").rglob("*_log.err"))
-    assert "trial 1 retries trial 0 from its checkpoints" in log and "resumed from" in log
