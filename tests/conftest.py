@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,25 +40,35 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture(scope="session")
-def phantom_shards(tmp_path_factory) -> Path:
-    """160 phantom radiographs at 32 px in shards (114 train, 24 val, 22 test), shared read-only by the trainer,
-    strategy and parity tests."""
-    from csi_dist.data.shards import write_demo
-    out = tmp_path_factory.mktemp("phantom") / "shards"
-    write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2)
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(out)` done once per test session, however many pytest-xdist workers run it: the first worker to ask
+    builds under a file lock in the directory all workers' temporary directories share; the others wait and reuse
+    it. A build that failed is retried by the next worker to ask."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+            done.touch()
     return out
 
 
 @pytest.fixture(scope="session")
-def trained_run(phantom_shards, tmp_path_factory) -> Path:
-    """A tiny run on the phantom (Tiny_CNN, 1 epoch, 32 px, the seed's heatmap settings on) and its evaluation of the
-    test split (with the zone heatmaps of 2 images), shared by the evaluate, predict, heatmap and provenance tests.
-    Tests may add files to it but must leave what is there unchanged."""
-    import subprocess
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
+def phantom_shards(tmp_path_factory) -> Path:
+    """160 phantom radiographs at 32 px in shards (114 train, 24 val, 22 test), shared read-only by the trainer,
+    strategy and parity tests (and by every worker)."""
+    from csi_dist.data.shards import write_demo
+    return built_once(tmp_path_factory, "phantom_shards",
+                      lambda out: write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2))
+
+
+def train_and_evaluate_tiny_run(shards: Path, run_dir: Path) -> None:
     for args in (["-m", "csi_dist.train", "--config", "configs/demo.ini", "--run-dir", str(run_dir),
-                  "--set", f"data.shard_dir={phantom_shards}", "--set", "training.n_epochs=1",
+                  "--set", f"data.shard_dir={shards}", "--set", "training.n_epochs=1",
                   "--set", "training.batch_size=8", "--set", "data.image_size=32", "--set", "training.num_workers=2",
                   "--set", "model.model_arch=Tiny_CNN",
                   "--set", "logging.wandb_mode=disabled", "--set", "heatmap.enabled=true",
@@ -65,9 +77,18 @@ def trained_run(phantom_shards, tmp_path_factory) -> Path:
         result = subprocess.run([sys.executable, *args], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_shards, tmp_path_factory) -> Path:
+    """A tiny run on the phantom (Tiny_CNN, 1 epoch, 32 px, the seed's heatmap settings on) and its evaluation of the
+    test split (with the zone heatmaps of 2 images), shared by the evaluate, predict, heatmap and provenance tests.
+    Trained once; each worker gets its own copy (tests leave preemption notices in it). Tests may add files to it
+    but must leave what is there unchanged."""
+    built = built_once(tmp_path_factory, "trained_run", lambda out: train_and_evaluate_tiny_run(phantom_shards, out))
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(built, run_dir)
     return run_dir
-
-
 
 CLUSTER_FILES = "test_slurm*.py"  # the tests that drive the SLURM cluster live in these files, and only there
 
@@ -85,8 +106,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (what launch/test.sh runs), with every tests/test_slurm*.py file as one unit: a file's tests
     stay on one worker, so its module fixtures (reference runs) are built once, and the SLURM tests run one after
-    another, so their jobs never queue behind each other's on the 2-node cluster. That unit, the largest, starts
-    first; it mostly waits on SLURM while the other worker computes."""
+    another, so their jobs never queue behind each other's on the 2-node cluster. That unit, the longest, starts
+    first; it mostly waits on SLURM while the other workers compute."""
     if config.getvalue("dist") != "loadfile":
         return None
     config.option.loadscopereorder = False  # units in collection order, so the SLURM unit first

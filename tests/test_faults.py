@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import REPO_ROOT, free_port, subprocess_env, torchrun_command
+from conftest import REPO_ROOT, built_once, free_port, subprocess_env, torchrun_command
 from csi_dist.training.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
                                  latest_checkpoint)
 from csi_dist.convert import full_weights
@@ -208,18 +208,20 @@ def assert_complete_and_loadable(checkpoint: Path, world_size: int = WORLD) -> N
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "shards"
-    write_demo(str(out), n_images=86, image_size=32, seed=3, workers=1)
-    return out
+    return built_once(tmp_path_factory, "faults_shards",
+                      lambda out: write_demo(str(out), n_images=86, image_size=32, seed=3, workers=1))
+
+
+def train_reference(shards: Path, run_dir: Path) -> None:
+    result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shards) -> Path:
-    """The uninterrupted 2-process run every interrupted one must reproduce bit for bit."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir)))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir
+    """The uninterrupted 2-process run every interrupted one must reproduce bit for bit (read-only; built once for
+    this file and tests/test_slurm_faults.py)."""
+    return built_once(tmp_path_factory, "faults_reference", lambda run_dir: train_reference(shards, run_dir))
 
 
 # --- kill -9 ------------------------------------------------------------------------------------------------------
