@@ -110,3 +110,35 @@ def test_a_killed_ranks_workers_and_fork_server_go_with_it(phantom_shards, tmp_p
         rank.wait(timeout=30)
     _, alive = psutil.wait_procs(helpers, timeout=15)
     assert alive == [], [process.cmdline()[:3] for process in alive]
+
+
+NOTICE_PROBE = """
+import os, signal
+from csi_dist.data.workers import start_worker
+
+def notice_then_start(rank_pid, worker_id):  # a worker_init_fn: the notice lands where torch's own handlers rule
+    os.kill(os.getpid(), signal.SIGTERM)
+    start_worker(rank_pid, worker_id)
+"""
+
+EARLY_NOTICE_SCRIPT = """
+import functools, os, sys
+from torch.utils.data import DataLoader
+from csi_dist.data.workers import worker_options
+from notice_probe import notice_then_start
+options = worker_options(1)
+options["worker_init_fn"] = functools.partial(notice_then_start, os.getpid())
+print([batch.tolist() for batch in DataLoader(range(4), batch_size=2, num_workers=1, **options)])
+"""
+
+
+def test_a_notice_while_a_worker_starts_is_not_its_end(tmp_path):
+    """torch installs a SIGTERM handler that ends the worker before it runs our init, which ignores the notices: a
+    SLURM SIGTERM in that window (workers start at every epoch) killed the worker and raised in its rank. Here the
+    notice is sent inside that window; the worker must serve its batches."""
+    (tmp_path / "notice_probe.py").write_text(NOTICE_PROBE)
+    (tmp_path / "early.py").write_text(EARLY_NOTICE_SCRIPT)
+    result = subprocess.run([sys.executable, "early.py"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=subprocess_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT)])))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[[0, 1], [2, 3]]"

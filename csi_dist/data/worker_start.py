@@ -1,7 +1,7 @@
 """Imported once by the fork server of the DataLoader workers (see csi_dist.data.workers), never by a rank.
 
-It makes the fork server, and so every worker forked from it, ignore the signals the rank treats as a notice to
-stop; imports what a worker runs, so that a new worker starts in milliseconds; and keeps workers from running the
+It makes the fork server, and so every worker forked from it, ignore (and hold back) the signals the rank treats
+as a notice to stop; imports what a worker runs, so that a new worker starts in milliseconds; and keeps workers from running the
 parent's main module again. multiprocessing reruns it in every child not made by a plain fork (under the name
 `__mp_main__`), which a script without an `if __name__ == "__main__":` guard would answer by training again inside
 each worker (under torchrun: waiting forever for a rendezvous). The package's workers need nothing from the main
@@ -13,9 +13,10 @@ import multiprocessing.spawn
 
 import csi_dist.data.image_files  # noqa: F401 - a worker's code, imported once in the fork server
 import csi_dist.data.reader  # noqa: F401
-from csi_dist.data.workers import ignore_stop_notices
+from csi_dist.data.workers import hold_stop_notices, ignore_stop_notices
 
 ignore_stop_notices()
+hold_stop_notices()  # until a worker's init, past torch's own SIGTERM handler
 
 # the two steps of multiprocessing's child preparation that rerun the parent's main module (by module name for
 # `python -m`, by path for a script): nothing to do for our workers

@@ -10,7 +10,9 @@ module in a worker, and ignores the stop signals (csi_dist.data.worker_start): S
 every process of a step, and a worker that died of it would raise in its rank at an arbitrary point (even inside
 optimizer.step), before the rank could save. The rank takes the stop decision and ends its workers through the
 loader's normal shutdown; a worker whose rank is killed exits at once (`start_worker`). torch gives each worker a
-SIGTERM handler of its own, so `start_worker` (every loader's worker_init_fn) turns SIGTERM off again once it runs.
+SIGTERM handler of its own that ends it, before our init (`start_worker`, every loader's worker_init_fn) turns SIGTERM
+off again: the fork server therefore also blocks the notices, so one that arrives in between waits, and is dropped
+when `start_worker` ignores it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ def ignore_stop_notices() -> None:
         signal.signal(notice, signal.SIG_IGN)
 
 
+def hold_stop_notices() -> None:
+    """Block the notices (in the fork server: every worker starts with them blocked, see the module's docstring)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_NOTICES)
+
+
 def worker_options(num_workers: int) -> dict:
     """The DataLoader arguments of a loader built in this process (the rank) with `num_workers` workers: they come
     from the fork server and run `start_worker` first."""
@@ -48,7 +55,8 @@ def start_worker(rank_pid: int, worker_id: int) -> None:
     fork server lives as long as any of its children (each holds its "alive" pipe), so after a rank is killed its
     workers would wait for each other forever, holding the job step's output open (SLURM then waits 60 s to end the
     step, and a node's processes pile up)."""
-    ignore_stop_notices()
+    ignore_stop_notices()  # a notice held back since the worker started is dropped here, unseen
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_NOTICES)
     threading.Thread(target=_exit_when_ended, args=(rank_pid,), name="rank-watch", daemon=True).start()
 
 
