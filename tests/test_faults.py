@@ -4,8 +4,9 @@ Every fault here is real: SIGKILL/SIGSTOP sent with os.kill to real trainer proc
 disk. Each test checks what a user would see: an exit code, a message, a complete checkpoint, identical weights.
 
 Runtime faults injected here: 7 SIGKILLs of a whole 2-process training (launcher and both ranks) at random steps,
-some of them while a checkpoint is being written; a SIGKILL and a SIGSTOP of one rank; a SIGKILL of one rank of a
-2-node SLURM job (tests/test_slurm_faults.py); 5 non-finite losses (2 skipped and counted, then 3 that stop a run allowed 2).
+some of them while a checkpoint is being written; a SIGKILL and a SIGSTOP of one rank; 5 non-finite losses (2 skipped
+and counted, then 3 that stop a run allowed 2). The SIGKILL of one rank of a 2-node SLURM job, which uses this file's
+reference run, is in tests/test_slurm_faults.py.
 
 The bad inputs of the reliability list that other test modules already cover are counted in BAD_INPUTS_ELSEWHERE
 (input -> the test that tries it), those tried here in BAD_INPUTS_HERE, so the README's counts add up.

@@ -74,7 +74,8 @@ def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_bes
 def cancel_sweep_jobs(sweep_dir: Path) -> None:
     """After a failed test: cancel exactly this sweep's jobs (other tests may share the cluster)."""
     jobs_file = sweep_dir / "jobs.json"
-    ids = [job["owner"].removeprefix("slurm-") for job in json.loads(jobs_file.read_text())] if jobs_file.exists() else []
+    jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else []
+    ids = [job["owner"].removeprefix("slurm-") for job in jobs]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 

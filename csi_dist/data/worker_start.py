@@ -1,11 +1,11 @@
 """Imported once by the fork server of the DataLoader workers (see csi_dist.data.workers), never by a rank.
 
-It makes the fork server, and so every worker forked from it, ignore (and hold back) the signals the rank treats
-as a notice to stop; imports what a worker runs, so that a new worker starts in milliseconds; and keeps workers from running the
-parent's main module again. multiprocessing reruns it in every child not made by a plain fork (under the name
-`__mp_main__`), which a script without an `if __name__ == "__main__":` guard would answer by training again inside
-each worker (under torchrun: waiting forever for a rendezvous). The package's workers need nothing from the main
-module: their dataset, collate and init functions all live in csi_dist modules, imported by name.
+It makes the fork server, and so every worker forked from it, ignore (and hold back) the signals the rank treats as
+a notice to stop; imports what a worker runs, so that a new worker starts in milliseconds; and keeps workers from
+running the parent's main module again. multiprocessing reruns it in every child not made by a plain fork (under the
+name `__mp_main__`), which a script without an `if __name__ == "__main__":` guard would answer by training again
+inside each worker (under torchrun: waiting forever for a rendezvous). The package's workers need nothing from the
+main module: their dataset, collate and init functions all live in csi_dist modules, imported by name.
 """
 from __future__ import annotations
 
