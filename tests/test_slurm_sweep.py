@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import optuna
@@ -21,7 +20,7 @@ from optuna.trial import TrialState
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.faults import SLOW_BATCH_VARIABLE
 from csi_dist.sweep.study import SweepSettings, finished_count
-from slurm_helpers import cluster_problem, job_field
+from slurm_helpers import cluster_problem, job_field, wait_until
 from test_sweep import (SWEEP_TIMEOUT_S, assert_best_params_reproduce, assert_sweep_outputs, run_sweep,
                         study_trials, sweep_command)
 
@@ -34,16 +33,6 @@ def local_cluster():
         pytest.skip(problem)
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.mark.slow
 def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_best_params(phantom_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
@@ -52,7 +41,7 @@ def test_slurm_sweep_survives_a_killed_driver_prunes_and_writes_reproducible_bes
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: (sweep_dir / "sweep.json").exists() and
-                   finished_count(study_trials(sweep_dir)) >= 1, SWEEP_TIMEOUT_S, "a first finished trial")
+                   finished_count(study_trials(sweep_dir)) >= 1, SWEEP_TIMEOUT_S, "a first finished trial", interval=1)
     finally:
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies without warning; the trial jobs go on
         driver.wait(timeout=30)
@@ -87,6 +76,13 @@ def start_driver(command: list[str], slow_batch_s: float = 0.0) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def end_driver_if_running(driver: subprocess.Popen, sweep_dir: Path) -> None:
+    """After a failed test: the driver and its trial jobs must not outlive it."""
+    if driver.poll() is None:
+        os.kill(driver.pid, signal.SIGKILL)
+        cancel_sweep_jobs(sweep_dir)
+
+
 def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
     """A kill must not land while the first checkpoint is still a .partial directory: nothing to resume then."""
     checkpoints = trial_dir / "checkpoints"
@@ -114,9 +110,7 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
         output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
     finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            cancel_sweep_jobs(sweep_dir)
+        end_driver_if_running(driver, sweep_dir)
     assert driver.returncode == 0, output[-4000:]
     [trial] = study_trials(sweep_dir)
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["requeues"] == 1
@@ -139,9 +133,7 @@ def test_slurm_trial_whose_job_dies_is_failed_and_retried_from_its_checkpoints(p
         os.kill(pid, signal.SIGKILL)  # the trial process dies without a word: no tell, no requeue
         output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
     finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            cancel_sweep_jobs(sweep_dir)
+        end_driver_if_running(driver, sweep_dir)
     assert driver.returncode == 0, output[-4000:]
     dead, retry = study_trials(sweep_dir)
     assert dead.state == TrialState.FAIL and "ended without reporting" in dead.user_attrs["fail_reason"]
