@@ -4,7 +4,7 @@ Options: --weights best|last|PATH (as evaluate), --batch-size N (default trainin
 
 Grades the 6 lung zones of unlabelled radiographs with a trained run, through the code training and evaluate use:
 the run's resolved_config.ini, its weights (`evaluate.weights_path`), the shard writer's image path
-(`shards.encode_image_file`: load_grayscale, resize to the manifest's stored image size, 8-bit PNG/JPEG as stored)
+(`images.encode_image_file`: load_grayscale, resize to the manifest's stored image size, 8-bit PNG/JPEG as stored)
 and the reader's (`transforms.decode_image` to the model input size, `to_model_input`, no augmentation).
 
 Inputs:
@@ -48,7 +48,7 @@ from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, 
 from csi_dist.data.reader import ShardError, read_manifest
 from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options
-from csi_dist.data.shards import DEFAULT_JPEG_QUALITY
+from csi_dist.data.images import DEFAULT_JPEG_QUALITY
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 import torch
@@ -38,6 +39,10 @@ def test_workers_come_from_a_single_threaded_process_and_outlive_the_notices(pha
         parent = worker.parent()
         assert parent.pid != os.getpid(), "a worker was forked from the multi-threaded rank"
         assert parent.num_threads() == 1
+        # and imports what a worker runs, not the shard writer's pandas: on the GPU image pandas loads pyarrow,
+        # whose allocator starts a thread in the fork server (2 threads there, this test's failure on the H200)
+        mapped = Path(f"/proc/{parent.pid}/maps").read_text()
+        assert [package for package in ("pandas", "pyarrow") if f"/{package}/" in mapped] == []
         for notice in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             worker.send_signal(notice)
     rest = list(batches)  # every worker still serves its share of the epoch, the same batches as in-process

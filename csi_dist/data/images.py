@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ PERCENTILE_WINDOW: tuple[float, float] = (0.5, 99.5)
 # A constant image has no contrast to window. Black would make it look like padding or an empty exposure and put it at
 # the far end of the normalisation range; mid-grey is neutral, and the same whatever the constant was.
 CONSTANT_IMAGE_GREY = 128
+DEFAULT_JPEG_QUALITY = 95  # of shards stored as JPEG
 # ITU-R BT.601 luma, the weights PIL's "L" conversion uses; written out so RGB handling does not depend on a mode.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -315,3 +317,19 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
         return image
     resized = Image.fromarray(image).resize((size, size), resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(resized)
+
+
+def encode_image_file(path: str | Path, image_size: int, image_format: str = "png",
+                      jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """The image bytes a shard stores for one image file: decoded to 8-bit grayscale, resized to image_size square,
+    encoded as PNG, JPEG or a raw .npy array. Raises ImageError (the writer and csi_dist.predict share this one
+    path)."""
+    pixels = resize_square(load_grayscale(path), image_size)
+    buffer = io.BytesIO()
+    if image_format == "npy":
+        np.save(buffer, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+    elif image_format == "jpg":
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=jpeg_quality)
+    else:
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import io
 import json
 import logging
 import math
@@ -18,11 +17,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
-from csi_dist.data.images import (ImageError, IMAGE_SUFFIXES, build_image_index, image_for, load_grayscale,
-                                  resize_square)
+from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, ImageError, IMAGE_SUFFIXES, build_image_index,
+                                  encode_image_file, image_for)
 from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import (
@@ -51,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 512
 DEFAULT_SHARD_MAX_MB = 256.0
-DEFAULT_JPEG_QUALITY = 95
 DEFAULT_DEMO_IMAGES = 200
 DEFAULT_DEMO_OUT = Path("data/demo_shards")
 DEFAULT_DEMO_SIZE = 128
@@ -86,22 +83,6 @@ def sample_keys(file_ids: Iterable[str]) -> list[str]:
         used.add(key)
         keys.append(key)
     return keys
-
-
-def encode_image_file(path: str | Path, image_size: int, image_format: str = "png",
-                      jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
-    """The image bytes a shard stores for one image file: decoded to 8-bit grayscale, resized to image_size square,
-    encoded as PNG, JPEG or a raw .npy array. Raises ImageError (the writer and csi_dist.predict share this one
-    path)."""
-    pixels = resize_square(load_grayscale(path), image_size)
-    buffer = io.BytesIO()
-    if image_format == "npy":
-        np.save(buffer, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
-    elif image_format == "jpg":
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=jpeg_quality)
-    else:
-        Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def encode_sample_image(task: tuple) -> tuple[bytes | None, str | None]:
