@@ -21,10 +21,11 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for launched trainers: CPU gloo, offline W&B, quiet DeepSpeed probing."""
+    """Environment for launched trainers: CPU gloo and no GPU in sight (the CPU tier behaves the same on a GPU host:
+    there accelerate's barrier would pick a GPU per rank), offline W&B, quiet DeepSpeed probing."""
     env = dict(os.environ)
-    env.update({"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu",
-                "OMP_NUM_THREADS": "1",
+    env.update({"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline",
+                "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
     env.update(extra)
     return env

@@ -39,8 +39,10 @@ BF16_LOSS_RTOL, BF16_UPDATE_REL_L2 = 5e-3, 1.5e-2
 
 def gpu_env(**extra: str) -> dict[str, str]:
     env = subprocess_env(**extra)
-    for cpu_only in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR"):
+    for cpu_only in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES"):
         env.pop(cpu_only, None)
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # the GPUs this host gave us (SLURM sets it)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return env
 
 
