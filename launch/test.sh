@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All tests in one command: set up .venv, start the local SLURM cluster (as root), run pytest (args passed on).
-# Four pytest-xdist workers (CSI_TEST_WORKERS; 0 = none), a file per worker at a time, tests/test_slurm*.py on two
+# Three pytest-xdist workers (CSI_TEST_WORKERS; 0 = none), a file per worker at a time, tests/test_slurm*.py on one
 # (tests/conftest.py groups them); the suite mostly waits on processes starting and on SLURM, not on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +11,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${CSI_SKIP_SLURM:-0
     || { cat /tmp/csi-slurm-start.log; exit 1; }
 fi
 export WANDB_MODE=offline DS_ACCELERATOR=cpu
-.venv/bin/python -m pytest -n "${CSI_TEST_WORKERS:-4}" --dist loadfile "$@"
+.venv/bin/python -m pytest -n "${CSI_TEST_WORKERS:-3}" --dist loadfile "$@"

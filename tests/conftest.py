@@ -94,35 +94,29 @@ def trained_run(phantom_shards, tmp_path_factory) -> Path:
 CLUSTER_FILES = "test_slurm*.py"  # the tests that drive the SLURM cluster live in these files, and only there
 
 
-def cluster_lane(file: Path) -> str:
-    """The two lanes of SLURM tests: tests/test_slurm.py, and the other tests/test_slurm_*.py files together."""
-    return "test_slurm.py" if file.name == "test_slurm.py" else "test_slurm_*.py"
-
-
 def pytest_collection_modifyitems(config, items):
     misplaced = [item.nodeid for item in items
                  if item.get_closest_marker("slurm") and not item.path.match(CLUSTER_FILES)]
     if misplaced:
-        raise pytest.UsageError(f"SLURM tests belong in tests/{CLUSTER_FILES} (two pytest-xdist workers run them, "
-                                "tests/conftest.py): " + ", ".join(misplaced))
+        raise pytest.UsageError(f"SLURM tests belong in tests/{CLUSTER_FILES} (they share one pytest-xdist worker): "
+                                + ", ".join(misplaced))
     items.sort(key=lambda item: not item.path.match(CLUSTER_FILES))  # they go first (stable: file order kept)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile` (what launch/test.sh runs), with the SLURM tests in two units (`cluster_lane`): a file's
-    tests stay on one worker, so its module fixtures (reference runs) are built once, and each lane runs its tests one
-    after another. A job of either lane takes one core per node, so the two lanes' jobs run side by side on the
-    2-node cluster (2 cores a node) without waiting for each other, but when the sweep test's 2 parallel trials share
-    a node. The lanes, the longest units, start first; they mostly wait on SLURM while the other workers compute."""
+    """`--dist loadfile` (what launch/test.sh runs), with every tests/test_slurm*.py file as one unit: a file's tests
+    stay on one worker, so its module fixtures (reference runs) are built once, and the SLURM tests run one after
+    another, so their jobs never queue behind each other's on the 2-node cluster. That unit, the longest, starts
+    first; it mostly waits on SLURM while the other workers compute."""
     if config.getvalue("dist") != "loadfile":
         return None
-    config.option.loadscopereorder = False  # units in collection order, so the SLURM lanes first
+    config.option.loadscopereorder = False  # units in collection order, so the SLURM unit first
     from xdist.scheduler import LoadFileScheduling
 
-    class ClusterLanes(LoadFileScheduling):
+    class ClusterFilesTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = Path(super()._split_scope(nodeid))
-            return cluster_lane(file) if file.match(CLUSTER_FILES) else str(file)
+            file = super()._split_scope(nodeid)
+            return CLUSTER_FILES if Path(file).match(CLUSTER_FILES) else file
 
-    return ClusterLanes(config, log)
+    return ClusterFilesTogether(config, log)
