@@ -11,4 +11,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${CSI_SKIP_SLURM:-0
     || { cat /tmp/csi-slurm-start.log; exit 1; }
 fi
 export WANDB_MODE=offline DS_ACCELERATOR=cpu
+# The suite starts hundreds of Python processes: under PYTHONDONTWRITEBYTECODE each compiled the package (and the
+# test helpers) again, 0.25 s of CPU apiece (.venv's packages are compiled at install, launch/setup.sh).
+unset PYTHONDONTWRITEBYTECODE
 .venv/bin/python -m pytest -n "${CSI_TEST_WORKERS:-3}" --dist loadfile "$@"
