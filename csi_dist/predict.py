@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.config import ConfigError, load_config
-from csi_dist.data.images import IMAGE_SUFFIXES, ImageError, build_image_index, image_for, image_suffix
+from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
+                                  image_suffix)
 from csi_dist.data.reader import ShardError, read_manifest
 from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options
-from csi_dist.data.images import DEFAULT_JPEG_QUALITY
 from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model

@@ -26,8 +26,9 @@ install_with_uv() {  # uv, told where pip looks, and like pip free to take each 
   for url in $(pip_setting index-url); do sources+=(--index-url "$url"); done
   for url in $(pip_setting extra-index-url); do sources+=(--extra-index-url "$url"); done
   for url in $(pip_setting find-links); do sources+=(--find-links "$url"); done
-  .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${sources[@]}" -r requirements-lock.txt || return 1
-  .venv/bin/uv pip install -q --python .venv/bin/python "${sources[@]}" --no-deps -e .
+  local uv_install=(.venv/bin/uv pip install -q --python .venv/bin/python "${sources[@]}")
+  "${uv_install[@]}" --compile-bytecode -r requirements-lock.txt || return 1
+  "${uv_install[@]}" --no-deps -e .
 }
 
 install_with_pip() {

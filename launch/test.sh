@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All tests in one command: set up .venv, start the local SLURM cluster (as root), run pytest (args passed on).
 # Three pytest-xdist workers (CSI_TEST_WORKERS; 0 = none), a file per worker at a time, tests/test_slurm*.py on one
-# (tests/conftest.py groups them); the suite mostly waits on processes starting and on SLURM, not on the CPU.
+# (tests/conftest.py groups them). Alone the suite mostly waits on SLURM and on processes starting; on a loaded
+# machine it is bound by the CPU (BENCHMARKS.md), so more workers do not help there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
