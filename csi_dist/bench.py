@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from csi_dist import USER_COMPILE_CACHE_DIR
+from csi_dist.command import run_command
 from csi_dist.config import ModelConfig, OptimizationConfig
 from csi_dist.data import shards
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
@@ -308,4 +309,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

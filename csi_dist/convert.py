@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from csi_dist.command import run_command
 from csi_dist.config import load_config
 from csi_dist.models import build_model, model_input_size
 from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
@@ -58,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

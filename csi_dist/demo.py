@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from csi_dist import evaluate, train
+from csi_dist.command import run_command
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
 
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

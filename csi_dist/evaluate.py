@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
 from csi_dist.cluster.preemption import PreemptionWatcher
+from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.distributed import build_accelerator, configure_logging
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

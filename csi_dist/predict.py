@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from csi_dist.cluster.preemption import PreemptionWatcher
+from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
 from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
                                   image_suffix)
@@ -346,4 +347,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

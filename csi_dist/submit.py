@@ -23,6 +23,7 @@ import submitit
 
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
 from csi_dist.cluster.slurm import export_rendezvous_port
+from csi_dist.command import skip_final_collections
 
 log = logging.getLogger("csi_dist.submit")
 
@@ -45,7 +46,10 @@ class TrainingTask:
             os.environ["ACCELERATE_USE_CPU"] = "1"
         from csi_dist.train import main  # imported in the job: the submitting machine needs no torch setup
 
-        status = main(self.trainer_argv)
+        try:
+            status = main(self.trainer_argv)
+        finally:
+            skip_final_collections()  # the job's process ends with this task
         if status != 0:  # the trainer's own code leaves the task, so the batch script's requeue rule can read it
             raise SystemExit(status)
         return status

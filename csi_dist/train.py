@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from datetime import datetime
 from pathlib import Path
 
 from csi_dist.cluster.slurm import requeue_after_failure
+from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, config_reference, load_config, section_of
 from csi_dist.data.quality import TooManyBadSamples
 from csi_dist.data.reader import ShardError
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

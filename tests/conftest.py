@@ -92,6 +92,10 @@ def trained_run(phantom_shards, tmp_path_factory) -> Path:
     return run_dir
 
 CLUSTER_FILES = "test_slurm*.py"  # the tests that drive the SLURM cluster live in these files, and only there
+# The other files that take longest (1.5-6 min each alone on a 2-core machine), longest first, after the cluster's:
+# pytest-xdist hands out whole files, so a long one started last would keep its worker busy while the others idle.
+LONGEST_FILES = ("test_faults.py", "test_elastic.py", "test_train.py", "test_parity.py", "test_preemption.py",
+                 "test_heatmaps.py", "test_strategies.py", "test_outcomes.py", "test_bench.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,15 +104,25 @@ def pytest_collection_modifyitems(config, items):
     if misplaced:
         raise pytest.UsageError(f"SLURM tests belong in tests/{CLUSTER_FILES} (they share one pytest-xdist worker): "
                                 + ", ".join(misplaced))
-    items.sort(key=lambda item: not item.path.match(CLUSTER_FILES))  # they go first (stable: file order kept)
+    missing = [name for name in LONGEST_FILES if not (REPO_ROOT / "tests" / name).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names no such test file: {', '.join(missing)}")
+
+    def start_rank(item) -> int:  # the cluster's files first, then the longest; the rest in file order
+        if item.path.match(CLUSTER_FILES):
+            return 0
+        return 1 + (LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES else len(LONGEST_FILES))
+
+    items.sort(key=start_rank)  # stable: a file's tests keep their order
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (what launch/test.sh runs), with every tests/test_slurm*.py file as one unit: a file's tests
     stay on one worker, so its module fixtures (reference runs) are built once, and the SLURM tests run one after
-    another, so their jobs never queue behind each other's on the 2-node cluster. That unit, the longest, starts
-    first; it mostly waits on SLURM while the other workers compute."""
+    another, so their jobs never queue behind each other's on the 2-node cluster. Units start in the order
+    pytest_collection_modifyitems sorts them: that unit, the longest, first (it mostly waits on SLURM while the other
+    workers compute), then the longest files."""
     if config.getvalue("dist") != "loadfile":
         return None
     config.option.loadscopereorder = False  # units in collection order, so the SLURM unit first

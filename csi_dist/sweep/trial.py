@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.cluster.slurm import EXIT_PREEMPTED, export_rendezvous_port
+from csi_dist.command import skip_final_collections
 from csi_dist.config import load_config
 from csi_dist.files import atomic_write_json
 from csi_dist.sweep.space import load_space
@@ -147,7 +148,10 @@ class TrialTask:
         if not self.use_gpus:
             os.environ["ACCELERATE_USE_CPU"] = "1"
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        return run_trial(Path(self.sweep_dir), current_owner(), rank=job.global_rank, world_size=job.num_tasks)
+        try:
+            return run_trial(Path(self.sweep_dir), current_owner(), rank=job.global_rank, world_size=job.num_tasks)
+        finally:
+            skip_final_collections()  # the job's process ends with this trial
 
     def checkpoint(self, *args, **kwargs):
         """submitit's notice handler (only until the trainer installs its own): rerun; the trial resumes."""
