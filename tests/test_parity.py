@@ -93,7 +93,10 @@ def assert_same_training(run_dir: Path, reference: Path, loss_rtol: float, weigh
 @pytest.fixture(scope="module")
 def parity_runs(phantom_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parity")
-    settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS]
+    # early stopping on a metric only rank 0 computes: every rank must take rank 0's decisions (else, at the first
+    # epoch's end, rank 1 would stop alone, or skip the collective that gathers the best weights under FSDP2/ZeRO-3)
+    settings = [f"data.shard_dir={phantom_shards}", *PARITY_SETTINGS, "callbacks.monitor=f1_macro",
+                "callbacks.early_stopping_patience=1"]
     # one process: 1 x 16 and 1 x 8 x A2 (FSDP2 on one process is DDP, so it is not repeated there)
     single = {f"{name}_1x16": f"{strategy},training.batch_size=16" for name, strategy in STRATEGIES.items()
               if name != "fsdp2"}
@@ -114,6 +117,16 @@ PARITY_CELLS = [f"{name}_{layout}" for name in STRATEGIES for layout in ("1x16",
 @pytest.mark.parametrize("cell", PARITY_CELLS)
 def test_every_strategy_and_layout_trains_like_one_batch_of_16(parity_runs: Path, cell: str):
     assert_same_training(parity_runs / cell, parity_runs / "ddp_1x16", LOSS_RTOL, WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("cell", [cell for cell in PARITY_CELLS if cell.split("_")[1].startswith("2x")])
+def test_two_processes_validate_like_one(parity_runs: Path, cell: str):
+    """Each val image counted once (the padding copies of an uneven split dropped), the same loss and metrics."""
+    one, two = (json.loads((parity_runs / name / "training_history.json").read_text()) for name in ("ddp_1x16", cell))
+    for single, distributed in zip(one, two, strict=True):
+        assert distributed["val_n_images"] == single["val_n_images"] == 24
+        assert distributed["val_loss"] == pytest.approx(single["val_loss"], rel=LOSS_RTOL)
+        assert distributed["val_f1_macro"] == pytest.approx(single["val_f1_macro"], abs=0.02)
 
 
 def test_deepspeed_trains_batchnorm_cnns_in_bf16(phantom_shards, tmp_path: Path):
