@@ -36,6 +36,11 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
             f"--master_port={free_port()}", "--master_addr=127.0.0.1", *args]
 
 
+def pytest_configure(config):
+    from promises import PromiseCheck  # the README's promises: each named test must pass in a whole-suite run
+    config.pluginmanager.register(PromiseCheck(config), "csi-promises")
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
