@@ -2,22 +2,22 @@
 
 `python -m csi_dist.convert checkpoints/run/checkpoints/step-00001200 model.safetensors` gives a file that
 `csi_dist.evaluate --weights` and single-GPU runs (`model.pretrained_weights` for fine-tuning) load. Runs in one
-process on the CPU, whatever world size wrote the checkpoint.
+process on the CPU, whatever world size wrote the checkpoint. Like a resume, it unpickles nothing but plain data: a
+checkpoint with anything else in a file is refused (exit 2, naming the file) before any of it runs.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from csi_dist.command import run_command
 from csi_dist.config import load_config
 from csi_dist.models import build_model, model_input_size
-from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, check_dcp_metadata, save_weights
+from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, read_dcp, save_weights
+from csi_dist.training.strategies import ZERO_TAG, check_deepspeed_state
 
 log = logging.getLogger("csi_dist.convert")
 
@@ -25,19 +25,17 @@ log = logging.getLogger("csi_dist.convert")
 def full_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     state_dir = checkpoint_dir / STRATEGY_STATE_DIR
     if (state_dir / "latest").is_file():  # DeepSpeed ZeRO: its own consolidation of the partitions
+        check_deepspeed_state(state_dir / ZERO_TAG)  # zero_to_fp32 unpickles with weights_only=False
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{checkpoint_dir} holds neither a DCP nor a DeepSpeed checkpoint")
-    check_dcp_metadata(state_dir)
     config_path = checkpoint_dir.parent.parent / "resolved_config.ini"
     config = load_config(config_path)
     # the template DCP fills, resharding as needed (a ViT's position embeddings have the training size)
     model = build_model(config.model, model_input_size(config.model, config.data.image_size))
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=str(state_dir))
+    read_dcp(state, state_dir)
     return state["model"]
 
 

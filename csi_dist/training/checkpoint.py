@@ -6,23 +6,30 @@ by the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FS
 all ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
 always complete; the newest such directory is the one `--resume auto` takes (the directory listing is the single
 source of truth). A checkpoint is removed by renaming it away first, so a kill never leaves half of one under a final
-name. Our own files load with `torch.load(weights_only=True)` or safetensors, and DCP's pickled `.metadata` is read
-with an unpickler that only builds DCP's own metadata classes: a crafted checkpoint is refused, never executed.
+name. Nothing is unpickled beyond plain data: our own files load with `torch.load(weights_only=True)` or safetensors,
+DCP's pickled `.metadata` with an unpickler that only builds DCP's own metadata classes, DCP's non-tensor items
+(optimizer param_groups) with a load planner that reads them weights-only, and every DeepSpeed state file is read
+weights-only before DeepSpeed opens it: a crafted checkpoint is refused, naming the file, never executed.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from csi_dist.files import atomic_write, fsync_path
 
@@ -194,6 +201,70 @@ def check_dcp_metadata(state_dir: Path) -> None:
                               f"{error}") from None
 
 
+def _weights_only_refusal(error: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused (the rest is advice about weights_only)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(
+        ("Weights only load failed", "Check the documentation", "Please file an issue"))]
+    return (specific or lines or [type(error).__name__])[0]
+
+
+def check_weights_only(files: Iterable[Path], allowed_globals: Iterable = ()) -> None:
+    """Refuse the first of `files` that `torch.load(weights_only=True)` cannot read, before anything that unpickles
+    with weights_only=False (DeepSpeed) opens it. `allowed_globals` are the classes the files may hold besides
+    tensors and plain data. Memory-mapped: the tensors are not read, only the pickle is checked."""
+    for file in files:
+        try:
+            with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed_globals)):
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the refusal says it all
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - a crafted or damaged file: nothing of it may be used
+            raise CheckpointError(f"{file} holds more than tensors and plain data, refused: "
+                                  f"{_weights_only_refusal(error)}") from None
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that each non-tensor item (optimizer param_groups, any value that is not
+    a tensor) is read with `torch.load(weights_only=True)`: torch's own (2.11-2.14) reads it with weights_only=False,
+    so a pickle in a data file would run, whatever `.metadata` says."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            plain = torch.load(value, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a crafted or damaged item: nothing of it may be used
+            raise CheckpointError(f"{self._data_file(read_item)} holds {read_item.dest_index.fqn} as more than "
+                                  f"plain data, refused: {_weights_only_refusal(error)}") from None
+        # torch's own placement into the state dict, given a pickle of the plain data just read (made here)
+        checked = io.BytesIO()
+        torch.save(plain, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+    def _data_file(self, read_item) -> Path:
+        storage = getattr(self.metadata, "storage_data", None) or {}
+        where = storage.get(read_item.storage_index)
+        return self.directory / where.relative_path if hasattr(where, "relative_path") else self.directory
+
+
+def read_dcp(state: dict, directory: Path) -> None:
+    """Fill `state` in place from the DCP checkpoint in `directory` (every rank, or one process alone), unpickling
+    nothing but DCP's metadata and plain data; a refused item raises CheckpointError naming its data file."""
+    check_dcp_metadata(directory)
+    try:
+        with warnings.catch_warnings():  # one process alone is a supported layout (convert, 1-process runs)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyLoadPlanner(directory))
+    except CheckpointException as error:  # DCP gathers every rank's failure: ours is raised as it is
+        refused = [failure[0] for failure in error.failures.values() if isinstance(failure[0], CheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
 def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) -> dict:
     """Restore model and optimizer in place (every rank); return schedule, trainer state and this rank's RNG."""
     path = Path(path)
@@ -208,6 +279,8 @@ def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) 
         }
         rank_file = path / f"rng_rank{process_index:05d}.pt"
         loaded["rng"] = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
+    except CheckpointError as error:  # a refused file: the message names it
+        raise CheckpointError(f"cannot resume from checkpoint {path}: {error}") from None
     # DCP's CheckpointException (another architecture: missing keys) derives from BaseException, not Exception
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - a refused pickle, a damaged file
         # DCP's message carries each rank's whole traceback: its last line is the reason

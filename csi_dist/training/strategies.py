@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from csi_dist.config import TrainingConfig
+from csi_dist.training.checkpoint import check_weights_only, read_dcp
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ class DDPStrategy:
     def load(self, model: nn.Module, optimizer, directory: Path) -> None:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(directory))
+        read_dcp(state, directory)  # weights-only: DCP's own planner would unpickle the non-tensor items
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -205,6 +205,16 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 ZERO_TAG, UNIVERSAL_TAG = "zero", "zero_universal"  # DeepSpeed's checkpoint and its universal form
 
 
+def check_deepspeed_state(tag_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint (one tag's directory, or its universal form) any of whose state files holds
+    more than tensors, plain data and the three DeepSpeed classes its ZeRO optimizers pickle (fp32, stages 1-3):
+    DeepSpeed and its converters unpickle them with weights_only=False."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    check_weights_only(sorted(Path(tag_dir).rglob("*.pt")), (LossScaler, ZeroStageEnum, fragment_address))
+
+
 def _collectives_through_gloo(deepspeed) -> None:
     """On a CPU, DeepSpeed JIT-compiles a shared-memory all-reduce before its first collective: 45 s of C++ on a
     2-core machine, once per machine, for CPU speed that a debug run does not need (and whose bf16 kernels fault on
@@ -276,10 +286,14 @@ class DeepSpeedStrategy:
 
     def load(self, model: nn.Module, optimizer, directory: Path) -> None:
         """DeepSpeed's own checkpoint on the world size it was saved on; on another one, its universal form (made
-        once, by rank 0, with DeepSpeed's converter, kept beside the original) that any world size loads."""
+        once, by rank 0, with DeepSpeed's converter, kept beside the original) that any world size loads. Every
+        rank checks every state file weights-only before DeepSpeed or its converter reads it, so all refuse alike."""
+        check_deepspeed_state(Path(directory) / ZERO_TAG)
         saved_ranks = len(list((Path(directory) / ZERO_TAG).glob("*optim_states.pt")))
         tag = ZERO_TAG if saved_ranks == self.accelerator.num_processes else self._universal_checkpoint(
             Path(directory), saved_ranks, optimizer)
+        if tag == UNIVERSAL_TAG:  # the converter's output, or a universal checkpoint that came with the checkpoint
+            check_deepspeed_state(Path(directory) / UNIVERSAL_TAG)
         self.engine._config.load_universal_checkpoint = tag == UNIVERSAL_TAG  # DeepSpeed reads it while it loads
         try:
             path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
