@@ -1,6 +1,8 @@
 """Typed run configuration: loads the seed project's INI files unchanged, validates keys and types, applies overrides."""
 from __future__ import annotations
 
+import ast
+import codecs
 import configparser
 import dataclasses
 import difflib
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file, section and key."""
+
+
+# What Windows editors save when not told UTF-8 (the label CSV reader falls back to it too).
+FALLBACK_ENCODING = "cp1252"
 
 
 @dataclass
@@ -175,17 +181,18 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
+        low, high = (f"{end:g}" if isinstance(end, float) else f"{end}" for end in (self.low, self.high))
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 # Every numeric key's accepted values; a value outside is an error naming the file, section and key.
 RANGES: dict[tuple[str, str], Range] = {
     **{("training", key): Range(1) for key in ("batch_size", "n_epochs", "gradient_accumulation_steps",
                                                "log_every_steps", "eval_every_epochs", "collective_timeout_s")},
-    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "seed",
-                                                "global_batch_size")},
+    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "global_batch_size")},
+    ("training", "seed"): Range(0, 2**63 - 1),  # torch seeds each rank with seed + 1 + rank, below 2**64
     ("training", "zero_stage"): Range(1, 3),
     ("data", "image_size"): Range(0),
     ("data", "shuffle_window"): Range(0),
@@ -226,8 +233,11 @@ def _parse_value(raw: str, kind: type, where: str) -> object:
                 return False
             raise ValueError(text)
         if kind is int:
-            as_float = float(text)
-            if as_float != int(as_float):
+            try:
+                return int(text)
+            except ValueError:
+                as_float = float(text)  # 1e3 is an int; inf, nan, 1e400 and 3.5 are not
+            if not (math.isfinite(as_float) and as_float.is_integer()):
                 raise ValueError(text)
             return int(as_float)
         if kind is float:
@@ -298,18 +308,74 @@ def _check_value(section: str, key: str, value: object, where: str) -> None:
                               + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """The text of a config or search-space file: UTF-8 (with or without a BOM; UTF-16 with its BOM), else cp1252
+    with a warning naming the line, as the label CSV reader does. Anything else is a ConfigError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read: {error.strerror or error}") from None
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line, byte = raw.count(b"\n", 0, error.start) + 1, raw[error.start:error.start + 1]
+    if encoding == "utf-16":
+        raise ConfigError(f"{path}: line {line}: starts with a UTF-16 mark but is not UTF-16; re-save it as UTF-8")
+    try:
+        text = raw.decode(FALLBACK_ENCODING)
+    except UnicodeDecodeError as error:
+        line, byte = raw.count(b"\n", 0, error.start) + 1, raw[error.start:error.start + 1]
+        raise ConfigError(f"{path}: line {line}: byte {byte!r} is neither UTF-8 nor {FALLBACK_ENCODING} "
+                          f"(Windows); re-save the file as UTF-8") from None
+    # Windows editors save the ANSI code page unless told otherwise; refusing would stop every accented comment.
+    log.warning("%s: not valid UTF-8 (byte %r on line %d); read as %s, the Windows encoding. Re-save it as UTF-8 "
+                "if a value looks wrong", path, byte, line, FALLBACK_ENCODING)
+    return text
+
+
+def ini_error(path: Path, error: configparser.Error) -> str:
+    """A configparser error as one line naming the file, the line and what is wrong there."""
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"{path}: line {error.lineno}: key {error.option!r} appears twice in [{error.section}]; keep one"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"{path}: line {error.lineno}: section [{error.section}] appears twice; merge them into one"
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return (f"{path}: line {error.lineno}: {error.line.strip()!r} comes before any section header; "
+                f"put it under one, e.g. [Training]")
+    if isinstance(error, configparser.ParsingError) and error.errors:
+        lineno, line = error.errors[0]  # configparser keeps the line as its repr
+        return (f"{path}: line {lineno}: cannot read {ast.literal_eval(line).strip()!r}; "
+                f"expected key = value or [Section]")
+    return f"{path}: not a valid INI file: {error}"
+
+
+def read_ini(path: Path, parser: configparser.ConfigParser, what: str) -> None:
+    """Fill `parser` from the INI file at `path`; a damaged or unreadable file is a ConfigError naming it."""
+    try:
+        parser.read_string(read_text_file(path, what), source=str(path))
+    except configparser.Error as error:
+        raise ConfigError(ini_error(path, error)) from None
+    seen: dict[str, str] = {}
+    for section_name in parser.sections():  # [Training] and [TRAINING] are one section to us: one must go
+        if section_name.lower() in seen:
+            raise ConfigError(f"{path}: section [{section_name}] appears twice (also as [{seen[section_name.lower()]}]"
+                              f"); merge them into one")
+        seen[section_name.lower()] = section_name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from defaults, then the INI file (seed format accepted), then `section.key=value` overrides."""
     config = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
-        try:
-            parser.read(path, encoding="utf-8")
-        except configparser.Error as error:
-            raise ConfigError(f"{path}: not a valid INI file: {error}") from None
+        read_ini(path, parser, "config file")
         for section_name in parser.sections():
             section = section_name.lower()
             if section in IGNORED_SECTIONS:

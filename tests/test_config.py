@@ -121,3 +121,35 @@ def test_monitored_metrics_improve_in_the_right_direction_everywhere():
     assert SearchSpace(path=Path("x.yaml"), params=[], objective="csi_pearson_r").study_direction() == "maximize"
     config = load_config(None, ["callbacks.monitor=val_f1_weighted"])  # the history's spelling is accepted too
     assert config.callbacks.monitor == "val_f1_weighted"
+
+
+def test_help_config_lists_every_dataclass_field_with_its_default_and_the_rows_users_rely_on(capsys):
+    """`--help-config` against the Config dataclasses walked field by field, and a few rows spelled out in full."""
+    import dataclasses
+
+    from csi_dist.config import Config
+    from csi_dist.train import main
+    assert main(["--help-config"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:2] == ["| key | type | default | accepts | meaning |", "|---|---|---|---|---|"]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines[2:]}
+    fields = [(section.name, key) for section in dataclasses.fields(Config)
+              for key in dataclasses.fields(section.default_factory())]
+    assert len(lines) - 2 == len(rows) == len(fields) > 50  # one row per key, none twice, none extra
+    for section, key in fields:
+        value = getattr(getattr(Config(), section), key.name)
+        cells = [cell.strip() for cell in rows[f"{section}.{key.name}"].strip("|").split("|")]
+        assert cells[1:3] == [key.type, repr(value)], (section, key.name, cells)
+        assert cells[4], f"{section}.{key.name} has no meaning in --help-config"
+    # rows a user reads to set a value: type, default, the range or the choices, and the meaning, letter for letter
+    assert rows["loss.unknown_weight"] == ("| loss.unknown_weight | float | 0.3 | >= 0 | class weight of unknown zones "
+                                           "(4) in WeightedCSILoss; grades 0-3 weigh 1 |")
+    assert rows["callbacks.monitor"] == ("| callbacks.monitor | str | 'val_loss' | val_loss or a validation metric | "
+                                         "val_loss (minimised) or a validation metric key such as f1_weighted "
+                                         "(maximised) |")
+    assert rows["training.strategy"].startswith("| training.strategy | str | 'auto' | auto, ddp, fsdp2, deepspeed |")
+    assert rows["training.zero_stage"].startswith("| training.zero_stage | int | 2 | [1, 3] |")
+    assert rows["model.dropout_rate"].startswith("| model.dropout_rate | float | 0.5 | [0, 1) |")
+    assert rows["optimization.factor"].startswith("| optimization.factor | float | 0.5 | (0, 1) |")
+    assert rows["callbacks.checkpoint_every_epochs"].startswith(
+        "| callbacks.checkpoint_every_epochs | int | 1 | >= 1 |")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.config import config_reference, load_config
 from csi_dist.train import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS, main
 from shard_factory import write_shards
 from test_parity import train_runs
@@ -63,21 +62,6 @@ def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_
                  "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]) == 0
     assert not real.exists()  # the real run's checkpoints and weights are never touched by --debug
     assert (tmp_path / "demo-debug" / "weights" / "last.safetensors").is_file()
-
-
-def test_help_config_lists_every_key_with_its_range_and_meaning(capsys):
-    assert main(["--help-config"]) == 0
-    printed = capsys.readouterr().out
-    assert printed.strip() == config_reference()
-    rows = {line.split("|")[1].strip(): line for line in printed.splitlines()[2:]}
-    defaults = load_config(None)
-    for section, values in vars(defaults).items():
-        for key in vars(values):
-            assert f"{section}.{key}" in rows
-            meaning = rows[f"{section}.{key}"].rstrip("|").rsplit("|", 1)[1].strip()
-            assert meaning, f"{section}.{key} has no meaning in --help-config"
-    assert "| >= 1 |" in rows["callbacks.checkpoint_every_epochs"]
-    assert "| [0, 1) |" in rows["model.dropout_rate"]
 
 
 def test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures(tmp_path: Path):

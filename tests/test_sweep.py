@@ -89,6 +89,31 @@ def test_ini_and_yaml_spaces_read_the_same(tmp_path: Path):
     ("params:\n  optimization.momentum: {type: float, low: 0.1, high: 0.2, when: {optimization.optimizer: [sgd]}}\n",
      "must be a parameter listed before it"),
     ("sampler: {name: cmaes}\nparams:\n  optimization.optimizer: {choices: [adam]}\n", "sampler.name"),
+    # issue 30: bad YAML, wrong types and infinite bounds are named, never a traceback
+    ("params:\n  optimization.optimizer: {choices: [adam, sgd}\n", r"line 2, column \d+: not valid YAML"),
+    ("params:\n  optimization.learning_rate: {type: float, low: 0.1, high: 0.2}\n"
+     "  optimization.learning_rate: {type: float, low: 0.3, high: 0.4}\n",
+     "line 3, column 3: not valid YAML: key 'optimization.learning_rate' appears twice"),
+    ("params: [optimization.learning_rate]\n", "params must be a mapping"),
+    ("study: f1_weighted\nparams:\n  optimization.optimizer: {choices: [adam]}\n", "study must be a mapping"),
+    ("params:\n  optimization.learning_rate: 0.1\n", "parameter 'optimization.learning_rate' must be a mapping"),
+    ("params:\n  optimization.learning_rate: {type: float, low: 1.0e-5, high: .inf}\n",
+     "parameter 'optimization.learning_rate': high must be a finite number, got inf"),
+    ("params:\n  optimization.learning_rate: {type: float, low: -1.0e+400, high: 1}\n",
+     "low must be a finite number, got -inf"),
+    ("params:\n  optimization.learning_rate: {type: float, low: small, high: 1}\n",
+     "low must be a number, got 'small'"),
+    ("params:\n  training.batch_size: {type: int, low: 8, high: 64.5}\n", "high must be an integer, got 64.5"),
+    ("params:\n  optimization.learning_rate: {type: float, low: 0, high: 1, log: true}\n", "log needs low > 0"),
+    ("params:\n  optimization.learning_rate: {type: float, low: 0.1, high: 1, log: maybe}\n",
+     "log must be true or false, got 'maybe'"),
+    ("params:\n  training.batch_size: {choices: 16}\n", "choices must be a list"),
+    ("params:\n  loss.unknown_weight: {choices: [0.1, .nan]}\n", "choices must be a finite number, got nan"),
+    ("sampler: {seed: .inf}\nparams:\n  optimization.optimizer: {choices: [adam]}\n",
+     "sampler.seed must be a finite number, got inf"),
+    ("sampler: {n_startup_tirals: 3}\nparams:\n  optimization.optimizer: {choices: [adam]}\n",
+     "sampler: .*n_startup_tirals"),
+    ("pruner: {n_warmup_steps: -1}\nparams:\n  optimization.optimizer: {choices: [adam]}\n", "pruner: "),
 ])
 def test_bad_space_files_name_the_file_and_the_problem(tmp_path: Path, text: str, message: str):
     path = tmp_path / "bad.yaml"
@@ -96,6 +121,40 @@ def test_bad_space_files_name_the_file_and_the_problem(tmp_path: Path, text: str
     with pytest.raises(ConfigError, match=message) as error:
         load_space(path)
     assert str(path) in str(error.value)
+
+
+def test_bad_space_file_encodings_ini_duplicates_and_config_refusals_are_named(tmp_path: Path, caplog):
+    windows = tmp_path / "windows.yaml"  # a cp1252 comment, as Windows editors save it: read, with a warning
+    windows.write_bytes("# Schrittweite für die Lernrate\nparams:\n  optimization.optimizer: {choices: [adam]}\n"
+                        .encode("cp1252"))
+    assert load_space(windows).params[0].choices == ["adam"]
+    assert f"{windows}: not valid UTF-8 (byte b'\\xfc' on line 1); read as cp1252" in caplog.text
+    duplicate = tmp_path / "duplicate.ini"
+    duplicate.write_text("[param optimization.learning_rate]\ntype = float\nlow = 0.1\nlow = 0.2\nhigh = 1\n")
+    infinite = tmp_path / "infinite.ini"
+    infinite.write_text("[param training.batch_size]\ntype = int\nlow = 1\nhigh = inf\n")
+    negative = tmp_path / "negative.yaml"  # a bound the space accepts but the config refuses
+    negative.write_text("params:\n  training.batch_size: {type: int, low: 0, high: 8}\n")
+    for refused, message in (
+            (lambda: load_space(duplicate), f"{duplicate}: line 4: key 'low' appears twice in [param "),
+            (lambda: load_space(infinite), f"{infinite}: parameter 'training.batch_size': high must be a finite"),
+            (lambda: load_space(tmp_path / "absent.yaml"), f"search-space file not found: {tmp_path / 'absent.yaml'}"),
+            (lambda: load_space(negative).check_against_config(None, []),
+             f"{negative}: parameter 'training.batch_size' takes 0, which the config refuses: override "
+             f"'training.batch_size=0': 0 is out of range; training.batch_size must be >= 1")):
+        with pytest.raises(ConfigError) as error:
+            refused()
+        assert str(error.value).startswith(message), str(error.value)
+
+
+def test_the_wandb_agent_refuses_a_damaged_space_file_with_exit_2(tmp_path: Path, capsys):
+    from csi_dist.sweep.wandb_agent import main
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  optimization.learning_rate: {type: float, low: 1.0e-5, high: .inf}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--space", str(space), "--optimization.learning_rate=0.1"])
+    assert stop.value.code == 2
+    assert f"{space}: parameter 'optimization.learning_rate': high must be a finite number" in capsys.readouterr().err
 
 
 def test_searched_key_fixed_with_set_is_refused():

@@ -78,7 +78,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from csi_dist.config import ConfigError
+from csi_dist.config import ConfigError, read_text_file
 from csi_dist.files import atomic_write_json
 from csi_dist.sweep.report import write_report
 from csi_dist.sweep.space import SearchSpace, load_space, wandb_sweep
@@ -179,12 +179,12 @@ def create_or_resume(args: argparse.Namespace) -> SweepSettings:
     settings_path = sweep_dir / SETTINGS_NAME
     if settings_path.exists():
         settings = SweepSettings.load(sweep_dir)
-        space_text = args.space.read_text(encoding="utf-8") if args.space else None
+        space_text = read_text_file(args.space, "search-space file") if args.space else None
         mismatches = [name for name, given, stored in (
             ("--config", config, settings.config), ("--set", args.overrides, settings.overrides),
             ("--study-name", args.study_name or settings.study_name, settings.study_name),
             ("--storage", args.storage, settings.storage),
-            ("--space", space_text, Path(settings.space).read_text(encoding="utf-8") if space_text else None))
+            ("--space", space_text, read_text_file(settings.space, "search-space file") if space_text else None))
             if given != stored]
         if mismatches:
             raise SweepError(f"{settings_path}: this sweep dir holds a study started with other {', '.join(mismatches)}"

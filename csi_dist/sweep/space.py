@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import configparser
 import logging
+import math
 from dataclasses import dataclass, field
+import typing
 from pathlib import Path
 
 import optuna
 
-from csi_dist.config import ConfigError, load_config
+from csi_dist.config import ConfigError, load_config, read_ini, read_text_file
 from csi_dist.domain import metric_direction, monitored_metric
 
 log = logging.getLogger(__name__)
@@ -115,10 +117,15 @@ class SearchSpace:
         clash = sorted(fixed & {p.name.lower() for p in self.params})
         if clash:
             raise ConfigError(f"{self.path}: {', '.join(clash)} is both searched and fixed with --set; drop one")
+        load_config(config_path, overrides)  # the base config's own mistakes are named as such, not as the space's
         for parameter in self.params:
             for value in parameter.choices or [parameter.low, parameter.high, parameter.otherwise]:
                 if value is not None:
-                    load_config(config_path, [*overrides, f"{parameter.name}={value}"])
+                    try:
+                        load_config(config_path, [*overrides, f"{parameter.name}={value}"])
+                    except ConfigError as error:
+                        raise ConfigError(f"{self.path}: parameter {parameter.name!r} takes {value!r}, which the "
+                                          f"config refuses: {error}") from None
 
 
 def _parse_scalar(text: str) -> object:
@@ -134,38 +141,107 @@ def _parse_scalar(text: str) -> object:
     return text.strip("\"'")
 
 
-def _parse_param(name: str, spec: dict, where: str) -> Parameter:
-    if "." not in name:
+def _mapping(value: object, where: str) -> dict:
+    """A section of the space file as a dict (absent = empty); anything but a mapping is named."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping (key: value), got {value!r}")
+    return dict(value)
+
+
+def _number(value: object, where: str, integer: bool = False) -> float | int:
+    """A finite number (an integer for an int parameter); YAML reads 1e-5, without a dot, as text: accepted."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if integer and not float(number).is_integer():
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    return int(number) if integer else number
+
+
+def _scalar(value: object, where: str) -> object:
+    """A value a config key can take: text, a boolean or a finite number."""
+    if isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, float)):
+        return _number(value, where)
+    raise ConfigError(f"{where} must be a single value (text, number or true/false), got {value!r}")
+
+
+def _parse_param(name: str, spec: object, where: str) -> Parameter:
+    if not isinstance(name, str) or "." not in name:
         raise ConfigError(f"{where}: parameter {name!r} must be written section.key, e.g. optimization.learning_rate")
-    spec = dict(spec)
+    where = f"{where}: parameter {name!r}"
+    spec = _mapping(spec, where)
     kind = str(spec.pop("type", "categorical" if "choices" in spec else "")).lower()
     if kind not in PARAM_TYPES:
-        raise ConfigError(f"{where}: parameter {name!r}: type must be one of {', '.join(PARAM_TYPES)} "
+        raise ConfigError(f"{where}: type must be one of {', '.join(PARAM_TYPES)} "
                           f"(or give choices), got {kind or 'nothing'!r}")
     when = spec.pop("when", None) or {}
     if not isinstance(when, dict):
-        raise ConfigError(f"{where}: parameter {name!r}: when must map section.key to a list of values")
-    parameter = Parameter(name=name, kind=kind, when={k: list(v) if isinstance(v, (list, tuple)) else [v]
-                                                      for k, v in when.items()},
-                          otherwise=spec.pop("otherwise", None), log=bool(spec.pop("log", False)),
-                          step=spec.pop("step", None), low=spec.pop("low", None), high=spec.pop("high", None),
-                          choices=spec.pop("choices", None))
+        raise ConfigError(f"{where}: when must map section.key to a list of values")
+    log = spec.pop("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
+    bounds = {key: spec.pop(key, None) for key in ("low", "high", "step")}
+    bounds = {key: None if value is None else _number(value, f"{where}: {key}", integer=kind == "int")
+              for key, value in bounds.items()}
+    choices = spec.pop("choices", None)
+    if choices is not None and not isinstance(choices, list):
+        raise ConfigError(f"{where}: choices must be a list, e.g. [16, 32, 64], got {choices!r}")
+    otherwise = spec.pop("otherwise", None)
+    parameter = Parameter(name=name, kind=kind, log=log, low=bounds["low"], high=bounds["high"], step=bounds["step"],
+                          when={str(key): [_scalar(v, f"{where}: when {key}") for v in
+                                           (values if isinstance(values, list) else [values])]
+                                for key, values in when.items()},
+                          otherwise=None if otherwise is None else _scalar(otherwise, f"{where}: otherwise"),
+                          choices=None if choices is None else [_scalar(c, f"{where}: choices") for c in choices])
     if spec:
-        raise ConfigError(f"{where}: parameter {name!r}: unknown setting(s) {', '.join(sorted(spec))}")
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(map(str, spec)))}")
     if kind == "categorical" and not parameter.choices:
-        raise ConfigError(f"{where}: parameter {name!r}: categorical needs a non-empty choices list")
-    if kind != "categorical" and (parameter.low is None or parameter.high is None or
-                                  float(parameter.low) > float(parameter.high)):
-        raise ConfigError(f"{where}: parameter {name!r}: {kind} needs low <= high")
+        raise ConfigError(f"{where}: categorical needs a non-empty choices list")
+    if kind != "categorical" and (parameter.low is None or parameter.high is None or parameter.low > parameter.high):
+        raise ConfigError(f"{where}: {kind} needs low <= high")
+    if kind != "categorical" and parameter.step is not None and parameter.step <= 0:
+        raise ConfigError(f"{where}: step must be > 0, got {parameter.step!r}")
+    if parameter.log and (parameter.step is not None or parameter.low <= 0):
+        raise ConfigError(f"{where}: log needs low > 0 and no step")
     return parameter
 
 
 def _read_yaml(path: Path) -> dict:
     import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load, except that a key written twice is an error instead of the last one silently winning."""
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML names an unhashable key itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(read_text_file(path, "search-space file"), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
+                          f"{error.problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with study, sampler, pruner and params")
     return data
@@ -174,10 +250,7 @@ def _read_yaml(path: Path) -> dict:
 def _read_ini(path: Path) -> dict:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     parser.optionxform = str  # keys are config keys (section.key), keep them as written
-    try:
-        parser.read(path, encoding="utf-8")
-    except configparser.Error as error:
-        raise ConfigError(f"{path}: not a valid INI file: {error}") from None
+    read_ini(path, parser, "search-space file")
     data: dict = {"params": {}}
     for section in parser.sections():
         items = dict(parser.items(section))
@@ -202,13 +275,11 @@ def _read_ini(path: Path) -> dict:
 
 def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search-space file not found: {path}")
     data = _read_yaml(path) if path.suffix.lower() in (".yaml", ".yml") else _read_ini(path)
     unknown = set(data) - {"study", "sampler", "pruner", "params"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
-    study = dict(data.get("study") or {})
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}")
+    study = _mapping(data.get("study"), f"{path}: study")
     try:
         objective = monitored_metric(str(study.pop("objective", "f1_weighted")))
     except ValueError as error:
@@ -218,12 +289,17 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: study: unknown key(s) {', '.join(sorted(study))} (objective, direction)")
     if direction not in ("auto", "maximize", "minimize"):
         raise ConfigError(f"{path}: study.direction must be auto, maximize or minimize, got {direction!r}")
-    sampler, pruner = dict(data.get("sampler") or {}), dict(data.get("pruner") or {})
+    sampler, pruner = _mapping(data.get("sampler"), f"{path}: sampler"), _mapping(data.get("pruner"), f"{path}: pruner")
     if str(sampler.get("name", "tpe")).lower() not in SAMPLERS:
         raise ConfigError(f"{path}: sampler.name must be one of {', '.join(SAMPLERS)}")
     if str(pruner.get("name", "median")).lower() not in PRUNERS:
         raise ConfigError(f"{path}: pruner.name must be one of {', '.join(PRUNERS)}")
-    params_spec = data.get("params") or {}
+    for part, settings in (("sampler", sampler), ("pruner", pruner)):
+        for key, value in settings.items():
+            _scalar(value, f"{path}: {part}.{key}")
+    if "seed" in sampler:
+        _number(sampler["seed"], f"{path}: sampler.seed", integer=True)
+    params_spec = _mapping(data.get("params"), f"{path}: params")
     if not params_spec:
         raise ConfigError(f"{path}: no parameters to search (params is empty)")
     params = [_parse_param(name, spec or {}, str(path)) for name, spec in params_spec.items()]
@@ -236,7 +312,11 @@ def load_space(path: str | Path) -> SearchSpace:
         seen.add(parameter.name)
     space = SearchSpace(path=path, params=params, objective=objective, direction=direction,
                         sampler_settings=sampler, pruner_settings=pruner)
-    space.sampler(0), space.pruner(1)  # fail now, naming the file, on bad sampler/pruner settings
+    for part, build in (("sampler", lambda: space.sampler(0)), ("pruner", lambda: space.pruner(1))):
+        try:  # fail now, naming the file, on settings optuna refuses
+            build()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{path}: {part}: {error}") from None
     return space
 
 

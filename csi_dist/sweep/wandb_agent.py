@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from csi_dist.command import run_command
+from csi_dist.config import ConfigError
 from csi_dist.sweep.space import load_space
 
 
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / "wandb-sweep" / os.environ.get(
         "WANDB_RUN_ID", f"{datetime.now():%Y%m%d_%H%M%S}")
     train_argv = ["--run-dir", str(run_dir)] + (["--config", str(args.config)] if args.config else [])
-    for override in [*args.overrides, *trial_overrides(args.space, sampled)]:
+    try:
+        applied = trial_overrides(args.space, sampled)
+    except ConfigError as error:  # a damaged space file: exit 2 naming it, as the sweep driver does
+        parser.error(str(error))
+    for override in [*args.overrides, *applied]:
         train_argv += ["--set", override]
     from csi_dist.train import main as train_main
     return train_main(train_argv)
