@@ -2,8 +2,8 @@
 
 The origin (git commit and whether the tree was dirty, package versions and the lock file's hash, the data
 manifest's and split file's hashes, the resolved config's hash, the seed), what changed on a resume, every job
-segment (SLURM job and array ids, requeue count, nodes, devices, start and end, the steps it took, how it ended),
-and the best and last validation metrics. Torch-free.
+segment (SLURM job and array ids, requeue count, nodes, devices, the strategy and sharding that really ran, start
+and end, the steps it took, how it ended), and the best and last validation metrics. Torch-free.
 """
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ import sys
 from pathlib import Path
 
 from csi_dist.provenance import PROVENANCE_NAME, read_provenance
+
+
+def strategy_text(strategy: dict | None) -> str:
+    """What a segment really ran, e.g. `deepspeed ZeRO-3: 17 of 17 parameter(s) sharded, 2 partition(s)` (the
+    partitions of the optimizer state under ZeRO-1/2, of the parameters under FSDP2 and ZeRO-3)."""
+    if not strategy:
+        return "strategy not recorded"
+    stage = strategy.get("zero_stage")
+    return (f"{strategy.get('name')}{'' if stage is None else f' ZeRO-{stage}'}: {strategy.get('sharded_parameters')} "
+            f"of {strategy.get('parameters')} parameter(s) sharded, {strategy.get('shards')} partition(s)")
 
 
 def lineage_lines(provenance: dict) -> list[str]:
@@ -36,7 +46,8 @@ def lineage_lines(provenance: dict) -> list[str]:
                  if segment.get("slurm_array_job_id") else "")
         where = f"SLURM job {job}{array}, restart {segment.get('slurm_restart_count')}" if job else "no SLURM job"
         lines.append(f"  {number}. {where}; {segment.get('world_size')} process(es) on {segment.get('nodes')} "
-                     f"({', '.join(segment.get('devices', []))}); {segment.get('started_utc')} -> "
+                     f"({', '.join(segment.get('devices', []))}); {strategy_text(segment.get('strategy'))}; "
+                     f"{segment.get('started_utc')} -> "
                      f"{segment.get('ended_utc') or '?'}; steps {segment.get('start_step')} -> "
                      f"{segment.get('end_step')}; {segment.get('outcome')}")
     return lines

@@ -70,15 +70,17 @@ def run_origin(shard_dir: str | Path, resolved_config: Path, seed: int) -> dict:
             "config_sha256": sha256_of(resolved_config), "seed": seed}
 
 
-def new_segment(world_size: int, device_names: list[str], start_step: int) -> dict:
-    """This process start of the run: SLURM job and array ids, requeue count, nodes, devices, start."""
+def new_segment(world_size: int, device_names: list[str], start_step: int, strategy: dict | None = None) -> dict:
+    """This process start of the run: SLURM job and array ids, requeue count, nodes, devices, start, and the
+    strategy that really ran (`strategy`: its name, ZeRO stage, sharded parameters and shards, the process group's
+    world size, read from the prepared model: strategies.live_sharding)."""
     environ = os.environ
     return {"slurm_job_id": environ.get("SLURM_JOB_ID"), "slurm_array_job_id": environ.get("SLURM_ARRAY_JOB_ID"),
             "slurm_array_task_id": environ.get("SLURM_ARRAY_TASK_ID"),
             "slurm_restart_count": int(environ.get("SLURM_RESTART_COUNT", "0")),
             "nodes": environ.get("SLURM_JOB_NODELIST") or socket.gethostname(), "world_size": world_size,
             "devices": device_names, "started_utc": now_utc(), "ended_utc": None, "start_step": start_step,
-            "end_step": start_step, "outcome": "running"}
+            "end_step": start_step, "outcome": "running", "strategy": strategy}
 
 
 def read_provenance(run_dir: Path) -> dict:

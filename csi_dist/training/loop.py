@@ -354,7 +354,8 @@ class Trainer:
                                                                                          platform.machine())
         origin = run_origin(self.config.data.shard_dir, self.run_dir / "resolved_config.ini", self.config.training.seed)
         record = ProvenanceRecord(self.run_dir, origin, new_segment(self.world_size, [device_name],
-                                                                    self.progress.global_step))
+                                                                    self.progress.global_step,
+                                                                    self.strategy.sharding(self.model)))
         for change in record.changes:
             log.warning("this run was first trained with something else: %s (provenance.json keeps both)", change)
         return record

@@ -138,6 +138,11 @@ class DDPStrategy:
     def describe(self, model: nn.Module) -> str:
         return f"DDP over {self.accelerator.num_processes} process(es)"
 
+    def sharding(self, model: nn.Module) -> dict:
+        """What really runs, read from the prepared model and the process group (not the config), for each
+        provenance segment: the strategy, ZeRO stage, parameters kept as shards and in how many, world size."""
+        return live_sharding(self.name, None, model, sharded=0, shards=1)
+
 
 class FSDP2Strategy(DDPStrategy):
     """Fully sharded data parallel (FSDP2): parameters, gradients and optimizer state sharded over ranks.
@@ -171,6 +176,21 @@ class FSDP2Strategy(DDPStrategy):
         from torch.distributed.tensor import DTensor
         sharded = sum(isinstance(param, DTensor) for param in model.parameters())
         return f"FSDP2: {sharded} DTensor parameters sharded over {self.accelerator.num_processes} process(es)"
+
+    def sharding(self, model: nn.Module) -> dict:
+        from torch.distributed.tensor import DTensor, Shard
+        sharded = [param for param in model.parameters() if isinstance(param, DTensor)
+                   and any(isinstance(placement, Shard) for placement in param.placements)]
+        return live_sharding(self.name, None, model, sharded=len(sharded),
+                             shards=max((param.device_mesh.size() for param in sharded), default=1))
+
+
+def live_sharding(name: str, zero_stage: int | None, model: nn.Module, sharded: int, shards: int, **more) -> dict:
+    model = getattr(model, "_orig_mod", model)  # under torch.compile: the prepared model it wraps
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"name": name, "zero_stage": zero_stage, "wrapper": type(model).__name__,
+            "parameters": sum(1 for _ in model.parameters()), "sharded_parameters": sharded, "shards": shards,
+            "world_size": world_size, **more}
 
 
 def broadcast_buffers(model: nn.Module) -> None:
@@ -334,7 +354,8 @@ class DeepSpeedStrategy:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.engine.module.state_dict()
-        return {key: value.float().cpu() for key, value in (state or {}).items()}
+        return {key: (value.float() if value.is_floating_point() else value).cpu()  # num_batches_tracked: int64
+                for key, value in (state or {}).items()}
 
     def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Every rank: put `state` into the engine's module; under ZeRO-3 each parameter is gathered, overwritten
@@ -357,6 +378,14 @@ class DeepSpeedStrategy:
 
     def describe(self, model: nn.Module) -> str:
         return f"DeepSpeed ZeRO-{self.zero_stage} over {self.accelerator.num_processes} process(es)"
+
+    def sharding(self, model: nn.Module) -> dict:
+        """The engine's stage; ZeRO-3's partitioned parameters (`ds_tensor`); the ZeRO optimizer's partitions."""
+        partitions = getattr(self.engine.optimizer, "partition_count", 1)  # per param group under ZeRO-1/2
+        return live_sharding(self.name, self.engine.zero_optimization_stage(), model,
+                             sharded=sum(hasattr(param, "ds_tensor") for param in self.engine.module.parameters()),
+                             shards=max(partitions) if isinstance(partitions, list) else partitions,
+                             optimizer=type(self.engine.optimizer).__name__)
 
 
 def build_strategy(name: str, accelerator, training: TrainingConfig, grad_clip_norm: float):
