@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from csi_dist.training.checkpoint import SCHEDULE_FILE, STATE_FILE, CheckpointEr
 from csi_dist.training.strategies import UNIVERSAL_TAG, ZERO_TAG, DDPStrategy, DeepSpeedStrategy
 
 IMAGE_SIZE = 32
-RUN_CONFIG = f"[Model]\nmodel_arch = Tiny_CNN\n[Data]\nimage_size = {IMAGE_SIZE}\n"  # what convert builds the template from
+# the run config convert builds its template model from
+RUN_CONFIG = f"[Model]\nmodel_arch = Tiny_CNN\n[Data]\nimage_size = {IMAGE_SIZE}\n"
 
 
 class Payload:
@@ -72,7 +74,9 @@ def planted_dcp_checkpoint(run_dir: Path, marker: Path, where: str) -> Path:
     else:
         model_state["zone_head.bias"] = Payload(marker)
     checkpoint = run_dir / "checkpoints" / "step-00000001"
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint / "state"))
+    with warnings.catch_warnings():  # one process, no process group: what DCP warns about is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint / "state"))
     finish_checkpoint(checkpoint)
     return checkpoint
 
