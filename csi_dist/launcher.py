@@ -83,19 +83,19 @@ def rank_environments(args: argparse.Namespace) -> list[dict[str, str]]:
     if not check_cuda_p2p_ib_support():  # what accelerate's launchers add for GPUs without P2P (RTX 4000)
         environment.setdefault("NCCL_P2P_DISABLE", "1")
         environment.setdefault("NCCL_IB_DISABLE", "1")
-    per_node = args.num_processes // args.num_machines
+    per_node, machine_rank = args.num_processes // args.num_machines, int(args.machine_rank or 0)
     if per_node < 1:
         raise UsageError(f"--num_processes {args.num_processes}: no process to start on this machine")
     # accelerate leaves a busy port on one machine to torchrun's standalone mode, which takes a free one
     port = get_free_port() if getattr(args, "standalone", False) else args.main_process_port
     shared = {"WORLD_SIZE": str(args.num_processes), "LOCAL_WORLD_SIZE": str(per_node),
-              "GROUP_RANK": str(args.machine_rank), "MASTER_ADDR": str(args.main_process_ip or "127.0.0.1"),
+              "GROUP_RANK": str(machine_rank), "MASTER_ADDR": str(args.main_process_ip or "127.0.0.1"),
               "MASTER_PORT": str(port),
               "TORCH_NCCL_ASYNC_ERROR_HANDLING": environment.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
     if per_node > 1:
         environment.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes per node
     return [{**environment, **shared, "LOCAL_RANK": str(local_rank),
-             "RANK": str(int(args.machine_rank) * per_node + local_rank)} for local_rank in range(per_node)]
+             "RANK": str(machine_rank * per_node + local_rank)} for local_rank in range(per_node)]
 
 
 def rank_command(args: argparse.Namespace) -> list[str]:
@@ -132,27 +132,29 @@ class Ranks:
                 pass  # it ended just now
 
     def wait(self) -> list[tuple[int, int]]:
-        """(rank, exit status) in the order the ranks ended; a rank killed by signal N has status 128+N."""
+        """(rank, return code) in the order the ranks ended; -N for a rank killed by signal N."""
         ended = []
         while self.running():
             pid, wait_status = os.waitpid(-1, 0)  # resumed after each notice (PEP 475)
             for rank, process in enumerate(self.processes):
                 if process.pid == pid:
                     process.returncode = os.waitstatus_to_exitcode(wait_status)
-                    ended.append((rank, process.returncode if process.returncode >= 0 else 128 - process.returncode))
+                    ended.append((rank, process.returncode))
         return ended
 
 
 def launch_status(ended: list[tuple[int, int]]) -> int:
-    """0 when every rank ended 0; 75 when they stopped on a notice; else the first failure, named in one line."""
-    failures = [(rank, status) for rank, status in ended if status not in (0, EXIT_PREEMPTED)]
+    """0 when every rank ended 0; 75 when they stopped on a notice; else the first failure (128+N for a rank killed
+    by signal N), named in one line."""
+    failures = [(rank, code) for rank, code in ended if code not in (0, EXIT_PREEMPTED)]
     if failures:
-        rank, status = failures[0]
-        died = f" (killed by {signal.Signals(status - 128).name})" if 128 < status < 128 + signal.NSIG else ""
-        log.error("rank %d ended first with exit status %d%s; every rank's status, in the order they ended: %s",
-                  rank, status, died, ", ".join(f"rank {r}: {s}" for r, s in ended))
+        rank, code = failures[0]
+        status = code if code > 0 else 128 - code
+        log.error("rank %d was the first to fail, with exit status %d%s; in the order the ranks ended: %s",
+                  rank, status, f" (killed by {signal.Signals(-code).name})" if code < 0 else "",
+                  ", ".join(f"rank {rank}: {code if code >= 0 else 128 - code}" for rank, code in ended))
         return status
-    return EXIT_PREEMPTED if any(status == EXIT_PREEMPTED for _, status in ended) else 0
+    return EXIT_PREEMPTED if any(code == EXIT_PREEMPTED for _, code in ended) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
