@@ -107,10 +107,11 @@ def train_model(config: ConfigLike, run_dir: str | Path | None = None, overrides
 
     `config` is a Config or an INI path; `overrides` are `section.key=value` strings; `run_dir` defaults to
     <logging.output_dir>/<logging.run_name> as on the command line. `resume` is "auto" (continue from the newest
-    checkpoint of run_dir: a finished run is not trained again), "never", or a checkpoint path. `epoch_end_hook`
-    (record, accelerator) -> bool runs after each evaluation; True stops training. Errors are raised (ConfigError,
-    ShardError, TooManyBadSteps, ...) where the command line turns them into exit statuses. Under `accelerate launch`
-    or torchrun every rank calls it and they train together.
+    checkpoint of run_dir: a finished run is not trained again), "never" (a new run; ConfigError when run_dir holds
+    one), "fresh" (the run in run_dir moved aside to <run_dir>.old-<date>, then a new run), or a checkpoint path.
+    `epoch_end_hook` (record, accelerator) -> bool runs after each evaluation; True stops training. Errors are raised
+    (ConfigError, ShardError, TooManyBadSteps, ...) where the command line turns them into exit statuses. Under
+    `accelerate launch` or torchrun every rank calls it and they train together.
     """
     from csi_dist.train import resolve_run_dir  # the command line's own default
     from csi_dist.training.loop import train

@@ -20,14 +20,33 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+def user_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only read it by setting it, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux >= 4.7
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write `path`'s new content to; on a clean exit it replaces `path`, else it is removed."""
+    """A temporary path to write `path`'s new content to; on a clean exit it replaces `path`, else it is removed.
+
+    The new file gets mode 0666 & ~umask whatever its writer created it with (safetensors creates its files 0600):
+    a run folder on a shared cluster stays as readable as the user's umask makes everything else.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~user_umask())
         fsync_path(temporary)
         temporary.replace(path)
     except BaseException:

@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hyperparams", type=Path, help="best_params.json of a sweep: its values override the config")
     parser.add_argument("--run-dir", type=Path, help="default: <logging.output_dir>/<logging.run_name>")
     parser.add_argument("--resume", default="auto",
-                        help="auto (newest complete checkpoint of the run dir, if any), never, or a checkpoint path")
+                        help="auto (continue the run in the run dir from its newest complete checkpoint, or start "
+                             "one), never (start a new run; refused when the run dir holds one), fresh (move the run "
+                             "dir's run aside to <run dir>.old-<date>, nothing deleted, then start a new run), or a "
+                             "checkpoint path")
     parser.add_argument("--debug", action="store_true",
                         help="a few tiny steps, no workers, no W&B, into <run dir>-debug (never the real run)")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its type, default, "

@@ -42,19 +42,32 @@ def test_every_update_skipped_is_an_error_not_a_completed_run(phantom_shards, tm
 
 def test_eval_every_epochs_an_empty_val_split_and_strict_history(phantom_shards, tmp_path: Path):
     no_val = write_shards(tmp_path / "no_val", {"train": [20], "val": [], "test": [4]}, image_size=16)
+    # no validation, no judging on it: early stopping with patience 1 and a plateau schedule that would halve the
+    # lr after every evaluation without improvement, on a split with nothing to evaluate
     runs = {"every_second_epoch": f"data.shard_dir={phantom_shards},training.n_epochs=3,training.eval_every_epochs=2",
-            "empty_val": f"data.shard_dir={no_val},training.n_epochs=2"}
+            "empty_val": f"data.shard_dir={no_val},training.n_epochs=3,callbacks.early_stopping_patience=1,"
+                         "optimization.scheduler=reducelronplateau,optimization.patience=0,optimization.factor=0.5,"
+                         "optimization.warmup_epochs=0"}
     assert train_runs(1, tmp_path, SMALL, runs) == {name: 0 for name in runs}
     history = strict_json(tmp_path / "every_second_epoch" / "training_history.json")
     assert [record["epoch"] for record in history] == [1, 2]  # every 2nd epoch, and the last one
     log = (tmp_path / "statuses-0.log").read_text()
-    assert "the val split is EMPTY" in log
-    assert "training finished (completed WITHOUT VALIDATION (the val split is empty))" in log
+    assert "the val split is EMPTY" in log and "the run trains all 3 epochs" in log
+    assert "training finished (completed WITHOUT VALIDATION (the val split is empty)) after 9 optimizer steps; no " \
+           "best weights (nothing was validated): weights/last.safetensors is the model" in log
+    assert "early stopping: no improvement" not in log
     empty = strict_json(tmp_path / "empty_val" / "training_history.json")
-    assert [record["val_loss"] for record in empty] == [None, None]  # null, not a bare NaN
+    assert [record["val_loss"] for record in empty] == [None, None, None]  # every epoch; null, not a bare NaN
+    assert [record["lr"] for record in empty] == [0.002] * 3  # the config's lr: no plateau was judged
+    weights = tmp_path / "empty_val" / "weights"
+    assert sorted(path.name for path in weights.iterdir()) == ["last.safetensors"]  # no best chosen
+    for run in runs:  # every checkpoint's trainer state is strict JSON too (an empty split's best value: null)
+        for checkpoint in (tmp_path / run / "checkpoints").glob("step-*"):
+            strict_json(checkpoint / "trainer_state.json")
 
 
-def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_shards, tmp_path: Path, caplog):
+def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_shards, tmp_path: Path, caplog,
+                                                                      capsys):
     assert main([]) == EXIT_CONFIG_ERROR
     assert "no --config given" in caplog.text
     real = tmp_path / "demo"
@@ -62,6 +75,15 @@ def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_
                  "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]) == 0
     assert not real.exists()  # the real run's checkpoints and weights are never touched by --debug
     assert (tmp_path / "demo-debug" / "weights" / "last.safetensors").is_file()
+    # rerun: the debug run resumes its own finished run (no step); --resume never is refused there as anywhere
+    # (the trainer's logging replaces caplog's handler: its lines are read from stderr)
+    debug = ["--config", "configs/demo.ini", "--run-dir", str(real), "--debug", "--set",
+             f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]
+    capsys.readouterr()
+    assert main(debug) == 0
+    assert f"resumed from {tmp_path / 'demo-debug'}/checkpoints/step-00000003" in capsys.readouterr().err
+    assert main([*debug, "--resume", "never"]) == EXIT_CONFIG_ERROR
+    assert f"{tmp_path / 'demo-debug'} already holds a run" in capsys.readouterr().err and not real.exists()
 
 
 def test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures(tmp_path: Path):

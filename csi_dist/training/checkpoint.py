@@ -1,21 +1,24 @@
 """Atomic, resumable checkpoints: model, optimizer, schedule, trainer state and every rank's RNG streams.
 
-A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/` holding `state/` (model and optimizer, written
-by the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FSDP2, DeepSpeed's own for ZeRO),
-`schedule.pt`, `trainer_state.json` and one `rng_rankNNNNN.pt` per rank. It is written under a `.partial` name by
-all ranks together and renamed by rank 0 only once every file is fsynced, so a directory with the final name is
-always complete; the newest such directory is the one `--resume auto` takes (the directory listing is the single
-source of truth). A checkpoint is removed by renaming it away first, so a kill never leaves half of one under a final
-name. Nothing is unpickled beyond plain data: our own files load with `torch.load(weights_only=True)` or safetensors,
-DCP's pickled `.metadata` with an unpickler that only builds DCP's own metadata classes, DCP's non-tensor items
-(optimizer param_groups) with a load planner that reads them weights-only, and every DeepSpeed state file is read
-weights-only before DeepSpeed opens it: a crafted checkpoint is refused, naming the file, never executed.
+A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/` holding `state/` (model and optimizer, written by
+the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FSDP2, DeepSpeed's own for ZeRO),
+`schedule.pt`, `trainer_state.json` (strict JSON), one `rng_rankNNNNN.pt` per rank and, once an evaluation has
+chosen one, `best.safetensors` (the best weights its early-stopping state names; see save_checkpoint). It is written
+under a `.partial` name by all ranks together and renamed by rank 0 only once every file is fsynced, so a directory
+with the final name is always complete; the newest such directory is the one `--resume auto` takes (the directory
+listing is the single source of truth). A checkpoint is removed by renaming it away first, so a kill never leaves
+half of one under a final name. Nothing is unpickled beyond plain data: our own files load with
+`torch.load(weights_only=True)` or safetensors, DCP's pickled `.metadata` with an unpickler that only builds DCP's
+own metadata classes, DCP's non-tensor items (optimizer param_groups) with a load planner that reads them
+weights-only, and every DeepSpeed state file is read weights-only before DeepSpeed opens it: a crafted checkpoint is
+refused, naming the file, never executed.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import pickle
 import random
 import re
@@ -31,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from csi_dist.files import atomic_write, fsync_path
+from csi_dist.files import atomic_path, atomic_write, fsync_path, strict_json_value
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ STRATEGY_STATE_DIR = "state"
 DCP_METADATA_FILE = ".metadata"
 SCHEDULE_FILE = "schedule.pt"
 STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS_FILE = "best.safetensors"  # in a checkpoint, and published as <run_dir>/weights/best.safetensors
 
 
 class CheckpointError(RuntimeError):
@@ -130,9 +134,47 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def best_weights_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "weights" / BEST_WEIGHTS_FILE
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of the weights on disk; files are only ever replaced, never changed in place),
+    or a copy where the file system has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def publish_best_weights(checkpoint: Path, run_dir: Path) -> None:
+    """`<run_dir>/weights/best.safetensors` := the best weights `checkpoint` holds, atomically; removed when it holds
+    none (its state has chosen no best yet, or the val split is empty), so the file never names another state's best.
+    """
+    source, target = Path(checkpoint) / BEST_WEIGHTS_FILE, best_weights_path(run_dir)
+    if source.is_file():
+        with atomic_path(target) as temporary:
+            _link_or_copy(source, temporary)
+    elif target.exists():
+        target.unlink()
+        fsync_path(target.parent)
+
+
 def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, model, optimizer,
-                    schedule_state: dict, trainer_state: dict, keep_last: int) -> Path:
-    """Called on every rank at the same step. Returns the final directory."""
+                    schedule_state: dict, trainer_state: dict, keep_last: int,
+                    best_weights: Path | None = None) -> Path:
+    """Called on every rank at the same step. Returns the final directory.
+
+    `best_weights` (rank 0): the safetensors file of the best weights `trainer_state`'s early stopping names, or None
+    when none is chosen. Best weights are part of the checkpoint's atomic unit: the file is linked into the checkpoint
+    before its rename, and `weights/best.safetensors` is published from the renamed checkpoint only after it. The
+    alternative, writing weights/best.safetensors when an evaluation improves (as before), leaves it ahead of the
+    newest checkpoint until the next save: a kill in between, or a resume from an older checkpoint, gave a resumed run
+    whose restored best value described other weights than the file. Now the newest complete checkpoint is the
+    single source of truth for the best weights too: a kill between the rename and the publication leaves
+    weights/best.safetensors one checkpoint behind, and the resume publishes it again from the checkpoint it restores
+    (Checkpointer.restore). The cost is a link per checkpoint, and a copy only where hard links are missing.
+    """
     root = checkpoint_root(run_dir)
     final = root / f"step-{global_step:08d}"
     partial = root / f"step-{global_step:08d}.partial"
@@ -151,7 +193,10 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
     fsync_path(rank_file)
     if accelerator.is_main_process:
         torch.save(schedule_state, partial / SCHEDULE_FILE)
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, allow_nan=True))
+        # strict JSON: an undefined value (a best value before any finite evaluation) is null, never a bare NaN
+        (partial / STATE_FILE).write_text(json.dumps(strict_json_value(trainer_state), indent=2, allow_nan=False))
+        if best_weights is not None:
+            _link_or_copy(best_weights, partial / BEST_WEIGHTS_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(partial)
@@ -162,6 +207,7 @@ def save_checkpoint(accelerator, strategy, run_dir: Path, global_step: int, *, m
             final.rename(replaced)  # still complete, and found as such, until the new one has the name
         partial.rename(final)
         fsync_path(root)
+        publish_best_weights(final, run_dir)  # after the rename: never ahead of a complete checkpoint
         shutil.rmtree(replaced, ignore_errors=True)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             _remove_checkpoint(old)

@@ -38,5 +38,6 @@ class EarlyStopping:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        """Also from strict JSON, where a checkpoint saved before any finite evaluation holds best_value null."""
         for key, value in state.items():
-            setattr(self, key, value)
+            setattr(self, key, math.nan if key == "best_value" and value is None else value)

@@ -39,6 +39,7 @@ from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.faults import limit_gpu_memory, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
+from csi_dist.training.run_directory import start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.strategies import (build_strategy, hide_from_accelerate, resolve_strategy,
                                           shards_parameters)
@@ -86,6 +87,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
             limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/faults.py)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        resume = start_run_directory(run_dir, resume, accelerator)  # one run per directory (run_directory.py)
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(requested, run_dir / "resolved_config.ini")
@@ -96,10 +98,12 @@ class Trainer:
         self.val_set = open_split(config.data.shard_dir, "val")
         if self.train_set.num_samples == 0:
             raise ShardError(f"{config.data.shard_dir}: the train split is empty")
-        if self.val_set.num_samples == 0:
+        self.validates = self.val_set.num_samples > 0  # nothing to judge on: no early stopping, plateau or best
+        if not self.validates:
             log.warning("%s: the val split is EMPTY: no validation metrics, no best weights, no early stopping or "
-                        "ReduceLROnPlateau; the run trains blind for %d epochs", config.data.shard_dir,
-                        config.training.n_epochs)
+                        "ReduceLROnPlateau; the run trains all %d epochs%s blind", config.data.shard_dir,
+                        config.training.n_epochs, f" (or training.max_steps = {config.training.max_steps} steps, "
+                        f"whichever ends first)" if config.training.max_steps else "")
 
         # --- model, the micro-batch the GPU holds, strategy, loss, optimizer, schedule ------------------------
         torch.manual_seed(config.training.seed)  # identical initial weights on every rank
@@ -306,14 +310,15 @@ class Trainer:
                        **{f"val_{key}": value for key, value in metrics.items() if "/" not in key}})
         monitored = predictions.loss if self.monitored_key == "loss" else \
             self.from_main_process(metrics.get(self.monitored_key, math.nan))
-        self.schedule.after_evaluation(monitored)
+        if self.validates:  # an empty val split judges nothing: no plateau, no early stopping, no best weights
+            self.schedule.after_evaluation(monitored)
         if epoch_finished:
             self.schedule.after_epoch()
-        improved = self.early_stopping.update(monitored, epoch)
+        improved = self.validates and self.early_stopping.update(monitored, epoch)
         if improved or config.heatmap.every_epoch:
             weights = self.strategy.full_state_dict(self.model)  # a collective under FSDP2/ZeRO-3
-            if improved and accelerator.is_main_process:
-                save_weights(weights, self.run_dir / "weights" / "best.safetensors")
+            if improved and accelerator.is_main_process:  # published with the checkpoint that records it
+                self.checkpointer.stage_best_weights(weights)
             if config.heatmap.every_epoch and accelerator.is_main_process:
                 self.draw_heatmaps(weights, self.run_dir / "heatmaps" / f"epoch_{epoch:03d}")
         progress.history.append(record)
@@ -387,11 +392,15 @@ class Trainer:
             self.strategy.load_full_state_dict(self.model, final_weights)
         if config.heatmap.enabled and accelerator.is_main_process:
             self.draw_heatmaps(final_weights, self.run_dir / "heatmaps")
-        if self.val_set.num_samples == 0:
+        if not self.validates:
             stop_reason += " WITHOUT VALIDATION (the val split is empty)"
-        log.info("training finished (%s) after %d optimizer steps; best %s %.4f at epoch %d", stop_reason,
-                 progress.global_step, config.callbacks.monitor, self.early_stopping.best_value,
-                 self.early_stopping.best_epoch)
+        if self.early_stopping.best_epoch >= 0:
+            best = f"best {config.callbacks.monitor} {self.early_stopping.best_value:.4f} at epoch " \
+                   f"{self.early_stopping.best_epoch}"
+        else:  # no best weights file: evaluate and predict take weights/last.safetensors
+            best = "no best weights (nothing was validated): weights/last.safetensors is the model" \
+                if not self.validates else f"no finite {config.callbacks.monitor}: no best weights"
+        log.info("training finished (%s) after %d optimizer steps; %s", stop_reason, progress.global_step, best)
         if self.checkpointer.provenance is not None:
             self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason)
         self.tracker.summary({"stop_reason": stop_reason, "best_epoch": self.early_stopping.best_epoch,

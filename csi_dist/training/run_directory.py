@@ -1,0 +1,109 @@
+"""The run directory a training starts in: it continues the run the directory holds, or starts one where none is.
+
+One directory, one run: its checkpoints, weights, history and lineage (provenance.json) are never shared with
+another run. `--resume auto` continues the run there (or starts one); `--resume never` starts a new run and refuses
+a directory that already holds one (exit 2, saying how to start over); `--resume fresh` first moves that run aside,
+whole, to a dated sibling folder (nothing is deleted), then starts a new run in an empty directory. A requeued SLURM
+job reruns its command line: a directory whose run this very job started (its provenance names the job) is continued,
+whatever `--resume` says, so a requeue never refuses or moves aside its own run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+
+from csi_dist.config import ConfigError
+from csi_dist.provenance import PROVENANCE_NAME, read_provenance
+
+log = logging.getLogger("csi_dist.train")
+
+FRESH = "fresh"
+# what makes a directory hold a run: a folder counts when it is not empty
+RUN_CONTENTS = ("checkpoints", "weights", "training_history.json", PROVENANCE_NAME)
+
+
+def run_contents(run_dir: Path) -> list[str]:
+    """The parts of a run `run_dir` holds (empty when it holds none)."""
+    found = []
+    for name in RUN_CONTENTS:
+        path = Path(run_dir) / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def started_by_this_job(run_dir: Path, environ: Mapping[str, str]) -> bool:
+    """True when the run in `run_dir` was started (or continued) by this SLURM job: this start is its requeue."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        segments = read_provenance(run_dir).get("segments", [])
+    except (OSError, ValueError):  # unreadable: not provably ours
+        return False
+    return any(str(segment.get("slurm_job_id")) == job for segment in segments)
+
+
+def plan_start(run_dir: Path, resume: str, environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """(the resume the trainer runs with, whether the run there must first be moved aside) for `--resume resume`.
+
+    Raises ConfigError for `--resume never` on a directory that holds a run.
+    """
+    if resume not in ("never", FRESH):
+        return resume, False
+    held = run_contents(run_dir)
+    if not held:
+        return "never", False
+    if started_by_this_job(run_dir, environ):
+        log.info("%s holds the run this SLURM job (%s) started: a requeue continues it (--resume %s applies to the "
+                 "job's first start only)", run_dir, environ["SLURM_JOB_ID"], resume)
+        return "auto", False
+    if resume == FRESH:
+        return "never", True
+    raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}); --resume never does not mix a new run into "
+                      f"it. To continue that run: --resume auto (the default). To start over: a new --run-dir, or "
+                      f"--resume fresh (moves the old run aside to a dated folder {run_dir.name}.old-<date> beside it, "
+                      f"nothing deleted, and starts the new run in an empty {run_dir})")
+
+
+def moved_aside_name(run_dir: Path, now: datetime) -> Path:
+    """A dated sibling folder no other folder has: <name>.old-YYYYmmdd-HHMMSS[-N]."""
+    base = run_dir.with_name(f"{run_dir.name}.old-{now:%Y%m%d-%H%M%S}")
+    target, number = base, 1
+    while target.exists():
+        number += 1
+        target = base.with_name(f"{base.name}-{number}")
+    return target
+
+
+def move_run_aside(run_dir: Path) -> Path:
+    """Rename the whole run directory to a dated sibling (one rename: nothing is copied, nothing deleted)."""
+    target = moved_aside_name(run_dir, datetime.now())
+    try:
+        run_dir.rename(target)
+    except OSError as error:
+        raise ConfigError(f"--resume fresh: cannot move the run in {run_dir} aside to {target}: {error}") from None
+    log.warning("moved the run in %s aside to %s (nothing deleted); a new run starts in %s", run_dir, target, run_dir)
+    return target
+
+
+def start_run_directory(run_dir: Path, resume: str, accelerator) -> str:
+    """Every rank: decide how this run starts (plan_start); rank 0 moves an old run aside when asked. Returns the
+    resume the trainer runs with ("auto", "never" or a checkpoint path)."""
+    resume, move_aside = plan_start(run_dir, resume)  # every rank reads the directory before anyone changes it
+    if move_aside:
+        import torch
+        accelerator.wait_for_everyone()
+        failure = None
+        if accelerator.is_main_process:
+            try:
+                move_run_aside(run_dir)
+            except ConfigError as error:
+                failure = error
+        failed = torch.tensor(int(failure is not None), device=accelerator.device)
+        if int(accelerator.reduce(failed, reduction="sum").item()):  # every rank stops, not rank 0 alone
+            raise failure or ConfigError(f"--resume fresh: rank 0 could not move the run in {run_dir} aside")
+    return resume

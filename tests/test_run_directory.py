@@ -1,0 +1,148 @@
+"""The run directory (issue 30): a fresh start is fresh, best weights agree with the checkpoint a resume restores,
+and every file we write follows the user's umask.
+
+The trainings run in this process (`csi_dist.train.main`, as the command line would) on a copy of the suite's
+trained run, so each case costs seconds: a refused start trains nothing, a resume of the finished run trains no step.
+The trainer's logging replaces pytest's caplog handler: its lines are read from stderr (capsys).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from csi_dist.files import atomic_write_json
+from csi_dist.provenance import PROVENANCE_NAME
+from csi_dist.train import EXIT_CONFIG_ERROR, main
+from csi_dist.training.checkpoint import latest_checkpoint, save_weights
+
+TINY = ["--set", "model.model_arch=Tiny_CNN", "--set", "data.image_size=32", "--set", "training.batch_size=8",
+        "--set", "training.num_workers=0", "--set", "logging.wandb_mode=disabled", "--set", "heatmap.enabled=false",
+        "--set", "heatmap.every_epoch=false"]
+
+
+def train(run_dir: Path, shards: Path, *extra: str) -> int:
+    return main(["--config", "configs/demo.ini", "--run-dir", str(run_dir), "--set", f"data.shard_dir={shards}",
+                 "--set", "training.n_epochs=1", *TINY, *extra])
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256: what a user would find there."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def tensors_equal(first: Path, second: Path) -> bool:
+    a, b = load_file(str(first)), load_file(str(second))
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.fixture(autouse=True)
+def own_log_handlers():
+    """The trainer replaces the root logger's handlers with one on this test's stderr: removed after the test, so
+    no later test logs into a closed capture."""
+    before = list(logging.getLogger().handlers)
+    yield
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if handler not in before]:
+        root.removeHandler(handler)
+
+
+@pytest.fixture
+def used_run(trained_run, tmp_path) -> Path:
+    """A copy of the suite's finished 1-epoch run (15 optimizer steps, one validation: its best is its last)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("evaluation", "heatmaps"))
+    return run_dir
+
+
+def test_resume_never_on_a_used_run_directory_refuses_and_changes_nothing(used_run, phantom_shards, capsys):
+    before = files_of(used_run)
+    assert train(used_run, phantom_shards, "--resume", "never", "--set", "training.max_steps=4") == EXIT_CONFIG_ERROR
+    logged = capsys.readouterr().err
+    assert f"{used_run} already holds a run" in logged
+    assert "--run-dir" in logged and "--resume fresh" in logged and "--resume auto" in logged
+    assert files_of(used_run) == before  # nothing written, nothing deleted
+
+
+def test_resume_fresh_moves_the_old_run_aside_whole_and_the_new_run_owns_the_directory(used_run, phantom_shards,
+                                                                                     capsys):
+    """The issue's case: the old run's checkpoints (step 15) outnumber a new 4-step run's, keep_last_checkpoints=2."""
+    before = files_of(used_run)
+    assert train(used_run, phantom_shards, "--resume", "fresh", "--set", "training.max_steps=4",
+                 "--set", "callbacks.keep_last_checkpoints=2") == 0
+    aside = [path for path in used_run.parent.iterdir() if path.name.startswith(f"{used_run.name}.old-")]
+    assert len(aside) == 1, sorted(path.name for path in used_run.parent.iterdir())
+    assert files_of(aside[0]) == before  # the old run, whole and unchanged
+    assert f"moved the run in {used_run} aside to {aside[0]}" in capsys.readouterr().err
+
+    assert sorted(path.name for path in (used_run / "checkpoints").iterdir()) == ["step-00000004"]
+    history = json.loads((used_run / "training_history.json").read_text())
+    assert [record["global_step"] for record in history] == [4]
+    segments = json.loads((used_run / PROVENANCE_NAME).read_text())["segments"]
+    assert [(segment["start_step"], segment["end_step"]) for segment in segments] == [(0, 4)]
+    weights = used_run / "weights"
+    assert tensors_equal(weights / "best.safetensors", weights / "last.safetensors")  # its one validation
+    assert not tensors_equal(weights / "best.safetensors", aside[0] / "weights" / "best.safetensors")
+
+    # the same command with --resume auto continues the new run, not the old one
+    assert train(used_run, phantom_shards, "--set", "training.max_steps=6") == 0
+    assert f"resumed from {used_run}/checkpoints/step-00000004" in capsys.readouterr().err
+
+
+def test_a_requeued_slurm_job_continues_the_run_it_started_whatever_its_resume_option(tmp_path):
+    """A requeue reruns the job's command line: `--resume never` or `fresh` there must not refuse or move aside the
+    run this very job started (its provenance names the job)."""
+    from csi_dist.training.run_directory import plan_start
+    run_dir = tmp_path / "run"
+    atomic_write_json(run_dir / PROVENANCE_NAME, {"origin": {}, "segments": [{"slurm_job_id": "4242"}]})
+    for resume in ("never", "fresh"):
+        assert plan_start(run_dir, resume, {"SLURM_JOB_ID": "4242"}) == ("auto", False)
+    assert plan_start(run_dir, "fresh", {"SLURM_JOB_ID": "77"}) == ("never", True)  # another job: move aside
+    assert plan_start(tmp_path / "unused", "never", {"SLURM_JOB_ID": "4242"}) == ("never", False)
+
+
+def test_best_weights_always_agree_with_the_checkpoint_a_resume_restores(used_run, phantom_shards):
+    """A kill after an evaluation wrote weights/best.safetensors but before a checkpoint recorded it (or after the
+    checkpoint, before the best was published): the resumed run's best file is the one its restored state names.
+    The run has one validation, so its best weights are its last (compared with last.safetensors, not with the
+    trainer's own record)."""
+    weights = used_run / "weights"
+    newest = latest_checkpoint(used_run)
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["early_stopping"]["best_epoch"] == 0
+    planted = {key: value * 2 for key, value in load_file(str(weights / "last.safetensors")).items()}
+    save_file(planted, str(weights / "best.safetensors"))  # a best no checkpoint knows of
+    config = ["--config", str(used_run / "resolved_config.ini"), "--run-dir", str(used_run), *TINY]
+    assert main(config) == 0  # resumes the finished run: no step, the final save again
+    assert tensors_equal(weights / "best.safetensors", weights / "last.safetensors")
+
+    (weights / "best.safetensors").unlink()  # killed between the checkpoint's rename and the best's publication
+    assert main(config) == 0
+    assert tensors_equal(weights / "best.safetensors", weights / "last.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_written_atomically_follows_the_umask(trained_run, tmp_path, umask):
+    """safetensors creates its files 0600: a colleague could not load the weights of a shared run folder."""
+    from csi_dist.config import load_config, save_config
+    from csi_dist.convert import main as convert
+    expected = 0o666 & ~umask
+    previous = os.umask(umask)
+    try:
+        save_weights({"w": torch.ones(2)}, tmp_path / "weights.safetensors")
+        atomic_write_json(tmp_path / "history.json", [1.0])
+        save_config(load_config(None), tmp_path / "resolved_config.ini")
+        assert convert([str(latest_checkpoint(trained_run)), str(tmp_path / "model.safetensors")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in
+             ("weights.safetensors", "history.json", "resolved_config.ini", "model.safetensors")}
+    assert modes == dict.fromkeys(modes, expected), {name: oct(mode) for name, mode in modes.items()}
