@@ -14,6 +14,7 @@ The bad inputs of the reliability list that other test modules already cover are
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -340,18 +341,36 @@ def test_survivor_of_a_lost_rank_exits_with_a_clear_error_in_bounded_time(shards
 @pytest.mark.distributed
 def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_bad_steps(shards, tmp_path):
     one_epoch = ["--set", "training.n_epochs=1", "--set", "training.max_bad_steps=2"]
-    # on rank 1 only: the gradient all-reduce carries the NaN to rank 0, and both ranks skip the same steps
-    env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="2:nan:1,5:inf:1")
-    result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "skips", *one_epoch)), env=env)
+    # step 2: a NaN image in rank 0's forward pass, so BatchNorm folds a NaN into its running statistics (rank 0's:
+    # DDP hands rank 0's buffers to every rank); step 5: an infinite loss on rank 1 only, which the gradient
+    # all-reduce carries to rank 0. Both ranks skip both steps. Every checkpoint is kept, to look at either side.
+    env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_INPUT="2:nan:0", CSI_FAULT_NONFINITE_LOSS="5:inf:1")
+    run_dir = tmp_path / "skips"
+    result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir, *one_epoch,
+                                                       "--set", "callbacks.keep_last_checkpoints=100")), env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d): step skipped "
                          r"\((\d) of at most 2\)", result.stderr)
     expected = [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")]
     assert sorted(skipped) == expected, result.stderr[-3000:]
-    final = latest_checkpoint(tmp_path / "skips")
+    final = latest_checkpoint(run_dir)
     assert json.loads((final / STATE_FILE).read_text())["bad_steps"] == 2
-    weights = load_file(str(tmp_path / "skips" / "weights" / "last.safetensors"))
-    assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
+    # a skipped step leaves the model as it was, BatchNorm buffers included: the state after it is bit-identical to
+    # the state before it, while the real steps after step 6 change both parameters and buffers
+    states = {step: full_weights(run_dir / "checkpoints" / f"step-{step:08d}") for step in (2, 3, 5, 6)}
+    last = load_file(str(run_dir / "weights" / "last.safetensors"))
+    buffers = [name for name in last if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(buffers) >= 3 * 8 and len(last) > len(buffers)  # test_resnet's BatchNorms, and its parameters
+    for before, after in ((2, 3), (5, 6)):
+        changed = [name for name in last if not torch.equal(states[before][name], states[after][name])]
+        assert changed == [], f"the skipped step {before} changed {changed[:5]}"
+    really_changed = {name for name in last if not torch.equal(states[6][name], last[name])}
+    assert set(buffers) <= really_changed and really_changed - set(buffers)
+    assert all(torch.isfinite(tensor).all() for tensor in last.values() if tensor.is_floating_point())
+    steps = json.loads((final / STATE_FILE).read_text())["global_step"]
+    assert steps >= 7 and all(int(last[name]) == steps - 2 for name in buffers if name.endswith("num_batches_tracked"))
+    assert all(isinstance(record["val_loss"], float) and math.isfinite(record["val_loss"])  # uses the statistics
+               for record in json.loads((run_dir / "training_history.json").read_text()))
 
     env = subprocess_env(CSI_REQUEUE="0", CSI_FAULT_NONFINITE_LOSS="1:nan,3:inf,4:nan")
     result = run(torchrun_command(WORLD, *trainer_args(shards, tmp_path / "stops", *one_epoch)), env=env)

@@ -39,6 +39,28 @@ def window_loss_scale(criterion: WeightedCSILoss, window: list[tuple], accelerat
     return accelerator.num_processes / global_weight.clamp_min(1e-12)
 
 
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics and counts) as they were before an update's forward passes.
+
+    A forward pass in train mode folds its batch into BatchNorm's running statistics before any loss exists, so an
+    update skipped for a non-finite loss or gradient must also put the buffers back: one non-finite activation
+    would otherwise leave NaN statistics that every later evaluation uses. `take` before the window (one fused
+    copy per update), `restore` when the update is skipped.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = list(model.buffers())
+        self.saved = [buffer.clone() for buffer in self.buffers]
+
+    def take(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+
+
 def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) that make `global_batch` images per update on `world_size`
     processes, with the fewest accumulation steps whose micro-batch is at most `max_micro_batch`."""

@@ -126,18 +126,24 @@ def test_bf16_parity_on_one_gpu(bf16_parity: Path, cell: str):
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_a_non_finite_step_is_really_skipped_in_bf16(gpu_shards, tmp_path: Path, strategy: str):
-    """Optimizer step 2 gets a NaN loss: the weights after 3 steps are those after 2 (up to GPU rounding, far below
-    the size of one real step), and the skip is counted."""
+    """Optimizer step 2 gets a NaN image, so its forward pass meets NaN activations (BatchNorm folds them into its
+    running statistics before any loss exists): the weights AND buffers after 3 steps are those after 2 (up to GPU
+    rounding, far below the size of one real step; the batch counts exactly), and the skip is counted."""
     settings = [f"data.shard_dir={gpu_shards}", "training.batch_size=16", "training.num_workers=2",
                 "logging.wandb_mode=disabled", "training.mixed_precision=bf16", "model.model_arch=Custom_1",
                 "data.image_size=64", *STRATEGIES[strategy].split(",")]
     runs = {f"steps{n}": f"training.max_steps={n}" for n in (1, 2, 3)}
     assert train_runs(1, tmp_path, settings, runs, timeout=600,
-                      env=gpu_env(CSI_FAULT_NONFINITE_LOSS="2:nan")) == {name: 0 for name in runs}
+                      env=gpu_env(CSI_FAULT_NONFINITE_INPUT="2:nan")) == {name: 0 for name in runs}
     one, two, three = (load_file(str(tmp_path / name / "weights" / "last.safetensors")) for name in runs)
-    parameters = [key for key in one if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    real_step = max(float((two[key] - one[key]).abs().max()) for key in parameters)
-    skipped_step = max(float((three[key] - two[key]).abs().max()) for key in parameters)
-    assert real_step > 0 and skipped_step <= real_step / 100
+    counts = [key for key in one if key.endswith("num_batches_tracked")]
+    assert counts and all(int(two[key]) == int(three[key]) == 2 for key in counts)
+    for kind, keys in (("parameters", [key for key in one if not key.endswith(("running_mean", "running_var",
+                                                                                 "num_batches_tracked"))]),
+                       ("buffers", [key for key in one if key.endswith(("running_mean", "running_var"))])):
+        assert keys and all(torch.isfinite(three[key]).all() for key in keys), kind
+        real_step = max(float((two[key] - one[key]).abs().max()) for key in keys)
+        skipped_step = max(float((three[key] - two[key]).abs().max()) for key in keys)
+        assert real_step > 0 and skipped_step <= real_step / 100, (kind, real_step, skipped_step)
     state = json.loads((tmp_path / "steps3" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
     assert state["bad_steps"] == 1
