@@ -1,6 +1,7 @@
-"""Builders of small real label CSVs and image files for the data writer tests."""
+"""Builders of small real label CSVs and image files for the data writer tests; what a run's record says ran."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,38 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     dataset.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+def strategies_that_ran(run_dir: Path) -> list[dict]:
+    """What each job segment of a run really ran, as its provenance.json records it: the strategy's record, read by
+    the trainer from the prepared model (name, zero_stage, wrapper, parameters, sharded_parameters, shards,
+    world_size: csi_dist/training/strategies.py `sharding`), and the segment's own world size."""
+    segments = json.loads((Path(run_dir) / "provenance.json").read_text(encoding="utf-8"))["segments"]
+    return [{**(segment.get("strategy") or {}), "segment_world_size": segment.get("world_size")}
+            for segment in segments]
+
+
+WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp2": "FSDP", "deepspeed": "DeepSpeedEngine"}  # FSDP<model class>
+
+
+def assert_strategies_ran(run_dir: Path, segments: list[tuple[str, int | None, int]], parameters: int) -> None:
+    """Each job segment of the run ran `(strategy, ZeRO stage, world size)` on a model of `parameters` parameters,
+    sharded as that strategy shards: FSDP2 and ZeRO-3 keep every parameter as shards (DTensors, ZeRO partitions)
+    over the world size, ZeRO-1/2 partition the optimizer state over it, DDP shards nothing (and wraps the model in
+    DistributedDataParallel on more processes than one: on one, it may run unwrapped). A silent fallback (ZeRO, or
+    FSDP2 on 2 processes, run as DDP) fails here, whatever the weights say."""
+    def wrapper_kind(name: str, world_size: int, wrapper: str | None) -> str | None:
+        if name == "ddp" and world_size == 1:
+            return None
+        return next((kind for kind in WRAPPERS.values() if str(wrapper).startswith(kind)), wrapper)
+
+    expected = [{"name": name, "zero_stage": zero_stage, "world_size": world_size, "segment_world_size": world_size,
+                 "parameters": parameters,
+                 "sharded_parameters": parameters if name == "fsdp2" or zero_stage == 3 else 0,
+                 "shards": 1 if name == "ddp" else world_size,
+                 "wrapper": wrapper_kind(name, world_size, WRAPPERS[name])}
+                for name, zero_stage, world_size in segments]
+    ran = [{**{key: record.get(key) for key in expected[0]},
+            "wrapper": wrapper_kind(record.get("name"), record.get("world_size"), record.get("wrapper"))}
+           for record in strategies_that_ran(run_dir)]
+    assert ran == expected, f"{run_dir} ran {ran}, not {expected}"
