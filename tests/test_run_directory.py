@@ -146,3 +146,23 @@ def test_every_file_written_atomically_follows_the_umask(trained_run, tmp_path, 
     modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in
              ("weights.safetensors", "history.json", "resolved_config.ini", "model.safetensors")}
     assert modes == dict.fromkeys(modes, expected), {name: oct(mode) for name, mode in modes.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_move_the_old_run_aside_once_and_train_the_new_one(used_run, phantom_shards, tmp_path):
+    """Rank 0 alone renames the directory, between barriers: rank 1 neither refuses the half-moved directory nor
+    trains into the old run."""
+    from test_parity import train_runs
+    before = files_of(used_run)
+    settings = [f"data.shard_dir={phantom_shards}", "model.model_arch=Tiny_CNN", "data.image_size=32",
+                "training.batch_size=4", "training.num_workers=0", "logging.wandb_mode=disabled",
+                "heatmap.enabled=false", "heatmap.every_epoch=false", "training.max_steps=2"]
+    statuses = train_runs(2, tmp_path, settings, {used_run.name: ""},
+                          common=["--config", "configs/demo.ini", "--resume", "fresh"])
+    assert statuses == {used_run.name: 0}
+    aside = [path for path in tmp_path.iterdir() if path.name.startswith(f"{used_run.name}.old-")]
+    assert len(aside) == 1 and files_of(aside[0]) == before
+    assert sorted(path.name for path in (used_run / "checkpoints").iterdir()) == ["step-00000002"]
+    assert sorted(path.name for path in (used_run / "checkpoints" / "step-00000002").glob("rng_rank*")) == [
+        "rng_rank00000.pt", "rng_rank00001.pt"]
