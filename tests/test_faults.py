@@ -4,15 +4,17 @@ Every fault here is real: SIGKILL/SIGSTOP sent with os.kill to real trainer proc
 disk. Each test checks what a user would see: an exit code, a message, a complete checkpoint, identical weights.
 
 Runtime faults injected here: 7 SIGKILLs of a whole 2-process training (launcher and both ranks) at random steps,
-some of them while a checkpoint is being written; a SIGKILL and a SIGSTOP of one rank; 5 non-finite losses (2 skipped
-and counted, then 3 that stop a run allowed 2). The SIGKILL of one rank of a 2-node SLURM job, which uses this file's
-reference run, is in tests/test_slurm_faults.py.
+some of them while a checkpoint is being written; a SIGKILL and a SIGSTOP of one rank; a NaN image in a forward pass
+and 4 non-finite losses (2 steps skipped and counted, BatchNorm buffers checked, then 3 that stop a run allowed 2).
+The SIGKILL of one rank of a 2-node SLURM job, which uses this file's reference run, is in
+tests/test_slurm_faults.py.
 
-The bad inputs of the reliability list that other test modules already cover are counted in BAD_INPUTS_ELSEWHERE
-(input -> the test that tries it), those tried here in BAD_INPUTS_HERE, so the README's counts add up.
+BAD_INPUTS lists every bad input of the reliability list, here or in another test module, with the assertion that
+tries it, so the README's count is a count of distinct cases.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -46,86 +48,288 @@ from data_helpers import label_row, write_csv
 from slurm_helpers import differing_tensors
 from shard_factory import write_shards
 
-BAD_INPUTS_ELSEWHERE = {
+# Every bad input tried, each a distinct case with an assertion of its own: input -> ("module::test[parameter]",
+# a piece of that assertion's text). A test may try several inputs only where each has its own `assert` (or
+# `pytest.raises`) line, or is its own parameter of a parametrized test (then [parameter] is a text of that
+# parameter's entry in the decorator). test_the_bad_input_table_points_at_assertions_that_exist checks each row and
+# that the README's count is the number of rows.
+BAD_INPUTS = {
+    # shards
     "undecodable image bytes inside a shard (counted skip)":
-        "test_reader.py::test_corrupt_image_is_a_counted_skip_that_keeps_the_step_count",
-    "truncated tar shard": "test_reader.py::test_missing_and_truncated_shards_are_named, "
-                           "test_shard_writer.py::test_verify_reports_truncated_and_missing_shards",
-    "shard modified in place":
-        "test_shard_writer.py::test_verify_reports_modified_shard_and_names_the_damaged_sample",
-    "missing shard file": "test_reader.py::test_missing_and_truncated_shards_are_named",
-    "missing shard directory": "test_train.py::test_missing_shards_exit_2_with_the_fix",
-    "label out of range in the CSV": "test_labels.py::test_bad_zone_value_names_file_line_column_value",
-    "bad csi / ahf values in the CSV": "test_labels.py::test_bad_csi_value_is_an_error, "
-                                       "test_labels.py::test_bad_ahf_value_is_an_error",
-    "NaN / empty grade in the CSV (= unknown class, csi recomputed)":
-        "test_labels.py::test_reads_users_format_with_codings",
-    "duplicate FileID in the CSV": "test_labels.py::test_duplicate_file_id_names_both_lines",
-    "missing CSV column, wrong separator": "test_labels.py::test_missing_column_names_file_missing_and_found_columns, "
-                                          "test_labels.py::test_comma_separated_header_suggests_separator",
-    "missing / corrupt source images": "test_shard_writer.py::test_missing_and_corrupt_images_are_skipped_and_listed",
-    "config typo": "test_config.py::test_unknown_key_names_the_closest_valid_key, "
-                   "test_train.py::test_bad_config_exits_2_naming_the_key",
-    "config value of the wrong type / not a choice": "test_config.py::test_wrong_type_and_bad_choice_are_named",
-    "run_name that is a path": "test_config.py::test_run_name_cannot_escape_the_output_directory",
-    "missing pretrained weights file": "test_models.py::test_unknown_arch_and_missing_weights_are_clear_errors",
-    "pretrained weights of another architecture": "test_models.py::test_weights_of_another_architecture_are_refused",
-    "crafted pickle as pretrained weights": "test_models.py::test_a_crafted_pickle_is_refused",
-    "label CSV saved as cp1252 by Excel (read, with a warning)":
-        "test_labels.py::test_cp1252_csv_is_read_with_a_warning_naming_file_and_encoding, "
-        "test_shard_writer.py::test_cli_encoding_reads_excel_cp1252_csv_and_finds_images_of_text_ids",
-    "label CSV in none of the encodings / a forced encoding that cannot decode it":
-        "test_labels.py::test_file_neither_utf8_nor_cp1252_is_a_label_error, "
-        "test_labels.py::test_forced_encoding_that_cannot_decode_names_file_encoding_and_line",
-    "FileIDs that look like numbers (20200101.00, 00123)":
-        "test_labels.py::test_file_ids_and_patient_ids_are_read_exactly_as_written, "
-        "test_images.py::test_file_ids_find_their_image_as_written_or_in_the_seed_integer_form",
-    "plain 2-D NIfTI (oriented from its affine)":
-        "test_images.py::test_nifti_orientation_puts_patient_right_superior_top_left",
-    "NIfTI volume": "test_images.py::test_nifti_volume_is_refused_by_name",
-    "PALETTE COLOR DICOM (with and without a palette)":
-        "test_images.py::test_dicom_palette_color_is_converted_through_its_palette, "
-        "test_images.py::test_dicom_palette_color_without_palette_is_refused_by_name",
-    "constant 16-bit image": "test_images.py::test_constant_image_is_mid_grey_not_black",
-    "config values out of range, a non-finite float, a monitor that is no metric":
-        "test_config.py::test_out_of_range_settings_are_named_with_file_section_and_key",
-    "no --config": "test_outcomes.py::test_no_config_is_an_error_and_debug_runs_write_their_own_directory",
-    "train shard of random bytes (the run stops, exit 5)":
-        "test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
-    "corrupt val image repeated by the padding (counted once)":
-        "test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
-    "empty val split (warned, named in the outcome)":
-        "test_outcomes.py::test_eval_every_epochs_an_empty_val_split_and_strict_history",
-}
-BAD_INPUTS_HERE = {
-    "truncated JPEG inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_inside_a_shard_*",
-    "zone label out of range inside a shard (counted skip)": "test_truncated_jpeg_and_out_of_range_label_*",
-    "duplicate sample key inside a shard": "test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted",
+        ("test_reader.py::test_corrupt_image_is_a_counted_skip_that_keeps_the_step_count", "failed == [4]"),
+    "truncated tar shard": ("test_reader.py::test_missing_and_truncated_shards_are_named", "has 1000 bytes"),
+    "missing shard file": ("test_reader.py::test_missing_and_truncated_shards_are_named", "missing: .*shard-000001"),
+    "shard directory without manifest.json":
+        ("test_reader.py::test_missing_and_truncated_shards_are_named", "no manifest.json"),
+    "missing shard directory": ("test_train.py::test_missing_shards_exit_2_with_the_fix", "csi-shards --demo"),
+    "shard modified in place (csi-shards verify)":
+        ("test_shard_writer.py::test_verify_reports_modified_shard_and_names_the_damaged_sample",
+         "modified: sha256 differs from the manifest"),
+    "truncated JPEG inside a shard (counted skip)":
+        ("test_faults.py::test_truncated_jpeg_and_out_of_range_label_inside_a_shard_are_counted_skips",
+         "DecodeError: .*truncated"),
+    "zone label out of range inside a shard (counted skip)":
+        ("test_faults.py::test_truncated_jpeg_and_out_of_range_label_inside_a_shard_are_counted_skips",
+         r"zones \[0, 1, 7, 0, 0, 0\] are not"),
+    "duplicate sample key inside a shard":
+        ("test_faults.py::test_duplicate_key_inside_a_shard_is_named_and_its_samples_counted",
+         "holds 3 samples, the manifest says 4"),
     "random bytes over 3 samples of a shard (only those 3 skipped)":
-        "test_corrupt_bytes_inside_a_shard_cost_only_the_samples_they_hit",
-    "shard with no samples": "test_empty_shards_and_an_empty_train_split",
-    "empty (0-byte) shard file": "test_empty_shards_and_an_empty_train_split",
-    "empty train split": "test_empty_shards_and_an_empty_train_split",
-    "inf grade in the CSV": "test_infinite_values_in_the_csv_are_named",
-    "-inf csi in the CSV": "test_infinite_values_in_the_csv_are_named",
-    "checkpoint of another architecture": "test_a_bad_checkpoint_is_refused_*[other-architecture]",
-    "crafted pickle as DCP .metadata": "test_a_bad_checkpoint_is_refused_*[metadata-pickle]",
-    "crafted pickle as schedule.pt": "test_a_bad_checkpoint_is_refused_*[schedule-pickle]",
-    "crafted pickle as an RNG file": "test_a_bad_checkpoint_is_refused_*[rng-pickle]",
-    "run_name '../../escaped' (--set)": "test_run_names_that_escape_the_output_directory_*",
-    "run_name that is an absolute path (--hyperparams best_params.json)": "test_run_names_that_escape_*",
-    "W&B key pasted into an override": "test_secrets_never_reach_logs_or_saved_files",
+        ("test_faults.py::test_corrupt_bytes_inside_a_shard_cost_only_the_samples_they_hit", "failed == [2, 5, 7]"),
+    "shard with no samples": ("test_faults.py::test_empty_shards_and_an_empty_train_split",
+                              "steps == 2 and failed == []"),
+    "empty (0-byte) shard file": ("test_faults.py::test_empty_shards_and_an_empty_train_split", "has 0 bytes"),
+    "empty train split": ("test_faults.py::test_empty_shards_and_an_empty_train_split", "the train split is empty"),
+    "train shard of random bytes (the run stops, exit 5)":
+        ("test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
+         "24 of the 24 train samples in"),
+    "corrupt val image repeated by the padding (counted once)":
+        ("test_outcomes.py::test_unreadable_train_data_stops_the_run_and_padding_copies_are_not_failures",
+         "== [(0, 1)]"),
+    "empty val split (warned, named in the outcome)":
+        ("test_outcomes.py::test_eval_every_epochs_an_empty_val_split_and_strict_history", "the val split is EMPTY"),
+    # the label CSV and the source images
+    "zone grade out of range in the CSV (5, -1)":
+        ("test_labels.py::test_bad_zone_value_names_file_line_column_value[\"-1\"]", '"left_mid" in message'),
+    "zone grade that is no whole number in the CSV (2.5)":
+        ("test_labels.py::test_bad_zone_value_names_file_line_column_value[\"2.5\"]", '"left_mid" in message'),
+    "zone grade that is no number in the CSV (abc)":
+        ("test_labels.py::test_bad_zone_value_names_file_line_column_value[\"abc\"]", '"left_mid" in message'),
+    "inf grade in the CSV": ("test_faults.py::test_infinite_values_in_the_csv_are_named[inf-grade]", "line 3, column"),
+    "-inf csi in the CSV": ("test_faults.py::test_infinite_values_in_the_csv_are_named[minus-inf-csi]",
+                            "line 3, column"),
+    "NaN / empty grade in the CSV (= unknown class, csi recomputed)":
+        ("test_labels.py::test_reads_users_format_with_codings", "[2, UNKNOWN_CLASS, UNKNOWN_CLASS, 1, 1, 1]"),
+    "csi that is no number in the CSV": ("test_labels.py::test_bad_csi_value_is_an_error", "line 2, column csi"),
+    "ahf value that is not 0 or 1 in the CSV": ("test_labels.py::test_bad_ahf_value_is_an_error", "line 2, column ahf"),
+    "duplicate FileID in the CSV": ("test_labels.py::test_duplicate_file_id_names_both_lines", "lines 2 and 4"),
+    "missing CSV column": ("test_labels.py::test_missing_column_names_file_missing_and_found_columns",
+                           '"right_sup" in message'),
+    "wrong CSV separator": ("test_labels.py::test_comma_separated_header_suggests_separator", "comma|','"),
+    "label CSV saved as cp1252 by Excel (read, with a warning)":
+        ("test_labels.py::test_cp1252_csv_is_read_with_a_warning_naming_file_and_encoding", '"cp1252" in caplog.text'),
+    "label CSV in neither utf-8 nor cp1252":
+        ("test_labels.py::test_file_neither_utf8_nor_cp1252_is_a_label_error", '"cp1252" in message'),
+    "a forced encoding that cannot decode the CSV":
+        ("test_labels.py::test_forced_encoding_that_cannot_decode_names_file_encoding_and_line",
+         "repr(encoding) in message"),
+    "FileIDs that look like numbers (20200101.00, 00123)":
+        ("test_labels.py::test_file_ids_and_patient_ids_are_read_exactly_as_written", "== file_ids"),
+    "corrupt source image": ("test_shard_writer.py::test_missing_and_corrupt_images_are_skipped_and_listed",
+                             '"CorruptImageError" in skipped'),
+    "missing source image": ("test_shard_writer.py::test_missing_and_corrupt_images_are_skipped_and_listed",
+                             '"MissingImageError" in skipped'),
+    "plain 2-D NIfTI (oriented from its affine)":
+        ("test_images.py::test_nifti_orientation_puts_patient_right_superior_top_left", "np.unravel_index"),
+    "NIfTI volume": ("test_images.py::test_nifti_volume_is_refused_by_name", r"vol\.nii\.gz"),
+    "PALETTE COLOR DICOM (through its palette)":
+        ("test_images.py::test_dicom_palette_color_is_converted_through_its_palette", "PALETTE_GREYS * 2"),
+    "PALETTE COLOR DICOM without a palette":
+        ("test_images.py::test_dicom_palette_color_without_palette_is_refused_by_name", r"nolut\.dcm"),
+    "constant 16-bit image": ("test_images.py::test_constant_image_is_mid_grey_not_black", "== [128]"),
+    # configs and the command line
+    "config key typo": ("test_config.py::test_unknown_key_names_the_closest_valid_key", "unknown key 'bach_size'"),
+    "config value of the wrong type": ("test_config.py::test_wrong_type_and_bad_choice_are_named",
+                                       "expected int, got 'many'"),
+    "config value that is not a choice": ("test_config.py::test_wrong_type_and_bad_choice_are_named",
+                                          "'rmsprop' is not one of"),
+    "config value out of range":
+        ("test_config.py::test_out_of_range_settings_are_named_with_file_section_and_key[checkpoint_every_epochs]",
+         "expected in str(error.value)"),
+    "non-finite config float":
+        ("test_config.py::test_out_of_range_settings_are_named_with_file_section_and_key[unknown_weight]",
+         "expected in str(error.value)"),
+    "a monitor that is no metric":
+        ("test_config.py::test_out_of_range_settings_are_named_with_file_section_and_key[csi_pearson_rr]",
+         "expected in str(error.value)"),
+    "an integer key set to inf": ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key"
+                                  '["batch_size", "inf"]', "str(error.value) =="),
+    "an integer key set to 1e400": ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key"
+                                    '["n_epochs", "1e400"]', "str(error.value) =="),
+    "an integer key set to nan": ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key"
+                                  '["seed", "nan"]', "str(error.value) =="),
+    "an integer key set to a fraction (3.5)":
+        ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key[\"3.5\"]",
+         "str(error.value) =="),
+    "a seed beyond 64 bits": ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key"
+                              '["99999999999999999999"]', "str(error.value) =="),
+    "a boolean key set to 'yes please'":
+        ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key[\"yes please\"]",
+         "str(error.value) =="),
+    "a float key set to 1e400": ("test_bad_config.py::test_a_bad_value_in_a_file_names_the_file_section_and_key"
+                                 '["learning_rate", "1e400"]', "str(error.value) =="),
+    "a config file with a duplicate key":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[\"duplicate key\"]",
+         "str(error.value).startswith"),
+    "a config file with a duplicate section":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[\"duplicate section\":]",
+         "str(error.value).startswith"),
+    "a config file with a section repeated in another case":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[in another case]",
+         "str(error.value).startswith"),
+    "a config file without a section header":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[no section header]",
+         "str(error.value).startswith"),
+    "a config line that is no key = value":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[no key = value]",
+         "str(error.value).startswith"),
+    "a config file in neither UTF-8 nor cp1252":
+        ("test_bad_config.py::test_a_damaged_config_file_names_the_file_and_line[neither UTF-8 nor cp1252]",
+         "str(error.value).startswith"),
+    "a config file that does not exist":
+        ("test_bad_config.py::test_a_missing_file_a_directory_and_an_unreadable_file_are_named",
+         "config file not found"),
+    "a directory given as the config file":
+        ("test_bad_config.py::test_a_missing_file_a_directory_and_an_unreadable_file_are_named",
+         "is a directory, not a file"),
+    "an unreadable config file":
+        ("test_bad_config.py::test_a_missing_file_a_directory_and_an_unreadable_file_are_named",
+         "cannot be read: Permission denied"),
+    "a config file saved as cp1252 (read, with a warning)":
+        ("test_bad_config.py::test_windows_encoded_files_are_read_with_a_warning_naming_the_line", "read as cp1252"),
+    "no --config": ("test_outcomes.py::test_no_config_is_an_error_and_debug_runs_write_their_own_directory",
+                    "no --config given"),
+    "run_name '../../escaped' (--set)":
+        ("test_faults.py::test_run_names_that_escape_the_output_directory_are_refused_before_anything_is_written",
+         "escaped.returncode == 2"),
+    "run_name that is an absolute path (--hyperparams best_params.json)":
+        ("test_faults.py::test_run_names_that_escape_the_output_directory_are_refused_before_anything_is_written",
+         "absolute.returncode == 2"),
+    "W&B key pasted into an override": ("test_faults.py::test_secrets_never_reach_logs_or_saved_files",
+                                        "expected int, got '***'"),
+    # the sweep's search-space file
+    "a searched key not written section.key":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[must be written section.key]",
+         "str(path) in"),
+    "a search range with low > high":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[needs low <= high]", "str(path) in"),
+    "a condition on a parameter listed after it":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[must be a parameter listed before it]",
+         "str(path) in"),
+    "an unknown sampler": ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[sampler.name]",
+                           "str(path) in"),
+    "a space file that is not valid YAML":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[column \\d+: not valid YAML]",
+         "str(path) in"),
+    "a searched key listed twice":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[appears twice]", "str(path) in"),
+    "a space file of the wrong shape (params not a mapping)":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[params must be a mapping]",
+         "str(path) in"),
+    "an infinite search bound":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[high must be a finite number, got inf]",
+         "str(path) in"),
+    "a search bound that overflows (-1e400)":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[low: -1.0e+400]", "str(path) in"),
+    "a search bound that is no number":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[got 'small']", "str(path) in"),
+    "a fractional bound for an integer key":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[got 64.5]", "str(path) in"),
+    "a log scale from 0": ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[log needs low > 0]",
+                           "str(path) in"),
+    "a log flag that is no boolean":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[log must be true or false]",
+         "str(path) in"),
+    "choices that are no list":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[choices must be a list]", "str(path) in"),
+    "a NaN among the choices":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[got nan]", "str(path) in"),
+    "an infinite sampler seed":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[sampler.seed must be a finite]",
+         "str(path) in"),
+    "a misspelt sampler option":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[n_startup_tirals: 3]", "str(path) in"),
+    "a pruner option out of range":
+        ("test_sweep.py::test_bad_space_files_name_the_file_and_the_problem[n_warmup_steps: -1]", "str(path) in"),
+    "a space file saved as cp1252 (read, with a warning)":
+        ("test_sweep.py::test_bad_space_file_encodings_ini_duplicates_and_config_refusals_are_named",
+         "read as cp1252"),
+    # weights and checkpoints
+    "model_arch that does not exist": ("test_models.py::test_unknown_arch_and_missing_weights_are_clear_errors",
+                                       "unknown model_arch 'ResNet5O'"),
+    "missing pretrained weights file": ("test_models.py::test_unknown_arch_and_missing_weights_are_clear_errors",
+                                        "pretrained weights file not found"),
+    "pretrained weights of another architecture":
+        ("test_models.py::test_weights_of_another_architecture_are_refused", "no tensor matches|shape mismatch"),
+    "crafted pickle as pretrained weights": ("test_models.py::test_a_crafted_pickle_is_refused",
+                                             "cannot read pretrained weights"),
+    "checkpoint of another architecture":
+        ("test_faults.py::test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs[other-architecture]",
+         "written for another model"),
+    "crafted pickle as DCP .metadata":
+        ("test_faults.py::test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs[metadata-pickle]",
+         "is not a plain DCP metadata file"),
+    "crafted pickle as schedule.pt":
+        ("test_faults.py::test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs[schedule-pickle]",
+         "not marker.exists()"),
+    "crafted pickle as an RNG file":
+        ("test_faults.py::test_a_bad_checkpoint_is_refused_with_a_clear_error_and_nothing_runs[rng-pickle]",
+         "not marker.exists()"),
+    "crafted pickle in a DCP data file (resume)":
+        ("test_checkpoint_safety.py::test_a_pickle_in_a_dcp_data_file_is_refused_on_resume", "assert_refused_naming("),
+    "crafted pickle in a DCP data file (convert)":
+        ("test_checkpoint_safety.py::test_convert_refuses_a_pickle_in_a_dcp_data_file_with_exit_2_and_one_line",
+         "not marker.exists()"),
+    "crafted pickle in DeepSpeed model states (resume)":
+        ("test_checkpoint_safety.py::test_a_pickle_in_a_deepspeed_state_file_is_refused_on_resume"
+         "[mp_rank_00_model_states.pt]", "assert_refused_naming("),
+    "crafted pickle in DeepSpeed optimizer states (resume)":
+        ("test_checkpoint_safety.py::test_a_pickle_in_a_deepspeed_state_file_is_refused_on_resume"
+         "[optim_states.pt]", "assert_refused_naming("),
+    "crafted pickle in a ZeRO checkpoint resumed on another world size (universal conversion)":
+        ("test_checkpoint_safety.py::test_a_pickle_is_refused_before_the_universal_conversion_and_in_a_universal_"
+         "checkpoint[\"zero checkpoint\"]", "assert_refused_naming("),
+    "crafted pickle in a universal checkpoint left beside it":
+        ("test_checkpoint_safety.py::test_a_pickle_is_refused_before_the_universal_conversion_and_in_a_universal_"
+         "checkpoint[universal checkpoint left beside it]", "assert_refused_naming("),
+    "crafted pickle in DeepSpeed model states (convert)":
+        ("test_checkpoint_safety.py::test_convert_refuses_a_pickle_in_a_deepspeed_state_file_with_exit_2"
+         "[mp_rank_00_model_states.pt]", "not marker.exists()"),
+    "crafted pickle in DeepSpeed optimizer states (convert)":
+        ("test_checkpoint_safety.py::test_convert_refuses_a_pickle_in_a_deepspeed_state_file_with_exit_2"
+         "[optim_states.pt]", "not marker.exists()"),
 }
 
 
+def assertions_of(function: ast.FunctionDef, source: str) -> list[str]:
+    """The text of each `assert`, each `pytest.raises(...)` and each call of an assert_* helper in a test."""
+    found = []
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assert) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                                            and node.func.id.startswith("assert")):
+            found.append(ast.get_source_segment(source, node))
+        elif isinstance(node, ast.With):
+            found += [text for item in node.items
+                      if "pytest.raises" in (text := ast.get_source_segment(source, item.context_expr))]
+    return found
 
-def test_the_bad_input_table_points_at_existing_tests():
-    for where in BAD_INPUTS_ELSEWHERE.values():
-        for reference in where.split(", "):
-            module, name = reference.split("::")
-            assert f"def {name}(" in (REPO_ROOT / "tests" / module).read_text(), reference
-    tried = len(BAD_INPUTS_ELSEWHERE) + len(BAD_INPUTS_HERE)
-    assert f"**Bad inputs tried: {tried}**" in (REPO_ROOT / "README.md").read_text()
+
+def parameters_of(function: ast.FunctionDef, module: ast.Module, source: str) -> str:
+    """The text of the function's parametrize decorators and of the module's lists they name."""
+    decorators = [node for node in function.decorator_list if "parametrize" in ast.get_source_segment(source, node)]
+    named = {name.id for node in decorators for name in ast.walk(node) if isinstance(name, ast.Name)}
+    lists = [node for node in module.body if isinstance(node, ast.Assign)
+             and any(isinstance(target, ast.Name) and target.id in named for target in node.targets)]
+    return "\n".join(ast.get_source_segment(source, node) for node in [*decorators, *lists])
+
+
+def test_the_bad_input_table_points_at_assertions_that_exist():
+    pointed_at = {}
+    for case, (reference, piece) in BAD_INPUTS.items():
+        module, test = reference.split("::")
+        name, _, parameter = test.removesuffix("]").partition("[")
+        source = (REPO_ROOT / "tests" / module).read_text()
+        tree = ast.parse(source)
+        function = next((node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name), None)
+        assert function is not None, f"{case}: no test {module}::{name}"
+        matching = [text for text in assertions_of(function, source) if piece in text]
+        assert len(matching) == 1, f"{case}: {len(matching)} assertions of {module}::{name} contain {piece!r}"
+        if parameter:  # one parameter of a parametrized test: a text of its entry
+            assert parameter in parameters_of(function, tree, source), f"{case}: no parameter {parameter!r} of {name}"
+        where = (module, name, matching[0], parameter)
+        assert where not in pointed_at, f"{case} and {pointed_at.get(where)} share one assertion"
+        pointed_at[where] = case
+    assert f"**Bad inputs tried: {len(BAD_INPUTS)}**" in (REPO_ROOT / "README.md").read_text()
 
 
 # A tiny ResNet (BatchNorm buffers included) keeps a checkpoint at ~5 MB, so every step can be one.
@@ -517,7 +721,7 @@ def test_empty_shards_and_an_empty_train_split(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("zones,csi,column", [((0, "inf", 0, 0, 0, 0), "", "left_sup"),
-                                              ((0, 0, 0, 0, 0, 0), "-inf", "csi")])
+                                              ((0, 0, 0, 0, 0, 0), "-inf", "csi")], ids=["inf-grade", "minus-inf-csi"])
 def test_infinite_values_in_the_csv_are_named(tmp_path, zones, csi, column):
     csv_path = write_csv(tmp_path / "labels.csv", [label_row("1"), label_row("2", zones, csi)])
     with pytest.raises(LabelError, match=rf"line 3, column {column}"):
@@ -531,10 +735,14 @@ def test_run_names_that_escape_the_output_directory_are_refused_before_anything_
     output_dir = tmp_path / "runs"
     best_params = tmp_path / "best_params.json"
     best_params.write_text(json.dumps({"best_params": {"logging.run_name": str(tmp_path / "elsewhere")}}))
-    for how in (["--set", "logging.run_name=../../escaped"], ["--hyperparams", str(best_params)]):
-        result = run([sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini",
-                      "--set", f"data.shard_dir={shards}", "--set", f"logging.output_dir={output_dir}", *how])
-        assert result.returncode == 2 and "must be a plain name, not a path" in result.stderr, result.stderr[-3000:]
+    command = [sys.executable, "-m", "csi_dist.train", "--config", "configs/demo.ini",
+               "--set", f"data.shard_dir={shards}", "--set", f"logging.output_dir={output_dir}"]
+    escaped = run([*command, "--set", "logging.run_name=../../escaped"])
+    assert escaped.returncode == 2 and "'../../escaped' must be a plain name, not a path" in escaped.stderr, \
+        escaped.stderr[-3000:]
+    absolute = run([*command, "--hyperparams", str(best_params)])
+    assert absolute.returncode == 2 and f"'{tmp_path / 'elsewhere'}' must be a plain name" in absolute.stderr, \
+        absolute.stderr[-3000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best_params.json"]
 
 
