@@ -37,8 +37,7 @@ def build_accelerator(training: TrainingConfig) -> Accelerator:
     if accelerator.num_processes != expected:
         raise LaunchError(
             f"WORLD_SIZE={expected} but accelerate formed a group of {accelerator.num_processes}: on CPU launch with "
-            f"`accelerate launch --multi_gpu --num_processes N` and ACCELERATE_USE_CPU=1, or torchrun "
-            f"(`accelerate launch --cpu --num_processes N` starts one process)")
+            f"`python -m csi_dist.launcher --cpu --num_processes N -m csi_dist.train ...`")
     threads = cpu_threads_per_process(accelerator.num_processes)
     torch.set_num_threads(threads)
     log.info("%d intra-op CPU thread(s) per process (OMP_NUM_THREADS=%s)", threads,

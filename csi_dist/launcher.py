@@ -113,6 +113,8 @@ class Ranks:
         for notice in (*STOP_NOTICES, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(notice, self.pass_on)
         self.processes: list[subprocess.Popen] = []
+        # global ranks: on machine_rank 1 of 2 the first process here is rank 2, not rank 0
+        self.rank_numbers = [int(environment.get("RANK", local)) for local, environment in enumerate(environments)]
         for environment in environments:
             self.processes.append(subprocess.Popen(command, env=environment, start_new_session=True))
 
@@ -136,7 +138,7 @@ class Ranks:
         ended = []
         while self.running():
             pid, wait_status = os.waitpid(-1, 0)  # resumed after each notice (PEP 475)
-            for rank, process in enumerate(self.processes):
+            for rank, process in zip(self.rank_numbers, self.processes):
                 if process.pid == pid:
                     process.returncode = os.waitstatus_to_exitcode(wait_status)
                     ended.append((rank, process.returncode))

@@ -21,8 +21,8 @@ Outputs (rank 0, ';'-separated, rows in input order):
                            (-1 when the average is undefined): evaluate's column names and functions
     <out stem>_errors.csv  FileID, path, reason for every file that could not be read (missing, corrupt)
 
-Runs on 1..N processes like evaluate (`accelerate launch -m csi_dist.predict ...`): files[rank::world] per rank,
-gathered once. Exit codes: 0 when at least one image was predicted, 2 when the inputs are wrong (no run directory,
+Runs on 1..N processes like evaluate (`python -m csi_dist.launcher ... -m csi_dist.predict ...`): files[rank::world]
+per rank, gathered once. Exit codes: 0 when at least one image was predicted, 2 when the inputs are wrong (no run directory,
 config or weights; no such folder or CSV; no images) or no image could be read, 75 (nothing written; rerun the same
 command) when a preemption notice arrived (a signal, or <run dir>/PREEMPT_REQUESTED: see cluster.preemption).
 """

@@ -1,4 +1,5 @@
-"""Train a CSI model: `accelerate launch -m csi_dist.train --config configs/demo.ini [--set section.key=value]`.
+"""Train a CSI model: `python -m csi_dist.train --config configs/demo.ini [--set section.key=value]`; several processes:
+`python -m csi_dist.launcher --config_file launch/accelerate/ddp.yaml -m csi_dist.train ...` (README, Training).
 
 The command line: settings in, the documented exit code out (see README, Outcomes). The loop itself is
 csi_dist.training.loop.train.

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run by slurm/train.sbatch as one srun task per node: start this node's training processes with accelerate.
+# Run by slurm/train.sbatch as one srun task per node: start this node's training processes with csi_dist.launcher
+# (accelerate's options and config files, env:// rendezvous), which exits with the ranks' own status: 75 after a
+# notice, so that train.sbatch never takes a preemption for a lost rank.
 #
 # Needs CSI_MAIN_ADDR, CSI_MAIN_PORT, CSI_PYTHON (set by train.sbatch) and SLURM's per-task variables
 # (SLURM_NODEID, SLURM_JOB_NUM_NODES, SLURM_GPUS_ON_NODE). Arguments go to the trainer unchanged.
@@ -22,21 +24,22 @@ gpus=$(gpus_on_node)
 if [ "$gpus" -gt 0 ] && [ "${CSI_FORCE_CPU:-0}" != 1 ]; then
   procs_per_node=$gpus
 else
-  # Accelerate's --cpu launcher silently starts ONE process; multi-process CPU training needs the
-  # multi-GPU launcher with ACCELERATE_USE_CPU=1 (gloo).
-  export ACCELERATE_USE_CPU=1
+  export ACCELERATE_USE_CPU=1   # the ranks train on the CPU (gloo)
   procs_per_node=${CSI_CPU_PROCS_PER_NODE:-1}
 fi
 world_size=$(( num_nodes * procs_per_node ))
-launch=(--num_processes "$world_size" --num_machines "$num_nodes" --dynamo_backend no)
-# a strategy file from launch/accelerate/ (FSDP2, DeepSpeed ZeRO); the flags above and below override its counts
-[ -n "${CSI_ACCELERATE_CONFIG:-}" ] && launch=(--config_file "$CSI_ACCELERATE_CONFIG" "${launch[@]}")
-if [ "$world_size" -gt 1 ]; then
-  launch+=(--multi_gpu --machine_rank "$node_rank" --main_process_ip "$CSI_MAIN_ADDR"
-           --main_process_port "$CSI_MAIN_PORT")
+launch=(--num_processes "$world_size" --num_machines "$num_nodes" --dynamo_backend no
+        --machine_rank "$node_rank" --main_process_ip "$CSI_MAIN_ADDR" --main_process_port "$CSI_MAIN_PORT")
+if [ -n "${CSI_ACCELERATE_CONFIG:-}" ]; then
+  # a strategy file from launch/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO); the flags above override its counts. Its
+  # distributed_type decides the strategy: a --multi_gpu here would make accelerate's parser drop FSDP or DeepSpeed
+  # and train DDP without a word (tests/test_launch_node.py)
+  launch=(--config_file "$CSI_ACCELERATE_CONFIG" "${launch[@]}")
+elif [ "$world_size" -gt 1 ]; then
+  launch+=(--multi_gpu)
 fi
 read -r -a entry <<< "${CSI_TRAIN_ENTRY:--m csi_dist.train}"
 echo "[launch_node $(hostname -s)/${SLURMD_NODENAME:-?}] node $node_rank/$num_nodes: $procs_per_node process(es)," \
   "gpus=$gpus, world $world_size, main $CSI_MAIN_ADDR:$CSI_MAIN_PORT"
 export PYTHONPATH=${CSI_REPO:-.}${PYTHONPATH:+:$PYTHONPATH}
-exec "$CSI_PYTHON" -m accelerate.commands.launch "${launch[@]}" "${entry[@]}" "$@"
+exec "$CSI_PYTHON" -m csi_dist.launcher "${launch[@]}" "${entry[@]}" "$@"

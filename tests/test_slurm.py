@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
+from csi_dist.cluster.slurm import EXIT_PREEMPTED, FAILURE_REQUEUE_DIR
 from csi_dist.faults import SLOW_BATCH_VARIABLE
 from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
                            wait_until)
@@ -71,6 +72,17 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(name[5:]) for name in names if re.fullmatch(r"step-\d{8}", name))
 
 
+def assert_the_stopped_step_ended_75_without_a_failure_requeue(text: str, run_dir: Path) -> None:
+    """The step of the notice ended with the trainer's 75 (each node's launcher passes its ranks' status on), so the
+    batch script took it for the notice it was: no failure-requeue marker (none of callbacks.max_failure_requeues
+    used up), no second `scontrol requeue`. Then the requeued segment ended 0."""
+    statuses = re.findall(r"\] training exited with status (\d+)", text)
+    assert statuses == [str(EXIT_PREEMPTED), "0"], text[-4000:]
+    markers = run_dir / FAILURE_REQUEUE_DIR
+    assert not markers.exists() or list(markers.iterdir()) == [], (list(markers.iterdir()), text[-4000:])
+    assert "after the failure" not in text, text[-4000:]
+
+
 def wait_for_checkpoint(run_dir: Path, step: int) -> None:
     """Training is under way: a periodic checkpoint of at least `step` exists."""
     wait_until(lambda: any(s >= step for s in checkpoint_steps(run_dir)), JOB_TIMEOUT_S,
@@ -114,6 +126,7 @@ def test_signalled_job_is_requeued_and_matches_the_uninterrupted_run(tmp_path, d
     resumed = re.search(r"resumed from \S*step-(\d{8})", text)
     assert resumed and int(resumed.group(1)) == stop_step, text[-4000:]
     assert not (run_dir / "PREEMPT_REQUESTED").exists() or "ignoring" in text
+    assert_the_stopped_step_ended_75_without_a_failure_requeue(text, run_dir)
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
 
@@ -132,6 +145,7 @@ def test_scontrol_requeue_is_a_notice_the_ranks_save_on_with_workers_on(tmp_path
     stop_step = int(re.search(r"preemption requested \(.*\): all ranks stop at step (\d+)", text).group(1))
     resumed = re.search(r"resumed from \S*step-(\d{8})", text)
     assert resumed and int(resumed.group(1)) == stop_step, text[-4000:]
+    assert_the_stopped_step_ended_75_without_a_failure_requeue(text, run_dir)
     assert differing_tensors(run_dir / "weights" / "last.safetensors",
                              reference_run[1] / "weights" / "last.safetensors") == []
 

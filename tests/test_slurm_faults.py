@@ -32,7 +32,7 @@ def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
     """The trainer process of `rank` of the run in `run_dir` (not its launcher), once it has started."""
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
-        if "csi_dist.train" not in command or str(run_dir) not in command or "accelerate" in command:
+        if "csi_dist.train" not in command or str(run_dir) not in command or "csi_dist.launcher" in command:
             continue
         try:
             if process.environ().get("RANK") == str(rank):
@@ -47,7 +47,7 @@ def rank_process(run_dir: Path, rank: int) -> psutil.Process | None:
 def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(shards, reference, tmp_path):
     """With data-loader workers on, SLURM's SIGTERM to the step (--kill-on-bad-exit) used to kill the survivor's own
     requeue call: the job ended FAILED. The batch script now takes the decision after the step. One job loses a rank
-    twice: first node 1's rank alone, then, in the requeued segment, node 1's accelerate launcher and its rank
+    twice: first node 1's rank alone, then, in the requeued segment, node 1's launcher (csi_dist.launcher) and its rank
     together (a node going away). Both failures requeue it, and it ends with the uninterrupted run's weights."""
     workers = 2
     run_dir = tmp_path / "run"
@@ -67,7 +67,7 @@ def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(s
             victim = rank_process(run_dir, 1)
             if segment == 1:
                 launcher = victim.parent()
-                assert "accelerate" in " ".join(launcher.cmdline()), launcher.cmdline()
+                assert "csi_dist.launcher" in " ".join(launcher.cmdline()), launcher.cmdline()
                 os.kill(launcher.pid, signal.SIGKILL)
             os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer or a crashing node would
             first_victim = victim
@@ -78,6 +78,8 @@ def test_slurm_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identical(s
     assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-4000:]}"
     assert job_field(job_id, "Restarts") == "2"
     assert text.count("lost contact with another rank") >= 2, text[-4000:]
+    # node 1's launcher names the rank it lost by its global rank
+    assert "rank 1 was the first to fail, with exit status 137 (killed by SIGKILL)" in text, text[-4000:]
     for failure in (1, 2):
         assert f"requeueing SLURM job {job_id} after the failure ({failure} of at most 3)" in text, text[-4000:]
     assert len(re.findall(r"resumed from \S*step-\d{8}", text)) == 2, text[-4000:]

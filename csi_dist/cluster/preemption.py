@@ -110,6 +110,12 @@ class PreemptionWatcher:
     def finish_after_checkpoint(self, accelerator, resumes_from: str = "the checkpoint just saved") -> NoReturn:
         """Call on all ranks after they saved together: requeue from rank 0, then exit with EXIT_PREEMPTED.
         `resumes_from` says where a rerun picks up (an evaluation saves nothing and starts again)."""
+        # Nothing is left to stop, and rank 0's requeue makes SLURM SIGTERM every process of the job. Ignored, not
+        # flagged: the interpreter drops Python handlers as it shuts down, and the SIGTERM would then turn this
+        # rank's 75 into a kill (143), which train.sbatch takes for a lost rank. A second Ctrl-C still stops at once.
+        for notice in STOP_NOTICES:
+            if notice != signal.SIGINT:
+                signal.signal(notice, signal.SIG_IGN)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.request_file.unlink(missing_ok=True)
