@@ -40,6 +40,7 @@ STRATEGIES = {"ddp": "training.strategy=ddp", "fsdp2": "training.strategy=fsdp2"
 # AdamW state at a resume (tests/test_elastic.py) moved a weight by 4.3e-3 to 6.9e-3. 1e-5 sits 14x above that
 # noise and over 400x below the smallest of those defects.
 LOSS_RTOL = WEIGHT_ATOL = 1e-5
+PARAMETER_COUNTS: dict[str, int] = {}  # parameter_count's, by model
 
 
 def train_runs(nproc: int, out: Path, settings: list[str], runs: dict[str, str], timeout: int = 900,
@@ -75,10 +76,14 @@ def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def parameter_count(run_dir: Path) -> int:
-    """How many parameters the run's model has, counted on a model built from its saved config (not by the trainer)."""
+    """How many parameters the run's model has, counted on a model built from its saved config (not by the trainer).
+    Counted once per model: the cells differ in strategy and batch only, and a build takes about 0.25 s."""
     config = load_config(run_dir / "resolved_config.ini")
-    model = build_model(config.model, model_input_size(config.model, config.data.image_size))
-    return sum(1 for _ in model.parameters())
+    key = repr((config.model, config.data.image_size))
+    if key not in PARAMETER_COUNTS:
+        model = build_model(config.model, model_input_size(config.model, config.data.image_size))
+        PARAMETER_COUNTS[key] = sum(1 for _ in model.parameters())
+    return PARAMETER_COUNTS[key]
 
 
 def assert_cell_ran(run_dir: Path) -> None:
