@@ -50,6 +50,7 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model as _build_model
 from csi_dist.models import model_input_size
+from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
@@ -261,7 +262,7 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
     As in the trainer: padding and undecodable rows are masked out of the loss (criterion.weighted_sum with the
     batch's sample mask), the mean is class-weighted over all zones of the epoch, gradients are clipped to
     `grad_clip_norm` (0: no clipping; optimization.grad_clip_norm in a config) and a step whose loss or gradients
-    are not finite is skipped with a warning. `device` defaults to the model's; `autocast_dtype` (e.g.
+    are not finite is skipped with a warning (weights, BatchNorm buffers, schedule and epoch mean untouched). `device` defaults to the model's; `autocast_dtype` (e.g.
     torch.bfloat16) runs the forward pass under autocast. With a `scheduler` (create_scheduler) it calls
     after_optimizer_step() after each step and after_epoch() at the end. No gradient accumulation (the trainer has it).
     """
@@ -270,7 +271,9 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
     context = _SingleProcess(device, autocast_dtype)
     model.train()
     meter = AverageMeter()
+    buffers = BufferSnapshot(model)  # a skipped step leaves BatchNorm's statistics as they were, as in the trainer
     for step, (_, images, zone_targets, mask) in enumerate(device_batches(loader, device, channels_last=False)):
+        buffers.take()
         with context.autocast():
             zone_logits = model(images)
         loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, mask)
@@ -281,10 +284,12 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
         stepped = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
         if stepped:
             optimizer.step()
-        else:
-            log.warning("non-finite loss or gradients at step %d: step skipped", step)
         optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None and stepped:
+        if not stepped:  # nothing of it counts: not the weights, the buffers, the schedule or the epoch's mean
+            buffers.restore()
+            log.warning("non-finite loss or gradients at step %d: step skipped", step)
+            continue
+        if scheduler is not None:
             scheduler.after_optimizer_step()
         meter.update(float(loss.detach()), n=float(weight_sum))
     if scheduler is not None:

@@ -140,3 +140,28 @@ def test_loaders_masks_epochs_and_bookkeeping(phantom_shards):
     tracker.add({"epoch": 0, "val_loss": 1.0, "val_f1_weighted": 0.2})
     tracker.add(epoch=1, val_loss=float("nan"), val_f1_weighted=0.5)
     assert tracker.best("val_loss")["epoch"] == 0 and tracker.best("val_f1_weighted")["epoch"] == 1
+
+
+def test_train_epoch_skips_a_non_finite_step_without_touching_buffers_or_the_epoch_mean(phantom_shards):
+    config = api.load_config(None, [f"data.shard_dir={phantom_shards}", *SMALL, "model.model_arch=Tiny_CNN"])
+    torch.manual_seed(0)
+    model = api.build_model(config)
+    train_loader, = api.make_loaders(config, splits=("train",))
+    criterion, optimizer = api.create_criterion(config), api.create_optimizer(model, config)
+    calls = []
+
+    def nan_in_the_second_forward(module, inputs, output):  # a NaN activation before BatchNorm sees it
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output
+
+    first_layer = next(module for module in model.modules() if isinstance(module, torch.nn.Conv2d))
+    first_layer.register_forward_hook(nan_in_the_second_forward)
+    counts_before = {name: int(buffer) for name, buffer in model.named_buffers() if "num_batches" in name}
+
+    mean_loss = api.train_epoch(model, train_loader, criterion, optimizer)
+
+    assert math.isfinite(mean_loss)
+    assert all(bool(torch.isfinite(buffer.float()).all()) for buffer in model.state_dict().values())
+    steps = len(train_loader)
+    assert {name: int(buffer) for name, buffer in model.named_buffers() if "num_batches" in name} == \
+        {name: count + steps - 1 for name, count in counts_before.items()}
