@@ -262,8 +262,8 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
     As in the trainer: padding and undecodable rows are masked out of the loss (criterion.weighted_sum with the
     batch's sample mask), the mean is class-weighted over all zones of the epoch, gradients are clipped to
     `grad_clip_norm` (0: no clipping; optimization.grad_clip_norm in a config) and a step whose loss or gradients
-    are not finite is skipped with a warning (weights, BatchNorm buffers, schedule and epoch mean untouched). `device` defaults to the model's; `autocast_dtype` (e.g.
-    torch.bfloat16) runs the forward pass under autocast. With a `scheduler` (create_scheduler) it calls
+    are not finite is skipped with a warning (weights, BatchNorm buffers, schedule and epoch mean untouched).
+    `device` defaults to the model's; `autocast_dtype` (e.g. torch.bfloat16) runs the forward pass under autocast. With a `scheduler` (create_scheduler) it calls
     after_optimizer_step() after each step and after_epoch() at the end. No gradient accumulation (the trainer has it).
     """
     device = _device_of(model, device)
