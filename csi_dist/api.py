@@ -112,7 +112,7 @@ def train_model(config: ConfigLike, run_dir: str | Path | None = None, overrides
     one), "fresh" (the run in run_dir moved aside to <run_dir>.old-<date>, then a new run), or a checkpoint path.
     `epoch_end_hook` (record, accelerator) -> bool runs after each evaluation; True stops training. Errors are raised
     (ConfigError, ShardError, TooManyBadSteps, ...) where the command line turns them into exit statuses. Under
-    `accelerate launch` or torchrun every rank calls it and they train together.
+    `python -m csi_dist.launcher` (or torchrun) every rank calls it and they train together.
     """
     from csi_dist.train import resolve_run_dir  # the command line's own default
     from csi_dist.training.loop import train

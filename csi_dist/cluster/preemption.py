@@ -11,10 +11,11 @@ The protocol (the trainer drives it; see ``PreemptionWatcher``):
    job, runs ``scontrol requeue``; then every rank exits with ``EXIT_PREEMPTED``. The requeued job runs the same
    command line, and the trainer's ``--resume auto`` picks up the latest complete checkpoint.
 
-Why a request file: under ``accelerate launch``/torchrun the launcher, not our ranks, receives signals sent to a
-job step (and torch's elastic agent dies on SIGUSR1). So ``slurm/train.sbatch`` asks for the signal on the batch
-shell only (``--signal=B:USR1@120``), and its trap writes ``<run_dir>/PREEMPT_REQUESTED``. Ranks started directly
-(submitit, ``srun python``) still receive signals themselves.
+Why a request file: a job step's processes are the node launchers, not our ranks (``csi_dist.launcher`` passes a
+notice on, torchrun's elastic agent dies on SIGUSR1), and a batch script can be told of a preemption only on its
+own shell. So ``slurm/train.sbatch`` asks for the signal on the batch shell only (``--signal=B:USR1@120``), and its
+trap writes ``<run_dir>/PREEMPT_REQUESTED``. Ranks started directly (submitit, ``srun python``) still receive
+signals themselves.
 
 The trap writes the id of the job segment it belongs to (``<job id>.<restart count>``). When Slurm requeues a job
 it sends SIGTERM to the old batch shell, whose trap then writes the file once more; the new segment recognises

@@ -1,7 +1,8 @@
 """Parallelism strategies: DDP (through Accelerate), FSDP2 (torch `fully_shard`) and DeepSpeed ZeRO.
 
-The strategy comes from the accelerate launch config (`accelerate launch --config_file launch/accelerate/fsdp2.yaml`
-exports ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED) or from `training.strategy`. FSDP2 and DeepSpeed are
+The strategy comes from the accelerate config the ranks are launched with (`python -m csi_dist.launcher
+--config_file launch/accelerate/fsdp2.yaml`, like `accelerate launch`, exports ACCELERATE_USE_FSDP /
+ACCELERATE_USE_DEEPSPEED) or from `training.strategy`. FSDP2 and DeepSpeed are
 applied here with torch's and DeepSpeed's own APIs rather than through accelerate's plugins, which silently fall
 back to DDP on CPU (so a CPU test could never prove that sharding ran). Checkpoints of DDP and FSDP2 are
 torch.distributed.checkpoint (DCP) directories, which load on any world size (resharding); DeepSpeed writes its
