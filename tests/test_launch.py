@@ -69,7 +69,7 @@ def assert_saved_and_ended_75_with_one_resume_line(returncode: int, stderr: str,
     assert returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert [line for line in stderr.splitlines() if "to resume" in line] == [
-        line for line in stderr.splitlines() if "exiting with 75: rerun the same command to resume" in line] != []
+        line for line in stderr.splitlines() if "exiting with 75: rerun the command with --resume auto (the default) to resume" in line] != []
     assert all(f"[rank{rank}] csi_dist.cluster.preemption: received {signal.Signals(signum).name}" in stderr
                for rank in range(ranks))  # passed on to every rank (their own sessions: not from the group)
     newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]

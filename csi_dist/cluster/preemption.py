@@ -108,9 +108,11 @@ class PreemptionWatcher:
             log.warning("preemption requested (%s): all ranks stop at step %d", reason, global_step)
         return stop
 
-    def finish_after_checkpoint(self, accelerator, resumes_from: str = "the checkpoint just saved") -> NoReturn:
+    def finish_after_checkpoint(self, accelerator, resumes_from: str = "the checkpoint just saved",
+                                rerun: str = "rerun the same command") -> NoReturn:
         """Call on all ranks after they saved together: requeue from rank 0, then exit with EXIT_PREEMPTED.
-        `resumes_from` says where a rerun picks up (an evaluation saves nothing and starts again)."""
+        `resumes_from` says where a rerun picks up (an evaluation saves nothing and starts again), `rerun` what to
+        type for it."""
         # Nothing is left to stop, and rank 0's requeue makes SLURM SIGTERM every process of the job. Ignored, not
         # flagged: the interpreter drops Python handlers as it shuts down, and the SIGTERM would then turn this
         # rank's 75 into a kill (143), which train.sbatch takes for a lost rank. A second Ctrl-C still stops at once.
@@ -125,7 +127,7 @@ class PreemptionWatcher:
                 log.warning("requeueing SLURM job %s; it will resume from %s", job_id, resumes_from)
                 requeue(job_id)
             else:
-                log.warning("exiting with %d: rerun the same command to resume from %s", EXIT_PREEMPTED, resumes_from)
+                log.warning("exiting with %d: %s to resume from %s", EXIT_PREEMPTED, rerun, resumes_from)
         from csi_dist.distributed import leave_process_group
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)

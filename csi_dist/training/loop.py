@@ -378,7 +378,9 @@ class Trainer:
         if self.checkpointer.provenance is not None:
             self.checkpointer.provenance.update(self.progress.global_step, outcome="stopped by a preemption notice")
         self.tracker.close()
-        self.watcher.finish_after_checkpoint(self.accelerator)
+        # not "the same command": with --resume never it is refused, with --resume fresh it would move this run aside
+        self.watcher.finish_after_checkpoint(self.accelerator,
+                                             rerun="rerun the command with --resume auto (the default)")
 
     # --- final weights: the last state, then the best one restored for whoever continues with this model -------
     def finish(self, stop_reason: str) -> int:
