@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import subprocess_env
 from csi_dist.data.shards import write_demo
-from test_parity import PARITY_SETTINGS, train_runs, training_differences
+from data_helpers import assert_strategies_ran
+from test_parity import PARITY_SETTINGS, parameter_count, train_runs, training_differences
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]
@@ -97,6 +98,10 @@ def test_backbone_strategy_cell_trains_resumes_and_evaluates_in_bf16(matrix, cel
     assert 0.0 <= metrics["f1_weighted"] <= 1.0
     weights = load_file(str(out / cell / "weights" / "last.safetensors"))
     assert all(value.isfinite().all() for value in weights.values())
+    # what really ran, from the run's own record (FSDP2 on one GPU is DDP by design: it would shard nothing)
+    name = cell.split("-")[1]
+    ran = ("deepspeed", int(name[-1]), 1) if name.startswith("zero") else ("ddp", None, 1)
+    assert_strategies_ran(out / cell, [ran, ran], parameter_count(out / cell))
 
 
 @pytest.fixture(scope="module")
