@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from csi_dist.command import run_command
-from csi_dist.config import load_config
-from csi_dist.models import build_model, model_input_size
-from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, read_dcp, save_weights
+from csi_dist.config import ConfigError, load_config
+from csi_dist.models import ModelError, build_model, model_input_size
+from csi_dist.training.checkpoint import (STRATEGY_STATE_DIR, CheckpointError, read_dcp, save_weights,
+                                         unusable_because)
 from csi_dist.training.strategies import ZERO_TAG, check_deepspeed_state
 
 log = logging.getLogger("csi_dist.convert")
@@ -27,7 +28,10 @@ def full_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     if (state_dir / "latest").is_file():  # DeepSpeed ZeRO: its own consolidation of the partitions
         check_deepspeed_state(state_dir / ZERO_TAG)  # zero_to_fp32 unpickles with weights_only=False
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
+        except Exception as error:  # noqa: BLE001 - a damaged or partial ZeRO checkpoint: one line, not a traceback
+            raise CheckpointError(unusable_because(error)) from None
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{checkpoint_dir} holds neither a DCP nor a DeepSpeed checkpoint")
     config_path = checkpoint_dir.parent.parent / "resolved_config.ini"
@@ -47,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         weights = full_weights(args.checkpoint)
-    except CheckpointError as error:
-        log.error("%s", error)
+    except (CheckpointError, ConfigError, ModelError) as error:  # the template model comes from the run's config
+        log.error("cannot convert %s: %s", args.checkpoint, error)
         return 2
     save_weights(weights, args.output)
     log.info("wrote %d tensors to %s", len(weights), args.output)

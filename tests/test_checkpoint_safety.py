@@ -137,6 +137,30 @@ def test_convert_refuses_a_pickle_in_a_dcp_data_file_with_exit_2_and_one_line(tm
     assert not output.exists()
 
 
+
+def clean_dcp_checkpoint(run_dir: Path) -> Path:
+    model, optimizer = trained_tiny_model()
+    checkpoint = run_dir / "checkpoints" / "step-00000001"
+    DDPStrategy(one_process(), TrainingConfig(), 0.0).save(model, optimizer, checkpoint / "state")
+    finish_checkpoint(checkpoint)
+    return checkpoint
+
+
+def test_convert_names_a_checkpoint_it_cannot_convert_with_exit_2(tmp_path: Path, caplog):
+    """A checkpoint copied without its run's resolved_config.ini, or beside the config of another model: exit 2 and
+    one line saying which file and why (was a traceback), nothing written."""
+    output = tmp_path / "model.safetensors"
+    checkpoint = clean_dcp_checkpoint(tmp_path / "run")
+    config = checkpoint.parent.parent / "resolved_config.ini"
+    config.write_text(RUN_CONFIG.replace("Tiny_CNN", "Custom_1"))
+    assert convert.main([str(checkpoint), str(output)]) == 2
+    assert f"cannot convert {checkpoint}" in caplog.text and "model.model_arch" in caplog.text, caplog.text
+    config.unlink()
+    caplog.clear()
+    assert convert.main([str(checkpoint), str(output)]) == 2
+    assert str(config) in caplog.text, caplog.text
+    assert not output.exists()
+
 # ---- DeepSpeed ZeRO: a one-process engine in this process (gloo); its checkpoint is what the trainer writes
 
 

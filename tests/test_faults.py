@@ -288,6 +288,12 @@ BAD_INPUTS = {
     "crafted pickle in DeepSpeed optimizer states (convert)":
         ("test_checkpoint_safety.py::test_convert_refuses_a_pickle_in_a_deepspeed_state_file_with_exit_2"
          "[optim_states.pt]", "not marker.exists()"),
+    "a checkpoint beside another architecture's run config (convert)":
+        ("test_checkpoint_safety.py::test_convert_names_a_checkpoint_it_cannot_convert_with_exit_2",
+         '"model.model_arch" in caplog.text'),
+    "a checkpoint copied without its run's resolved_config.ini (convert)":
+        ("test_checkpoint_safety.py::test_convert_names_a_checkpoint_it_cannot_convert_with_exit_2",
+         "str(config) in caplog.text"),
 }
 
 

@@ -308,7 +308,17 @@ def read_dcp(state: dict, directory: Path) -> None:
         refused = [failure[0] for failure in error.failures.values() if isinstance(failure[0], CheckpointError)]
         if refused:
             raise refused[0] from None
-        raise
+        raise CheckpointError(unusable_because(error)) from None
+
+
+def unusable_because(error: BaseException) -> str:
+    """One line on why a checkpoint could not be loaded, with the likely fix for another architecture's."""
+    # DCP's message carries each rank's whole traceback: its last line is the reason
+    reason = str(error).strip().splitlines()[-1] if isinstance(error, CheckpointException) else \
+        f"{type(error).__name__}: {error}"
+    hint = " (written for another model: check model.model_arch)" if re.search(
+        r"Missing key|Unexpected key|[Ss]ize mismatch", reason) else ""
+    return reason + hint
 
 
 def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) -> dict:
@@ -329,10 +339,5 @@ def load_checkpoint(strategy, path: Path, model, optimizer, process_index: int) 
         raise CheckpointError(f"cannot resume from checkpoint {path}: {error}") from None
     # DCP's CheckpointException (another architecture: missing keys) derives from BaseException, not Exception
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - a refused pickle, a damaged file
-        # DCP's message carries each rank's whole traceback: its last line is the reason
-        reason = str(error).strip().splitlines()[-1] if isinstance(error, CheckpointException) else \
-            f"{type(error).__name__}: {error}"
-        hint = " (written for another model: check model.model_arch)" if re.search(
-            r"Missing key|Unexpected key|size mismatch", reason) else ""
-        raise CheckpointError(f"cannot resume from checkpoint {path}: {reason}{hint}") from None
+        raise CheckpointError(f"cannot resume from checkpoint {path}: {unusable_because(error)}") from None
     return loaded
