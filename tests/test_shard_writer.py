@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tarfile
 
 import pytest
@@ -14,6 +15,7 @@ from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAM
 from csi_dist.data.shards import ShardWriteError, main, sample_keys, verify_shards, write_shards
 from csi_dist.domain import ZONE_NAMES
 from data_helpers import gradient_image, label_row, write_csv, write_png
+from shard_factory import write_shards as factory_shards
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_manifest_matches_tar_contents(phantom, tmp_path):
     assert seen == set(labels.index) and manifest["skipped"]["count"] == 0
     assert json.loads((out / MANIFEST_NAME).read_text()) == manifest
     assert (out / SPLIT_FILE_NAME).read_text().startswith("FileID;patient_id;split\n")
-    assert verify_shards(out) == []
+    assert verify_shards(out).all_intact
 
 
 def test_images_decode_with_webdataset(phantom, tmp_path):
@@ -158,7 +160,9 @@ def test_verify_reports_truncated_and_missing_shards(phantom, tmp_path, caplog):
     missing.unlink()
     caplog.clear()
     assert main(["verify", str(out)]) == 1
-    assert f"{train_shards[0]}: truncated" in caplog.text and f"{train_shards[1]}: missing shard" in caplog.text
+    assert f"{train_shards[0]}: unusable: truncated: 3000 bytes" in caplog.text
+    assert f"{train_shards[1]}: unusable: the shard file is missing" in caplog.text
+    assert f"verdict: {out}: unusable: the train split(s) cannot be opened" in caplog.text
 
 
 def test_verify_reports_modified_shard_and_names_the_damaged_sample(phantom, tmp_path):
@@ -172,9 +176,87 @@ def test_verify_reports_modified_shard_and_names_the_damaged_sample(phantom, tmp
     data = bytearray(shard.read_bytes())
     data[image.offset_data + image.size // 2] ^= 0xFF  # same size, different content
     shard.write_bytes(bytes(data))
-    problems = verify_shards(out)
-    assert f"{entry['path']}: modified: sha256 differs from the manifest" in problems
-    assert f"{entry['path']}: 1 damaged sample(s) (skipped when read): {entry['samples'][1]['key']}" in problems
+    lines = [shard.line() for shard in verify_shards(out).shards if not shard.intact]
+    assert len(lines) == 1 and lines[0].startswith(f"{entry['path']}: modified: sha256 differs from the manifest")
+    assert (f"usable with 1 damaged sample(s), skipped when read: {entry['samples'][1]['key']} (member png fails its "
+            f"checksum (damaged bytes))") in lines[0]
+
+
+def reader_skips(shard_dir, split: str = "train") -> tuple[int, set[str]]:
+    """(samples read, keys of the samples skipped) when the reader reads `split` once, as training does."""
+    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+
+    loader = build_loader(open_split(shard_dir, split), LoaderSettings(batch_size=8, image_size=16), epoch=0, rank=0,
+                          world_size=1)
+    real = [(int(index), bool(bad)) for batch in loader
+            for index, bad, padding in zip(batch["sample_index"], batch["decode_failed"], batch["is_padding"])
+            if not padding]
+    return len(real), {f"{split}-{index:05d}" for index, bad in real if bad}  # shard_factory's keys
+
+
+def overwrite_600_bytes(shard, member_name: str, where: str) -> None:
+    """600 bytes of a shard overwritten, from the start of `member_name`'s tar header or of its data."""
+    with tarfile.open(shard) as archive:
+        member = archive.getmember(member_name)
+    start = member.offset if where == "header" else member.offset_data
+    data = bytearray(shard.read_bytes())
+    data[start:start + 600] = bytes(range(200)) * 3
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["tar header", "sample data", "tar header, manifest without sample index"])
+def test_verify_verdict_on_600_overwritten_bytes_matches_what_the_reader_does(tmp_path, caplog, case):
+    """The issue's shard: "sha256 differs", "0 damaged sample(s) (skipped when read): " and "2 samples, manifest says
+    30" while the reader decoded all 30. Now one verdict per shard and one for the set, and the reader agrees."""
+    root = factory_shards(tmp_path / "s", {"train": [30], "val": [5]}, sample_index="without" not in case)
+    shard = root / "train" / "shard-000000.tar"
+    if case == "sample data":
+        overwrite_600_bytes(shard, "train-00005.json", "data")  # its label and the next member's header
+    else:
+        overwrite_600_bytes(shard, "train-00002.json", "header")  # tar tools now see 2 samples
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        status = main(["verify", str(root)])
+    lines = [record.getMessage() for record in caplog.records]
+    verdict = lines[-1]
+    read, skipped = reader_skips(root)
+    assert read == 30
+    if case == "tar header":
+        assert skipped == set() and status == 0
+        assert lines == ["train/shard-000000.tar: modified: sha256 differs from the manifest; usable: all 30 samples "
+                         "read intact (its tar headers are damaged: plain tar tools see 2 samples, csi_dist reads all "
+                         "by the manifest's index)",
+                         f"verdict: {root}: usable: all 35 samples in 2 shard(s) read intact (1 shard(s) changed "
+                         f"outside their samples' data, see above)"]
+    elif case == "sample data":
+        assert skipped == {"train-00005"} and status == 1
+        assert lines[0].startswith("train/shard-000000.tar: modified: sha256 differs from the manifest; usable with 1 "
+                                   "damaged sample(s), skipped when read: train-00005 (member json fails its checksum")
+        assert lines[0].endswith("the other 29 read intact")
+        assert verdict.startswith(f"verdict: {root}: usable with 1 damaged sample(s) of 35, skipped when read: "
+                                  f"train/shard-000000.tar train-00005 (train: 1 of 30, more than "
+                                  f"data.max_bad_fraction (default 0.01) allows")
+    else:  # the reader indexes the tar headers itself, finds 2 samples, and skips the whole shard
+        assert skipped == {f"train-{index:05d}" for index in range(30)} and status == 1
+        assert lines[0] == ("train/shard-000000.tar: unusable: it holds 2 samples, the manifest says 30; all 30 of its "
+                            "samples are skipped when read")
+        assert verdict == (f"verdict: {root}: unusable: every sample of the train split(s) is skipped when read "
+                           f"(train/shard-000000.tar); rewrite the shards with `csi-shards write`")
+    assert not re.search(r"(?<!\d)0 damaged|: $", "\n".join(lines), flags=re.MULTILINE), lines
+
+
+def test_verify_verdict_on_a_missing_shard_is_unusable_as_the_reader_refuses_the_split(tmp_path, caplog):
+    from csi_dist.data.reader import ShardError, open_split
+
+    root = factory_shards(tmp_path / "s", {"train": [4, 4], "val": [2]})
+    (root / "train" / "shard-000001.tar").unlink()
+    with caplog.at_level(logging.INFO):
+        assert main(["verify", str(root)]) == 1
+    assert caplog.records[-1].getMessage() == (
+        f"verdict: {root}: unusable: the train split(s) cannot be opened (train/shard-000001.tar); rewrite the shards "
+        f"with `csi-shards write`")
+    with pytest.raises(ShardError, match="missing"):
+        open_split(root, "train")
 
 
 def test_sample_keys_are_safe_and_unique():
@@ -184,5 +266,5 @@ def test_sample_keys_are_safe_and_unique():
 def test_demo_runs_without_other_arguments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0
-    assert verify_shards(tmp_path / "data" / "demo_shards") == []
+    assert verify_shards(tmp_path / "data" / "demo_shards").all_intact
     assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0  # re-running replaces the demo

@@ -93,14 +93,3 @@ def read_members(handle: BinaryIO, sample: IndexedSample) -> dict[str, bytes]:
         data[extension] = payload
     return data
 
-
-def damaged_samples(path: Path, samples: list[IndexedSample]) -> list[str]:
-    """Keys of the samples whose bytes no longer match their recorded checksums."""
-    damaged = []
-    with open(path, "rb") as handle:
-        for sample in samples:
-            try:
-                read_members(handle, sample)
-            except DamagedSample:
-                damaged.append(sample.key)
-    return damaged
