@@ -7,11 +7,15 @@ too small to learn, so the median pruner stops some trials whichever job runs th
 """
 from __future__ import annotations
 
+import configparser
+import csv
 import importlib.util
 import hashlib
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -181,6 +185,89 @@ def test_wandb_sweep_trial_applies_the_space_conditions():
     assert "optimization.weight_decay=0.0" in overrides and not any("momentum" in o for o in overrides)
 
 
+# ------------------------------------------------------------------------------------------------ the command line
+def test_help_shows_every_default_in_words_and_answers_without_torch():
+    program = ("import sys\nfrom csi_dist.sweep.driver import main\ntry:\n    main(['--help'])\n"
+               "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", program], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("torch imported: False")
+    text = " ".join(result.stdout.split())
+    for shown in ("--n-trials N trials in the whole sweep (default: 50)",
+                  "--parallel N trials running at the same time (default: 4)",
+                  "--max-retries N retries of a trial whose job died (default: 2)",
+                  "Default: slurm where this machine can submit jobs (sbatch on PATH and the SLURM controller "
+                  "answers `scontrol ping`), otherwise local"):
+        assert shown in text, shown
+    options = result.stdout.split("options:")[1].split("\n\n")[0]
+    entries = re.split(r"\n  (?=-)", options)
+    described = {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+    assert {"--executor", "--n-trials", "--parallel", "--timeout-min", "--poll-s"} <= set(described)
+    undescribed = [name for name, entry in described.items() if name != "-h" and "default" not in entry.lower()]
+    assert not undescribed, f"options whose help hides the default: {undescribed}"
+
+
+def fake_slurm_commands(bin_dir: Path, ping_output: str | None) -> None:
+    """sbatch and `scontrol ping` as a login node has them; ping_output None = no SLURM commands at all."""
+    bin_dir.mkdir()
+    if ping_output is None:
+        return
+    for name, body in (("sbatch", "exit 0"), ("scontrol", f"echo '{ping_output}'; [ {int('UP' not in ping_output)} = 0 ]")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("ping_output, expected", [
+    (None, ("local", "no sbatch on PATH")),
+    ("Slurmctld(primary) at ctl is DOWN", ("local", "no SLURM controller answers")),
+    ("Slurmctld(primary) at ctl is UP", ("slurm", "the SLURM controller answers")),
+])
+def test_the_executor_defaults_to_slurm_only_where_a_slurm_controller_answers(tmp_path, monkeypatch, ping_output,
+                                                                               expected):
+    from csi_dist.sweep.driver import choose_executor, parse_args
+    fake_slurm_commands(tmp_path / "bin", ping_output)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    executor, reason = choose_executor(parse_args([]), stored=None)
+    assert executor == expected[0] and expected[1] in reason
+    # what the user asked for, or what a restarted sweep started with, wins over the probe
+    assert choose_executor(parse_args(["--executor", "slurm"]), stored="local")[0] == "slurm"
+    assert choose_executor(parse_args([]), stored="slurm")[0] == "slurm"
+
+
+def test_a_multi_node_sweep_without_slurm_is_refused_naming_the_executor(tmp_path, monkeypatch, caplog):
+    from csi_dist.sweep.driver import main
+    fake_slurm_commands(tmp_path / "bin", None)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    code = main(["--space", str(CI_SPACE), "--sweep-dir", str(tmp_path / "sweep"), "--nodes", "2"])
+    assert code == 2
+    assert ("trials of several processes (--nodes 2, --tasks-per-node None) need --executor slurm; the executor is "
+            "local (default here: no sbatch on PATH") in caplog.text
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+def test_progress_speaks_only_when_a_trial_changes(tmp_path):
+    from csi_dist.sweep.console import TrialEvents
+    settings = SweepSettings(sweep_dir=str(tmp_path), study_name="s", config=None, overrides=[], space=str(CI_SPACE),
+                             n_trials=2, parallel=2, executor="local")
+    events = TrialEvents(settings, load_space(CI_SPACE))
+    study = optuna.create_study(direction="maximize")
+    assert events.lines(study.get_trials()) == []  # a new study: nothing to say yet
+    trial = study.ask()
+    assert events.lines(study.get_trials()) == []  # its job has not recorded the parameters yet
+    trial.set_user_attr("overrides", {"optimization.learning_rate": 0.003})
+    trial.set_user_attr("owner", "local-host-1")
+    assert events.lines(study.get_trials()) == [
+        "trial 0 started (job local-host-1): optimization.learning_rate=0.003; 0/2 finished, 1 running"]
+    assert events.lines(study.get_trials()) == events.lines(study.get_trials()) == []
+    trial.report(0.25, step=0)
+    assert events.lines(study.get_trials()) == []  # an epoch's report is no trial event
+    study.tell(trial, 0.5)
+    assert events.lines(study.get_trials()) == [
+        "trial 0 complete: val_f1_weighted = 0.5; 1/2 finished, 0 running, best 0.5 (trial 0)"]
+    assert events.lines(study.get_trials()) == []
+
+
 def test_wandb_sweep_definition_runs_the_wandb_agent_module():
     definition = wandb_sweep(load_space(DEFAULT_SPACE), None, ["training.n_epochs=3"], n_trials=5)
     command = definition["command"]
@@ -263,9 +350,71 @@ def assert_sweep_outputs(sweep_dir: Path, n_trials: int) -> list[optuna.trial.Fr
     return trials
 
 
+def console_messages(stderr: str) -> list[str]:
+    """The driver's log messages without their time stamps."""
+    return [match.group(1) for match in re.finditer(r"^\S+ \S+ csi_dist\.sweep[\w.]*: (.*)$", stderr, re.MULTILINE)]
+
+
+def numbers_in(text: str) -> list[float]:
+    return [float(number) for number in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
+
+
+def assert_sweep_console(stderr: str, sweep_dir: Path, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Opening summary, a line per trial event (never the same line twice), the best result and its command."""
+    messages = console_messages(stderr)
+    assert messages[0] == f"starting sweep 'sweep' in {sweep_dir}"
+    assert "  objective: val_f1_weighted, maximize (the best over each trial's epochs)" in messages
+    ini = configparser.ConfigParser()
+    ini.read(CI_SPACE)
+    for section in (name for name in ini.sections() if name.startswith("param ")):
+        name = section.removeprefix("param ")
+        expected = ([float(v) for v in ini[section]["choices"].split(",")] if "choices" in ini[section] else
+                    [float(ini[section]["low"]), float(ini[section]["high"])])
+        [line] = [m for m in messages if m.startswith(f"    {name}: ")]
+        assert numbers_in(line.split(": ", 1)[1]) == pytest.approx(expected), line
+    assert "  trials: 3, at most 2 at a time" in messages and "  executor: local (--executor)" in messages
+    repeated = [message for message, count in Counter(messages).items() if count > 1]
+    assert not repeated, f"the console repeats itself: {repeated}"
+    assert not [m for m in messages if "job(s) active" in m]
+    for t in trials:  # each trial's end, once, with the study's own number
+        if t.state == TrialState.COMPLETE:
+            end = f"trial {t.number} complete: val_f1_weighted = {t.value:.6g}"
+        else:
+            end = f"trial {t.number} pruned after epoch {t.last_step}: val_f1_weighted = " \
+                  f"{t.intermediate_values[t.last_step]:.6g}"
+        assert sum(m.startswith(end + ";") or m.startswith(end + " (") for m in messages) == 1, (end, messages)
+    best = json.loads((sweep_dir / "best_params.json").read_text())
+    report = (sweep_dir / "report.md").read_text()
+    retrain = report.split("```\n")[1].strip()
+    assert messages[-4:] == [f"best val_f1_weighted = {best['best_value']:.6f} (trial {best['best_trial']})",
+                             messages[-3], f"train them: {retrain}", f"report: {sweep_dir / 'report.md'}"]
+    shown = dict(pair.split("=", 1) for pair in messages[-3].removeprefix("best parameters: ").split(", "))
+    assert shown.keys() == best["best_params"].keys()
+    assert [float(shown[key]) for key in shown] == pytest.approx(list(best["best_params"].values()), rel=1e-5)
+    assert f"--hyperparams {sweep_dir / 'best_params.json'}" in retrain
+
+
+def assert_trials_csv_and_history_ticks(sweep_dir: Path, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """trials.csv is ';'-separated as every CSV of the package; the history plot ticks whole trial numbers."""
+    with open(sweep_dir / "trials.csv", newline="", encoding="utf-8") as handle:
+        assert handle.readline().startswith("trial;state;value;")
+        handle.seek(0)
+        rows = list(csv.DictReader(handle, delimiter=";"))
+    assert {int(row["trial"]): row["state"] for row in rows} == {t.number: t.state.name for t in trials}
+    assert [json.loads(row["params"]) for row in rows] == [t.user_attrs["overrides"] for t in trials]
+    from csi_dist.sweep.report import history_figure
+    settings = SweepSettings.load(sweep_dir)
+    figure = history_figure(load_study(settings, load_space(settings.space)), "f1_weighted")
+    low, high = figure.axes[0].get_xlim()
+    ticks = [tick for tick in figure.axes[0].get_xticks() if low <= tick <= high]
+    assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
+
+
 @pytest.mark.slow
 def test_local_sweep_completes_and_its_best_params_retrain_to_the_same_metric(phantom_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    run_sweep(sweep_command(phantom_shards, sweep_dir, n_trials=3, parallel=2, executor="local"))
-    assert_sweep_outputs(sweep_dir, 3)
+    result = run_sweep(sweep_command(phantom_shards, sweep_dir, n_trials=3, parallel=2, executor="local"))
+    trials = assert_sweep_outputs(sweep_dir, 3)
+    assert_sweep_console(result.stderr, sweep_dir, trials)
+    assert_trials_csv_and_history_ticks(sweep_dir, trials)
     assert_best_params_reproduce(sweep_dir, phantom_shards, tmp_path)

@@ -2,7 +2,9 @@
 
 This module is the driver, the loop on the login node behind ``python -m csi_dist.sweep``: it creates or
 resumes the study, starts the trial jobs the study still needs, fails and retries trials whose job died, and
-writes the report when the budget is spent.
+writes the report when the budget is spent. On the console (csi_dist/sweep/console.py) it opens with a summary of
+the sweep, prints a line only when a trial starts, ends, is pruned or fails, and ends with the best value, its
+parameters and the command that trains them.
 
     python -m csi_dist.sweep --config configs/demo.ini --space configs/sweep/default.yaml \\
         --n-trials 50 --parallel 4 --executor slurm --gpus-per-node 1 --sweep-dir sweeps/demo
@@ -56,8 +58,9 @@ Outputs
 -------
 ``best_params.json`` ({"best_params": {"section.key": value}, "best_value", ...}: the overrides the best trial
 trained with, sampled and fixed ones, readable by ``csi_dist.train --hyperparams``), ``report.md`` (table of
-trials, best trial, the command that retrains it), ``trials.csv``, ``optimization_history.png`` and
-``wandb_sweep.yaml`` (the same search for ``wandb sweep``/``wandb agent``). Trials log to W&B (offline by default)
+trials, best trial, the command that retrains it), ``trials.csv`` (``;``-separated, as every CSV of the package),
+``optimization_history.png`` (whole-number trial ticks) and ``wandb_sweep.yaml`` (the same search for
+``wandb sweep``/``wandb agent``). Trials log to W&B (offline by default)
 in the group ``logging.wandb_group = <study name>``, one W&B run per trial directory.
 """
 from __future__ import annotations
@@ -67,6 +70,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -80,6 +84,7 @@ from optuna.trial import TrialState
 
 from csi_dist.config import ConfigError, read_text_file
 from csi_dist.files import atomic_write_json
+from csi_dist.sweep.console import TrialEvents, closing_lines, opening_lines
 from csi_dist.sweep.report import write_report
 from csi_dist.sweep.space import SearchSpace, load_space, wandb_sweep
 from csi_dist.sweep.study import (JOBS_NAME, SETTINGS_NAME, SweepError, SweepSettings, budget_used, current_owner,
@@ -168,8 +173,38 @@ def launch_missing_jobs(settings: SweepSettings, space: SearchSpace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the driver
+def slurm_unreachable_because() -> str | None:
+    """Why this machine cannot submit SLURM jobs now (no sbatch on PATH, no controller answering), None if it can."""
+    if shutil.which("sbatch") is None:
+        return "no sbatch on PATH"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"sbatch is on PATH but `scontrol ping` failed ({error})"
+    if re.search(r"\bUP\b", ping.stdout):  # "Slurmctld(primary) at <host> is UP"
+        return None
+    return "sbatch is on PATH but no SLURM controller answers `scontrol ping`"
+
+
+def choose_executor(args: argparse.Namespace, stored: str | None) -> tuple[str, str]:
+    """The executor and why: --executor, else the one the sweep started with, else slurm only where SLURM answers."""
+    if args.executor:
+        executor, reason = args.executor, "--executor"
+    elif stored:
+        executor, reason = stored, "as this sweep started; --executor changes it"
+    elif (unreachable := slurm_unreachable_because()) is None:
+        executor, reason = "slurm", "default here: sbatch is on PATH and the SLURM controller answers"
+    else:
+        executor, reason = "local", f"default here: {unreachable}; trials run as processes on this machine"
+    if executor == "local" and (args.nodes != 1 or (args.tasks_per_node or 1) != 1):
+        raise SweepError(f"trials of several processes (--nodes {args.nodes}, --tasks-per-node {args.tasks_per_node}) "
+                         f"need --executor slurm; the executor is local ({reason})")
+    return executor, reason
+
+
 def create_or_resume(args: argparse.Namespace) -> SweepSettings:
-    """First start: validate and write sweep.json + the space copy + the study. Restart: check it is the same sweep."""
+    """First start: validate and write sweep.json + the space copy + the study. Restart: check it is the same sweep.
+    Either way the opening summary says what runs where."""
     sweep_dir = args.sweep_dir.resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     config = str(args.config.resolve()) if args.config else None
@@ -189,20 +224,23 @@ def create_or_resume(args: argparse.Namespace) -> SweepSettings:
         if mismatches:
             raise SweepError(f"{settings_path}: this sweep dir holds a study started with other {', '.join(mismatches)}"
                              f"; restart with the same values or use another --sweep-dir")
-        settings.n_trials, settings.parallel, settings.executor = args.n_trials, args.parallel, args.executor
+        settings.executor, executor_reason = choose_executor(args, settings.executor)
+        settings.n_trials, settings.parallel = args.n_trials, args.parallel
         settings.max_retries, settings.job = args.max_retries, job
-        log.info("resuming study %r in %s", settings.study_name, sweep_dir)
+        resumed = True
     else:
         if args.space is None:
             raise SweepError("--space is required to start a sweep (e.g. configs/sweep/default.yaml)")
         space = load_space(args.space)
         space.check_against_config(args.config, args.overrides)
+        executor, executor_reason = choose_executor(args, None)
         space_copy = sweep_dir / f"space{args.space.suffix}"
         shutil.copyfile(args.space, space_copy)
         settings = SweepSettings(sweep_dir=str(sweep_dir), study_name=args.study_name or sweep_dir.name,
                                  config=config, overrides=list(args.overrides), space=str(space_copy),
-                                 n_trials=args.n_trials, parallel=args.parallel, executor=args.executor,
+                                 n_trials=args.n_trials, parallel=args.parallel, executor=executor,
                                  storage=args.storage, max_retries=args.max_retries, job=job)
+        resumed = False
     space = load_space(settings.space)
     optuna.create_study(study_name=settings.study_name, storage=open_storage(settings),
                         direction=space.study_direction(), load_if_exists=True)
@@ -210,20 +248,25 @@ def create_or_resume(args: argparse.Namespace) -> SweepSettings:
     import yaml
     (sweep_dir / "wandb_sweep.yaml").write_text(yaml.safe_dump(
         wandb_sweep(space, args.config, settings.overrides, settings.n_trials), sort_keys=False), encoding="utf-8")
+    for line in opening_lines(settings, space, executor_reason, resumed):
+        log.info("%s", line)
     return settings
 
 
 def drive(settings: SweepSettings, wait: bool, poll_s: float, dead_grace_s: float, timeout_min: float) -> int:
     space = load_space(settings.space)
     suspects: dict[int, float] = {}
+    events = TrialEvents(settings, space)
     deadline = time.monotonic() + timeout_min * 60 if timeout_min else math.inf
     while True:
         recover_dead_trials(settings, space, suspects, dead_grace_s)
         trials = load_study(settings, space).get_trials(deepcopy=False)
+        for line in events.lines(trials):  # silent while nothing changes
+            log.info("%s", line)
         done = finished_count(trials)
         if done >= settings.n_trials:
             break
-        active = launch_missing_jobs(settings, space)
+        launch_missing_jobs(settings, space)
         if not wait:
             log.info("%d/%d trials finished; jobs run on without this driver (rerun it to collect the report)",
                      done, settings.n_trials)
@@ -232,38 +275,65 @@ def drive(settings: SweepSettings, wait: bool, poll_s: float, dead_grace_s: floa
             log.error("%d/%d trials finished after --wait-timeout-min %s; jobs go on, rerun to continue",
                       done, settings.n_trials, timeout_min)
             return 1
-        log.info("%d/%d trials finished, %d job(s) active", done, settings.n_trials, active)
         time.sleep(poll_s)
-    write_report(load_study(settings, space), settings, space)
+    study = load_study(settings, space)
+    for line in closing_lines(study, settings, space, write_report(study, settings, space)):
+        log.info("%s", line)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ command line
+EXECUTOR_HELP = ("where the trials run: slurm (each trial a job of a job array) or local (each trial a process on this "
+                 "machine). Default: slurm where this machine can submit jobs (sbatch on PATH and the SLURM "
+                 "controller answers `scontrol ping`), otherwise local, so that a laptop sweeps without SLURM; the "
+                 "opening summary says which executor runs and why. A restarted sweep keeps the executor it started "
+                 "with unless this is given")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="csi_dist.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="base training config (INI)")
+    parser = argparse.ArgumentParser(prog="csi_dist.sweep", description=__doc__.splitlines()[0],
+                                     epilog="The best parameters are trained with: python -m csi_dist.train --config "
+                                            "<config> --hyperparams <sweep dir>/best_params.json")
+    parser.add_argument("--config", type=Path, help="base training config (INI) of every trial "
+                                                    "(default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="fixed override for every trial (repeatable)")
-    parser.add_argument("--space", type=Path, help="search space (.yaml/.yml or .ini), e.g. configs/sweep/default.yaml")
-    parser.add_argument("--n-trials", type=int, default=50)
-    parser.add_argument("--parallel", type=int, default=4, help="trials running at the same time")
-    parser.add_argument("--executor", choices=("slurm", "local"), default="slurm")
-    parser.add_argument("--sweep-dir", type=Path, help="on the shared filesystem (default sweeps/<study name>)")
+                        help="a value fixed for every trial (repeatable; default: none)")
+    parser.add_argument("--space", type=Path, help="search space (.yaml/.yml or .ini), e.g. "
+                                                   "configs/sweep/default.yaml; needed to start a sweep, not to resume it")
+    parser.add_argument("--n-trials", type=int, default=50, metavar="N",
+                        help="trials in the whole sweep (default: %(default)s)")
+    parser.add_argument("--parallel", type=int, default=4, metavar="N",
+                        help="trials running at the same time (default: %(default)s)")
+    parser.add_argument("--executor", choices=("slurm", "local"), default=None, help=EXECUTOR_HELP)
+    parser.add_argument("--sweep-dir", type=Path, help="where the study, trials and report go; on a cluster, on the "
+                                                       "shared filesystem (default: sweeps/<--study-name>, else "
+                                                       "sweeps/csi-sweep)")
     parser.add_argument("--study-name", default=None, help="default: the sweep dir's name")
-    parser.add_argument("--storage", default="", help="RDB URL for large sweeps (default: journal file in the sweep dir)")
-    parser.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose job died")
-    parser.add_argument("--nodes", type=int, default=1, help="per trial")
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="per trial; 0 = train on CPU")
-    parser.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU, or 1")
-    parser.add_argument("--cpus-per-task", type=int, default=None)
-    parser.add_argument("--mem-gb", type=float, default=None)
-    parser.add_argument("--partition", default=None)
-    parser.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit of each trial job")
-    parser.add_argument("--no-wait", action="store_true", help="submit and exit (SLURM); rerun later for the report")
-    parser.add_argument("--wait-timeout-min", type=float, default=0, help="stop waiting after this long (0 = never)")
-    parser.add_argument("--poll-s", type=float, default=10.0)
-    parser.add_argument("--dead-grace-s", type=float, default=60.0,
-                        help="a trial's job must be gone this long before the trial is failed and retried")
+    parser.add_argument("--storage", default="", metavar="URL", help="a database URL for very large sweeps, e.g. "
+                        "postgresql://user@host/db (default: a journal file in the sweep dir)")
+    parser.add_argument("--max-retries", type=int, default=2, metavar="N",
+                        help="retries of a trial whose job died (default: %(default)s)")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes per trial (default: %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=0, metavar="N",
+                        help="GPUs per node of a trial; 0 trains on CPU (default: %(default)s)")
+    parser.add_argument("--tasks-per-node", type=int, default=None, metavar="N",
+                        help="processes per node of a trial (default: one per GPU, or 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=None, metavar="N",
+                        help="SLURM CPUs per process (default: the cluster's)")
+    parser.add_argument("--mem-gb", type=float, default=None, metavar="GB",
+                        help="SLURM memory per node (default: the cluster's)")
+    parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    parser.add_argument("--timeout-min", type=int, default=24 * 60, metavar="MIN",
+                        help="SLURM time limit of each trial job, in minutes (default: %(default)s, one day)")
+    parser.add_argument("--no-wait", action="store_true", help="SLURM: submit the trial jobs and exit; run the same "
+                        "command again later for the report (default: wait for the sweep to finish)")
+    parser.add_argument("--wait-timeout-min", type=float, default=0, metavar="MIN",
+                        help="stop waiting after this many minutes, the jobs go on (default: 0, never)")
+    parser.add_argument("--poll-s", type=float, default=10.0, metavar="S",
+                        help="seconds between looks at the study and the jobs (default: %(default)g)")
+    parser.add_argument("--dead-grace-s", type=float, default=60.0, metavar="S",
+                        help="a trial's job must be gone this many seconds before the trial is failed and retried "
+                             "(default: %(default)g)")
     parser.add_argument("--run-trial", action="store_true", help=argparse.SUPPRESS)  # a local trial process
     args = parser.parse_args(argv)
     if args.sweep_dir is None:
@@ -286,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             run_trial(args.sweep_dir.resolve(), current_owner())
             return 0
         settings = create_or_resume(args)
-        return drive(settings, wait=not args.no_wait or args.executor == "local", poll_s=args.poll_s,
+        return drive(settings, wait=not args.no_wait or settings.executor == "local", poll_s=args.poll_s,
                      dead_grace_s=args.dead_grace_s, timeout_min=args.wait_timeout_min)
     except (ConfigError, SweepError) as error:
         log.error("%s", error)

@@ -11,13 +11,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from csi_dist.domain import CSV_SEPARATOR
 from csi_dist.files import atomic_write_json
 from csi_dist.provenance import read_provenance
 
 log = logging.getLogger(__name__)
 
 
-def _format_value(value: object) -> str:
+def format_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
@@ -48,10 +49,12 @@ def retrain_command(settings, best_params_path: Path) -> str:
     return shlex.join(words)
 
 
-def plot_history(study: optuna.Study, path: Path, objective: str) -> None:
+def history_figure(study: optuna.Study, objective: str):
+    """The optimisation history: each trial's value and the best so far, one whole-number tick per trial shown."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -71,12 +74,19 @@ def plot_history(study: optuna.Study, path: Path, objective: str) -> None:
             best = max(best, t.value) if maximize else min(best, t.value)
             line.append((t.number, best))
         axis.step(*zip(*line), where="post", color="tab:green", label="best so far")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # no trial 0.25
     axis.set_xlabel("trial")
     axis.set_ylabel(f"val {objective}")
     axis.set_title(f"optimisation history of {study.study_name}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_history(study: optuna.Study, path: Path, objective: str) -> None:
+    import matplotlib.pyplot as plt
+    figure = history_figure(study, objective)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -86,7 +96,7 @@ def write_report(study: optuna.Study, settings, space) -> Path | None:
     sweep_dir = Path(settings.sweep_dir)
     rows = _trial_rows(study)
     with open(sweep_dir / "trials.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"], delimiter=CSV_SEPARATOR)
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "params": json.dumps(row["params"], sort_keys=True)})
@@ -111,7 +121,7 @@ def write_report(study: optuna.Study, settings, space) -> Path | None:
             # where the best model came from: code, packages, data and config hashes, job segments (its run's record)
             "provenance": read_provenance(Path(best.user_attrs["run_dir"])) if best.user_attrs.get("run_dir") else {}})
         lines += [f"**Best trial {best.number}**: val_{space.objective} = {best.value:.6f}", "",
-                  "Parameters:", ""] + [f"- `{key}` = {_format_value(value)}" for key, value in best_params.items()]
+                  "Parameters:", ""] + [f"- `{key}` = {format_value(value)}" for key, value in best_params.items()]
         lines += ["", "Train the final model with them:", "", "```", retrain_command(settings, best_path), "```", ""]
     else:
         lines += ["No trial completed, so there is no best_params.json.", ""]
@@ -120,14 +130,13 @@ def write_report(study: optuna.Study, settings, space) -> Path | None:
               "| trial | state | value | last reported | epochs | requeues | job | params |",
               "|---:|---|---:|---:|---:|---:|---|---|"]
     for row in rows:
-        params = ", ".join(f"{key}={_format_value(value)}" for key, value in row["params"].items())
+        params = ", ".join(f"{key}={format_value(value)}" for key, value in row["params"].items())
         note = f" (retry of {row['retry_of']})" if row["retry_of"] is not None else ""
-        lines.append(f"| {row['trial']}{note} | {row['state']} | {_format_value(row['value'] if row['value'] is not None else '')} | "
-                     f"{_format_value(row['last_reported'] if row['last_reported'] is not None else '')} | "
+        lines.append(f"| {row['trial']}{note} | {row['state']} | {format_value(row['value'] if row['value'] is not None else '')} | "
+                     f"{format_value(row['last_reported'] if row['last_reported'] is not None else '')} | "
                      f"{row['epochs_reported']} | {row['requeues']} | {row['job']} | {params} |")
     failed = [row for row in rows if row["fail_reason"]]
     if failed:
         lines += ["", "Failures:", ""] + [f"- trial {row['trial']}: {row['fail_reason']}" for row in failed]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log.info("sweep report: %s", sweep_dir / "report.md")
     return best_path if complete else None

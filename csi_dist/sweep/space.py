@@ -54,6 +54,20 @@ class Parameter:
     when: dict[str, list] = field(default_factory=dict)
     otherwise: object = None
 
+    def describe(self) -> str:
+        """The parameter's range in words, e.g. ``0.1 .. 1 (log scale)`` or ``one of adam, sgd``."""
+        if self.kind == "categorical":
+            text = "one of " + ", ".join(str(choice) for choice in self.choices)
+        else:
+            text = f"{self.kind} {self.low:g} .. {self.high:g}"
+            text += f" in steps of {self.step:g}" if self.step else ""
+            text += " (log scale)" if self.log else ""
+        if self.when:
+            text += "; only when " + " and ".join(f"{key} is {' or '.join(map(str, values))}"
+                                                  for key, values in self.when.items())
+            text += f", else {self.otherwise}" if self.otherwise is not None else ""
+        return text
+
     def suggest(self, trial: optuna.Trial) -> object:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, self.choices)
