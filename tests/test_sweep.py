@@ -213,7 +213,8 @@ def fake_slurm_commands(bin_dir: Path, ping_output: str | None) -> None:
     bin_dir.mkdir()
     if ping_output is None:
         return
-    for name, body in (("sbatch", "exit 0"), ("scontrol", f"echo '{ping_output}'; [ {int('UP' not in ping_output)} = 0 ]")):
+    ping_status = 0 if "UP" in ping_output else 1  # scontrol ping fails when no controller answers
+    for name, body in (("sbatch", "exit 0"), ("scontrol", f"echo '{ping_output}'; exit {ping_status}")):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
 

@@ -283,8 +283,8 @@ def drive(settings: SweepSettings, wait: bool, poll_s: float, dead_grace_s: floa
 
 
 # ------------------------------------------------------------------------------------------------ command line
-EXECUTOR_HELP = ("where the trials run: slurm (each trial a job of a job array) or local (each trial a process on this "
-                 "machine). Default: slurm where this machine can submit jobs (sbatch on PATH and the SLURM "
+EXECUTOR_HELP = ("where the trials run: slurm (each trial a job of a job array) or local (each trial a process on "
+                 "this machine). Default: slurm where this machine can submit jobs (sbatch on PATH and the SLURM "
                  "controller answers `scontrol ping`), otherwise local, so that a laptop sweeps without SLURM; the "
                  "opening summary says which executor runs and why. A restarted sweep keeps the executor it started "
                  "with unless this is given")
