@@ -151,3 +151,26 @@ def test_file_neither_utf8_nor_cp1252_is_a_label_error(tmp_path):
         read_label_csv(csv_path)
     message = str(error.value)
     assert str(csv_path) in message and "cp1252" in message and "line 3" in message
+
+
+def test_every_bad_row_is_named_in_one_error(tmp_path):
+    """A user used to fix one row per run (the first only); now one run names every bad row."""
+    csv_path = write_csv(tmp_path / "labels.csv", [
+        label_row("1"), label_row("2", (0, 7, 0, 0, 0, 0)), label_row("3"), label_row("4", csi="high"),
+        label_row("1"), label_row("6")])
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{csv_path}: 3 bad rows, fix them all and run again:"
+    assert [line.strip().split(":")[0] for line in lines[1:]] == [
+        "line 3, column left_sup", "line 5, column csi",
+        "duplicate FileID '1' on lines 2 and 6; expected one row per image"]
+
+
+def test_bad_rows_past_the_limit_are_counted(tmp_path):
+    csv_path = write_csv(tmp_path / "labels.csv", [label_row(str(row), (9, 0, 0, 0, 0, 0)) for row in range(25)])
+    with pytest.raises(LabelError) as error:
+        read_label_csv(csv_path)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("25 bad rows, fix them all and run again:") and len(lines) == 1 + 20 + 1
+    assert lines[-2].strip().startswith("line 21, column right_sup") and lines[-1] == "  ... and 5 more"

@@ -123,6 +123,29 @@ def test_cli_bad_csv_exits_2_with_message(tmp_path, caplog):
     assert "line 3, column left_sup" in caplog.text and "Traceback" not in caplog.text
 
 
+def test_cli_names_every_bad_csv_row_in_one_run(tmp_path, caplog):
+    rows = [label_row("1", (0, 9, 0, 0, 0, 0)), label_row("2"), label_row("3", csi="x"), label_row("4", ("a",) * 6)]
+    csv_path = write_csv(tmp_path / "labels.csv", rows)
+    (tmp_path / "images").mkdir()
+    code = main(["write", "--csv", str(csv_path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "3 bad rows" in caplog.text
+    for named in ("line 2, column left_sup", "line 4, column csi", "line 5, column right_sup"):
+        assert named in caplog.text
+
+
+def test_cli_checks_out_before_reading_the_csv(phantom, tmp_path, caplog):
+    """An --out that already has shards is the error a user sees first, not the CSV's (fixed, then refused)."""
+    common = ["--images", str(phantom.parent / "images"), "--size", "16", "--workers", "1", "--out", str(tmp_path / "a")]
+    assert main(["write", "--csv", str(phantom), *common]) == 0
+    bad_csv = write_csv(tmp_path / "bad.csv", [label_row("1", (0, 9, 0, 0, 0, 0))])
+    caplog.clear()
+    assert main(["write", "--csv", str(bad_csv), *common]) == 2
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [f"{tmp_path / 'a'}: already holds shards (manifest.json or */shard-*.tar); choose another --out "
+                      f"or pass --overwrite"]
+
+
 def test_cli_encoding_reads_excel_cp1252_csv_and_finds_images_of_text_ids(tmp_path, caplog):
     images = tmp_path / "images"
     images.mkdir()

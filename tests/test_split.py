@@ -1,6 +1,8 @@
 """Patient-level split: determinism, no leakage, proportions and split-file reuse."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,6 +50,16 @@ def test_without_patient_column_each_image_is_its_own_group():
     for name, fraction in zip(("train", "val", "test"), (0.7, 0.15, 0.15)):
         assert abs(counts[name] - fraction * len(labels)) <= 2
     assert (split[PATIENT_COLUMN] == "").all()
+
+
+def test_rare_grade_mixes_are_explained_in_plain_words(caplog):
+    with caplog.at_level(logging.INFO, logger="csi_dist.data.split"):
+        split_patients(make_labels(30))
+    message = next(record.getMessage() for record in caplog.records if "rare" in record.getMessage())
+    assert message.startswith("split: train, val and test get the same mix of grades, except for 4 rare mix(es) with "
+                              "fewer than 7 patients each (mean grade 1, no unknown zone; ")
+    assert message.endswith("so their patients are shared out together")
+    assert "strat" not in message and "pooling" not in message and "g1-u0" not in message
 
 
 def test_tiny_dataset_is_split_without_error():

@@ -30,6 +30,7 @@ EMPTY_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null"})
 # What Excel on Windows writes when a CSV is not saved as UTF-8.
 FALLBACK_ENCODING = "cp1252"
 CSI_MISMATCH_TOLERANCE = 0.01
+ROW_ERRORS_SHOWN = 20  # bad rows named in one error before "and N more"
 
 
 class LabelError(ValueError):
@@ -124,6 +125,41 @@ def _check_header(header: list[str], path: Path) -> None:
     raise LabelError(f"{path}: line 1: missing required column(s) {missing}; columns found: {header}.{hint}")
 
 
+def _parse_row(fields: list[str], header: list[str], column_index: dict[str, int], line: int,
+               first_line_of: dict[str, int]) -> dict:
+    """One data row as a record; LabelError naming the line (and column) when it is not valid."""
+    if len(fields) != len(header):
+        raise LabelError(f"line {line}: found {len(fields)} fields, expected {len(header)} "
+                         f"(one per header column, separated by {CSV_SEPARATOR!r})")
+    file_id = fields[column_index[FILE_ID_COLUMN]].strip()
+    if not file_id:
+        raise LabelError(f"line {line}, column {FILE_ID_COLUMN}: empty FileID; expected an image id")
+    if file_id in first_line_of:
+        raise LabelError(f"duplicate {FILE_ID_COLUMN} {file_id!r} on lines {first_line_of[file_id]} and {line}; "
+                         f"expected one row per image")
+    first_line_of[file_id] = line
+    record = {FILE_ID_COLUMN: file_id}
+    for zone in ZONE_NAMES:
+        record[zone] = _parse_zone(fields[column_index[zone]], f"line {line}, column {zone}")
+    zones = [record[zone] for zone in ZONE_NAMES]
+    record[CSI_COLUMN] = _parse_csi(fields[column_index[CSI_COLUMN]], zones, f"line {line}, column {CSI_COLUMN}")
+    if PATIENT_COLUMN in column_index:
+        record[PATIENT_COLUMN] = fields[column_index[PATIENT_COLUMN]].strip() or None
+    if AHF_COLUMN in column_index:
+        record[AHF_COLUMN] = _parse_ahf(fields[column_index[AHF_COLUMN]], f"line {line}, column {AHF_COLUMN}")
+    record[LINE_COLUMN] = line
+    return record
+
+
+def _rows_message(path: Path, problems: list[str]) -> str:
+    """One bad row: its message as it is; several: all of them (up to ROW_ERRORS_SHOWN), one per line."""
+    if len(problems) == 1:
+        return f"{path}: {problems[0]}"
+    more = (f"\n  ... and {len(problems) - ROW_ERRORS_SHOWN} more" if len(problems) > ROW_ERRORS_SHOWN else "")
+    return (f"{path}: {len(problems)} bad rows, fix them all and run again:\n  "
+            + "\n  ".join(problems[:ROW_ERRORS_SHOWN]) + more)
+
+
 def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
                    encoding: str | None = None) -> pd.DataFrame:
     """Read a label CSV and return one row per image, in file order.
@@ -134,7 +170,8 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
 
     Coding rules: an empty/NaN zone is 4 (unknown); "2.0" is read as 2; an explicit 4 is accepted as unknown.
     An empty csi is computed as the mean of the graded (non-unknown) zones, NaN when no zone is graded.
-    Any other value, a missing required column, a duplicate FileID or a file without data rows raises `LabelError`.
+    Any other value, a missing required column, a duplicate FileID or a file without data rows raises `LabelError`;
+    bad rows are all named in one error (the first ROW_ERRORS_SHOWN, then how many more).
     FileID and patient_id are text exactly as written (surrounding whitespace stripped): "20200101.00" and
     "00123" stay as they are, since they name image files. Rows whose FileID is in `exclude_ids` are dropped.
     `encoding` None reads UTF-8 with or without BOM and falls back to cp1252 with a warning; a given encoding
@@ -150,34 +187,19 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
         has_ahf = AHF_COLUMN in column_index
         records: list[dict] = []
         first_line_of: dict[str, int] = {}
-        line = 1
+        problems: list[str] = []  # every bad row, so one run names them all
         for fields in reader:
             line = reader.line_num
             if not any(field.strip() for field in fields):
                 continue
-            if len(fields) != len(header):
-                raise LabelError(f"{path}: line {line}: found {len(fields)} fields, expected {len(header)} "
-                                 f"(one per header column, separated by {CSV_SEPARATOR!r})")
-            file_id = fields[column_index[FILE_ID_COLUMN]].strip()
-            if not file_id:
-                raise LabelError(f"{path}: line {line}, column {FILE_ID_COLUMN}: empty FileID; expected an image id")
-            if file_id in first_line_of:
-                raise LabelError(f"{path}: duplicate {FILE_ID_COLUMN} {file_id!r} on lines "
-                                 f"{first_line_of[file_id]} and {line}; expected one row per image")
-            first_line_of[file_id] = line
-            record = {FILE_ID_COLUMN: file_id}
-            for zone in ZONE_NAMES:
-                record[zone] = _parse_zone(fields[column_index[zone]], f"{path}: line {line}, column {zone}")
-            zones = [record[zone] for zone in ZONE_NAMES]
-            record[CSI_COLUMN] = _parse_csi(fields[column_index[CSI_COLUMN]], zones,
-                                            f"{path}: line {line}, column {CSI_COLUMN}")
-            if has_patient:
-                record[PATIENT_COLUMN] = fields[column_index[PATIENT_COLUMN]].strip() or None
-            if has_ahf:
-                record[AHF_COLUMN] = _parse_ahf(fields[column_index[AHF_COLUMN]],
-                                                f"{path}: line {line}, column {AHF_COLUMN}")
-            record[LINE_COLUMN] = line
+            try:
+                record = _parse_row(fields, header, column_index, line, first_line_of)
+            except LabelError as error:
+                problems.append(str(error))
+                continue
             records.append(record)
+    if problems:
+        raise LabelError(_rows_message(path, problems))
     if not records:
         raise LabelError(f"{path}: no data rows after the header; expected one row per image")
     columns = [FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN]

@@ -154,13 +154,21 @@ def shard_entry(out_dir: Path, shard_path: Path) -> dict:
             "bytes": shard_path.stat().st_size, "sha256": file_sha256(shard_path), "samples": index_to_json(samples)}
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix with an earlier write unless `overwrite`; then drop its manifest FIRST, then its shards."""
+def _earlier_shards(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The shard files of an earlier write in `out_dir`; ShardWriteError when there is one and not `overwrite`
+    (checked before the CSV is read, so a user is not made to fix the CSV first)."""
     manifest = out_dir / MANIFEST_NAME
     old_shards = [path for split in SPLIT_NAMES for path in sorted((out_dir / split).glob("shard-*.tar"))]
     if (manifest.exists() or old_shards) and not overwrite:
         raise ShardWriteError(f"{out_dir}: already holds shards ({MANIFEST_NAME} or */shard-*.tar); "
                               f"choose another --out or pass --overwrite")
+    return old_shards
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix with an earlier write unless `overwrite`; then drop its manifest FIRST, then its shards."""
+    manifest = out_dir / MANIFEST_NAME
+    old_shards = _earlier_shards(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
     for path in old_shards:
@@ -220,6 +228,7 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
                               f"samples_per_shard={samples_per_shard}; expected positive size and count, quality 1-100")
     csv_path, images_dir, out_dir = Path(csv_path), Path(images_dir), Path(out_dir)
     workers = workers or available_cores()
+    _earlier_shards(out_dir, overwrite)
     labels = read_label_csv(csv_path, exclude_ids, encoding=csv_encoding)
     split = apply_split_file(labels, split_file) if split_file else split_patients(labels, split_fractions, split_seed)
     labels = labels.assign(**{SPLIT_COLUMN: split[SPLIT_COLUMN].to_numpy(), "key": sample_keys(labels[FILE_ID_COLUMN])})

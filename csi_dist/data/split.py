@@ -65,15 +65,24 @@ def _check_fractions(fractions) -> tuple[float, ...]:
     return fractions
 
 
-def _pool_small_strata(strata: pd.Series, fractions: tuple[float, ...]) -> pd.Series:
+def _pool_small_strata(strata: pd.Series, fractions: tuple[float, ...], unit: str = "patients") -> pd.Series:
     """Merge strata too small to give every non-empty split one group into a single pooled stratum."""
     min_size = math.ceil(1.0 / min(fraction for fraction in fractions if fraction > 0))
     sizes = strata.value_counts()
     small = sorted(sizes[sizes < min_size].index)
     if small:
-        logger.info("split: pooling %d stratum/strata with fewer than %d groups (%s) into one", len(small), min_size,
-                    ", ".join(small))
+        logger.info("split: train, val and test get the same mix of grades, except for %d rare mix(es) with fewer "
+                    "than %d %s each (%s): too few to give every split one, so their %s are shared out together",
+                    len(small), min_size, unit, "; ".join(describe_stratum(stratum) for stratum in small), unit)
     return strata.where(~strata.isin(small), POOLED_STRATUM)
+
+
+def describe_stratum(stratum: str) -> str:
+    """A `patient_strata` label in words: "g2-u1" -> "mean grade 2, about 1 unknown zone per image"."""
+    grade, unknown = stratum[1:].split("-u")
+    graded = "no zone graded" if grade == "x" else f"mean grade {grade}"
+    unknowns = {"0": "no unknown zone", "1": "about 1 unknown zone per image", "2": "2 or more unknown zones per image"}
+    return f"{graded}, {unknowns[unknown]}"
 
 
 def _stratum_counts(size: int, fractions: tuple[float, ...], target: np.ndarray, assigned: np.ndarray) -> np.ndarray:
@@ -98,7 +107,8 @@ def split_patients(labels: pd.DataFrame, fractions=DEFAULT_FRACTIONS, seed: int 
     """
     fractions = _check_fractions(fractions)
     groups = patient_groups(labels)
-    strata = _pool_small_strata(patient_strata(labels, groups), fractions)
+    strata = _pool_small_strata(patient_strata(labels, groups), fractions,
+                                "patients" if PATIENT_COLUMN in labels else "images")
     rng = np.random.default_rng(seed)
     split_of_group: dict[str, str] = {}
     assigned = np.zeros(len(SPLIT_NAMES), dtype=int)
