@@ -291,3 +291,30 @@ def test_demo_runs_without_other_arguments(tmp_path, monkeypatch):
     assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0
     assert verify_shards(tmp_path / "data" / "demo_shards").all_intact
     assert main(["--demo", "12", "--size", "16", "--workers", "1"]) == 0  # re-running replaces the demo
+
+
+def test_help_shows_every_default_in_user_words(capsys):
+    """`write --help` used to hide --size 512, --seed 42, --split-fractions and --shard-max-mb's value."""
+    import argparse
+
+    from csi_dist.data.shards import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, command in [("csi-shards", parser), *commands.choices.items()]:
+        for action in command._actions:
+            default = action.default
+            if default in (None, False, "", argparse.SUPPRESS) or action.help == argparse.SUPPRESS:
+                continue
+            shown = " ".join(f"{value:g}" for value in default) if isinstance(default, tuple) else (
+                f"{default:g}" if isinstance(default, float) else str(default))
+            assert shown in action.help and "default" in action.help, (name, action.option_strings, action.help)
+        assert not any(re.fullmatch(r"[A-Z_]+", str(action.metavar or "")) and "_" in str(action.metavar)
+                       for action in command._actions), name  # no DEMO_OUT-style names of internal variables
+    with pytest.raises(SystemExit):
+        main(["write", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--size PIXELS side of the square images stored in the shards (default 512)",
+                     "(default 42)", "(default 0.7 0.15 0.15)", "--shard-max-mb MB close a shard once it holds this "
+                     "many MB (default 256)", "(default 95)"):
+        assert expected in text

@@ -545,45 +545,61 @@ def write_demo(out_dir: str | Path = DEFAULT_DEMO_OUT, n_images: int = DEFAULT_D
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="csi-shards", description="Write and verify CSI WebDataset shards.",
+        prog="csi-shards", description="Write CSI WebDataset shards, say whether they are usable, draw samples.",
         epilog="Quick start: csi-shards --demo 200  (phantom data into data/demo_shards)")
     parser.add_argument("--demo", type=int, nargs="?", const=DEFAULT_DEMO_IMAGES, metavar="N",
                         help=f"generate N phantom images (default {DEFAULT_DEMO_IMAGES}) under OUT/raw and shard them")
-    parser.add_argument("--out", dest="demo_out", type=Path, default=DEFAULT_DEMO_OUT,
+    parser.add_argument("--out", dest="demo_out", type=Path, default=DEFAULT_DEMO_OUT, metavar="DIR",
                         help=f"--demo output directory (default {DEFAULT_DEMO_OUT})")
-    parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE,
-                        help=f"--demo image size (default {DEFAULT_DEMO_SIZE})")
-    parser.add_argument("--workers", dest="demo_workers", type=int, help="--demo worker processes (default: all cores)")
+    parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE, metavar="PIXELS",
+                        help=f"--demo image side (default {DEFAULT_DEMO_SIZE})")
+    parser.add_argument("--workers", dest="demo_workers", type=int, metavar="N", help="--demo worker processes (default: all cores)")
     parser.add_argument("--demo-format", choices=IMAGE_EXTENSIONS, default="png",
                         help="--demo image format (default png; npy: raw arrays, nothing to decode)")
     commands = parser.add_subparsers(dest="command", metavar="{write,verify,show}")
 
-    write = commands.add_parser("write", help="write shards from a label CSV and an image directory")
+    write = commands.add_parser("write", help="write shards from a label CSV and an image directory",
+                                description="Write shards, split.csv and manifest.json from a label CSV and its "
+                                            "images. Bad CSV rows are all named in one error; an --out that already "
+                                            "holds shards is refused before the CSV is read.")
     write.add_argument("--csv", type=Path, required=True, help="label CSV (';'-separated, FileID + 6 zones + csi)")
     write.add_argument("--encoding", help="encoding of --csv, e.g. utf-8 or cp1252 (default: UTF-8 with or without "
                        "BOM, else cp1252 with a warning)")
     write.add_argument("--images", type=Path, required=True, help="directory of <FileID>.png/.jpg/.dcm/.nii.gz")
     write.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
-    write.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image side in pixels")
+    write.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, metavar="PIXELS",
+                       help=f"side of the square images stored in the shards (default {DEFAULT_IMAGE_SIZE})")
     write.add_argument("--image-format", choices=IMAGE_EXTENSIONS, default="png",
                        help="png (default, lossless), jpg, or npy: raw uint8 arrays, lossless, no decoding in the "
                             "loader, about 1.5x the bytes (for few CPU cores per GPU; see BENCHMARKS.md)")
-    write.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
+    write.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, metavar="1-100",
+                       help=f"JPEG quality with --image-format jpg (default {DEFAULT_JPEG_QUALITY})")
     sizing = write.add_mutually_exclusive_group()
-    sizing.add_argument("--shard-max-mb", type=float, default=DEFAULT_SHARD_MAX_MB,
-                        help="close a shard once it holds this many MB (default)")
-    sizing.add_argument("--samples-per-shard", type=int, help="close a shard after this many samples instead")
-    write.add_argument("--workers", type=int, help="decode/encode processes (default: all usable cores)")
-    write.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed")
+    sizing.add_argument("--shard-max-mb", type=float, default=DEFAULT_SHARD_MAX_MB, metavar="MB",
+                        help=f"close a shard once it holds this many MB (default {DEFAULT_SHARD_MAX_MB:g})")
+    sizing.add_argument("--samples-per-shard", type=int, metavar="N",
+                        help="close a shard after N samples instead of by size")
+    write.add_argument("--workers", type=int, metavar="N", help="decode/encode processes (default: all usable cores)")
+    write.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help=f"seed of the train/val/test split: the same seed and CSV give the same split "
+                            f"(default {DEFAULT_SEED})")
     write.add_argument("--split-fractions", type=float, nargs=3, default=DEFAULT_FRACTIONS,
-                       metavar=("TRAIN", "VAL", "TEST"))
-    write.add_argument("--split-file", type=Path, help="reuse this split.csv instead of computing a split")
-    write.add_argument("--exclude-ids", default="", help="comma-separated FileIDs to leave out")
+                       metavar=("TRAIN", "VAL", "TEST"),
+                       help=f"share of the patients in each split, summing to 1 (default "
+                            f"{' '.join(f'{fraction:g}' for fraction in DEFAULT_FRACTIONS)})")
+    write.add_argument("--split-file", type=Path, metavar="FILE",
+                       help="reuse this split.csv (of an earlier write) instead of computing a split")
+    write.add_argument("--exclude-ids", default="", metavar="IDS", help="comma-separated FileIDs to leave out")
     write.add_argument("--strict", action="store_true", help="fail instead of skipping missing/corrupt images")
     write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
 
-    verify = commands.add_parser("verify", help="check every shard of a manifest (exit 1 on any problem)")
-    verify.add_argument("directory", type=Path)
+    verify = commands.add_parser(
+        "verify", help="say whether the shards are usable, as training and evaluation will read them",
+        description="Check every shard against the manifest as the reader reads it, and give one verdict per changed "
+                    "shard and one for the whole set: usable (every sample reads intact), usable with N damaged "
+                    "samples (named: they are skipped when read), or unusable. Exit 0 when every sample reads intact, "
+                    "1 otherwise.")
+    verify.add_argument("directory", type=Path, help="shard directory (holds manifest.json)")
 
     show = commands.add_parser("show", help="draw a PNG grid of samples, as the model sees them, with their grades")
     show.add_argument("directory", type=Path, nargs="?", help="shard directory (or give --csv and --images)")
