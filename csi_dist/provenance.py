@@ -8,6 +8,7 @@ a copy, so a checkpoint says where it came from on its own. Torch-free: `python 
 """
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -18,7 +19,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from csi_dist.config import Config, config_to_dict
 from csi_dist.files import atomic_write_json
+from csi_dist.redaction import redact
 
 PROVENANCE_NAME = "provenance.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +106,24 @@ def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
     return found
 
 
+def config_changes(saved_config: Path, config: Config) -> list[str] | None:
+    """Key by key, what `config` changes of the config a run saved in `saved_config` (its resolved_config.ini), as
+    `optimization.learning_rate 0.003 -> 0.01`; None when there is no readable saved config to compare with."""
+    current = {section: {key: redact(str(value)) for key, value in values.items()}  # as save_config writes them
+               for section, values in config_to_dict(config).items()}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(Path(saved_config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, configparser.Error):
+        return None
+    saved = {section.lower(): dict(parser[section]) for section in parser.sections()}
+    return [f"{section}.{key} {saved.get(section, {}).get(key, '(unset)')} -> {values.get(key, '(unset)')}"
+            for section in sorted(set(saved) | set(current))
+            for values in [current.get(section, {})]
+            for key in sorted(set(saved.get(section, {})) | set(values))
+            if saved.get(section, {}).get(key) != values.get(key)]
+
+
 class ProvenanceRecord:
     """Rank 0's record of the run: the origin once, then this segment, updated at every save."""
 
@@ -118,8 +139,11 @@ class ProvenanceRecord:
         self.segment = segment
         self.write()
 
-    def update(self, step: int, outcome: str = "running") -> dict:
+    def update(self, step: int, outcome: str = "running", finished: bool = False) -> dict:
+        """`finished`: the run's end is recorded (its last checkpoint and weights are written): a rerun is complete."""
         self.segment.update(end_step=step, ended_utc=now_utc(), outcome=outcome)
+        if finished:
+            self.segment["finished"] = True
         self.write()
         return self.data
 

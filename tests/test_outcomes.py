@@ -75,13 +75,13 @@ def test_no_config_is_an_error_and_debug_runs_write_their_own_directory(phantom_
                  "--set", f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]) == 0
     assert not real.exists()  # the real run's checkpoints and weights are never touched by --debug
     assert (tmp_path / "demo-debug" / "weights" / "last.safetensors").is_file()
-    # rerun: the debug run resumes its own finished run (no step); --resume never is refused there as anywhere
+    # rerun: the debug run's own finished run is complete (nothing trained); --resume never is refused there as anywhere
     # (the trainer's logging replaces caplog's handler: its lines are read from stderr)
     debug = ["--config", "configs/demo.ini", "--run-dir", str(real), "--debug", "--set",
              f"data.shard_dir={phantom_shards}", "--set", "data.image_size=32"]
     capsys.readouterr()
     assert main(debug) == 0
-    assert f"resumed from {tmp_path / 'demo-debug'}/checkpoints/step-00000003" in capsys.readouterr().err
+    assert f"the run in {tmp_path / 'demo-debug'} is complete" in capsys.readouterr().err
     assert main([*debug, "--resume", "never"]) == EXIT_CONFIG_ERROR
     assert f"{tmp_path / 'demo-debug'} already holds a run" in capsys.readouterr().err and not real.exists()
 

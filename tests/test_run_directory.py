@@ -109,6 +109,68 @@ def test_a_requeued_slurm_job_continues_the_run_it_started_whatever_its_resume_o
     assert plan_start(tmp_path / "unused", "never", {"SLURM_JOB_ID": "4242"}) == ("never", False)
 
 
+def end_not_recorded(run_dir: Path) -> None:
+    """The run's provenance as a kill after its final checkpoint, before the end of the run was recorded, leaves it."""
+    provenance = json.loads((run_dir / PROVENANCE_NAME).read_text())
+    provenance["segments"][-1].update(outcome="running", finished=False)
+    atomic_write_json(run_dir / PROVENANCE_NAME, provenance)
+
+
+def test_a_finished_run_rerun_says_it_is_complete_and_trains_and_saves_nothing(used_run, phantom_shards, capsys):
+    """SLURM requeues and sweeps rerun the same command: a finished run stays finished (exit 0, nothing written), and
+    says so with where its weights are and what to run next; a changed config is named key by key, not applied."""
+    before = files_of(used_run)
+    same = ["--config", str(used_run / "resolved_config.ini"), "--run-dir", str(used_run)]
+    capsys.readouterr()
+    assert main(same) == 0
+    logged = capsys.readouterr().err
+    assert f"the run in {used_run} is complete (all 1 epoch(s) trained, 15 optimizer steps; best val_loss " \
+           in logged, logged
+    assert "resumed from" not in logged and "epoch 0: val_loss" not in logged
+    assert f"weights: {used_run}/weights/best.safetensors (best" in logged
+    assert f"{used_run}/weights/last.safetensors (last)" in logged
+    assert f"next: python -m csi_dist.evaluate --run-dir {used_run}; " \
+           f"python -m csi_dist.predict --run-dir {used_run} --images DIR" in logged
+    assert files_of(used_run) == before  # no new checkpoint, segment, weights or config
+
+    assert main([*same, "--set", "optimization.learning_rate=0.01"]) == 0  # what ended it is unchanged
+    logged = capsys.readouterr().err
+    assert f"the run in {used_run} is complete" in logged
+    assert "optimization.learning_rate 0.002 -> 0.01" in logged
+    assert files_of(used_run) == before
+
+    # more epochs: the run continues, saying so and naming what changed (one more step: max_steps 16)
+    assert main([*same, "--set", "training.n_epochs=2", "--set", "training.max_steps=16",
+                 "--set", "optimization.learning_rate=0.01", "--set", "training.num_workers=0"]) == 0
+    logged = capsys.readouterr().err
+    changed = next(line for line in logged.splitlines() if "optimization.learning_rate 0.002 -> 0.01" in line)
+    assert "training.n_epochs 1 -> 2" in changed and "training.max_steps 0 -> 16" in changed, changed
+    assert "config_sha256" not in logged  # the keys, not two hashes
+    assert f"continuing the run in {used_run} from step 15 (epoch 1); --resume fresh starts over" in logged
+    assert "training finished (completed) after 16 optimizer steps; best val_loss " in logged
+    assert f"next: python -m csi_dist.evaluate --run-dir {used_run}; " in logged
+    assert sorted(path.name for path in (used_run / "checkpoints").iterdir())[-1] == "step-00000016"
+
+
+def test_a_run_is_finished_where_its_recorded_end_is_the_end_its_settings_ask_for(tmp_path):
+    from csi_dist.training.run_directory import finished_because
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "weights" / "last.safetensors").touch()
+    atomic_write_json(run_dir / PROVENANCE_NAME, {"segments": [{"end_step": 30, "finished": True}]})
+    state = {"epoch": 2, "global_step": 30, "early_stopping": {"evaluations_without_improvement": 2}}
+    assert finished_because(run_dir, state, n_epochs=2, max_steps=0, patience=0) == "all 2 epoch(s) trained"
+    assert finished_because(run_dir, state, n_epochs=3, max_steps=30, patience=0) == "training.max_steps = 30 reached"
+    assert finished_because(run_dir, state, n_epochs=3, max_steps=0, patience=2).startswith("early stopped")
+    assert finished_because(run_dir, state, n_epochs=3, max_steps=40, patience=3) is None  # more to train
+    # killed after its last checkpoint: its end never recorded (running), or its last weights never written
+    atomic_write_json(run_dir / PROVENANCE_NAME, {"segments": [{"end_step": 30, "outcome": "running"}]})
+    assert finished_because(run_dir, state, n_epochs=2, max_steps=0, patience=0) is None
+    atomic_write_json(run_dir / PROVENANCE_NAME, {"segments": [{"end_step": 30, "finished": True}]})
+    (run_dir / "weights" / "last.safetensors").unlink()
+    assert finished_because(run_dir, state, n_epochs=2, max_steps=0, patience=0) is None
+
+
 def test_best_weights_always_agree_with_the_checkpoint_a_resume_restores(used_run, phantom_shards):
     """A kill after an evaluation wrote weights/best.safetensors but before a checkpoint recorded it (or after the
     checkpoint, before the best was published): the resumed run's best file is the one its restored state names.
@@ -121,10 +183,12 @@ def test_best_weights_always_agree_with_the_checkpoint_a_resume_restores(used_ru
     planted = {key: value * 2 for key, value in load_file(str(weights / "last.safetensors")).items()}
     save_file(planted, str(weights / "best.safetensors"))  # a best no checkpoint knows of
     config = ["--config", str(used_run / "resolved_config.ini"), "--run-dir", str(used_run), *TINY]
-    assert main(config) == 0  # resumes the finished run: no step, the final save again
+    end_not_recorded(used_run)  # killed before the run's end was recorded: the rerun resumes and finishes it
+    assert main(config) == 0  # resumes the run at its last step: no step, the final save again
     assert tensors_equal(weights / "best.safetensors", weights / "last.safetensors")
 
     (weights / "best.safetensors").unlink()  # killed between the checkpoint's rename and the best's publication
+    end_not_recorded(used_run)
     assert main(config) == 0
     assert tensors_equal(weights / "best.safetensors", weights / "last.safetensors")
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from csi_dist.files import strict_json_value
 from csi_dist.provenance import ProvenanceRecord
-from csi_dist.training.checkpoint import (BEST_WEIGHTS_FILE, best_weights_path, checkpoint_root, load_checkpoint,
-                                          publish_best_weights, save_checkpoint, save_weights, set_rng_state)
+from csi_dist.training.checkpoint import (BEST_WEIGHTS_FILE, STATE_FILE, best_weights_path, checkpoint_root,
+                                          load_checkpoint, publish_best_weights, save_checkpoint, save_weights,
+                                          set_rng_state)
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule
 
@@ -48,6 +49,15 @@ class TrainingProgress:
 
     def next_epoch(self) -> None:
         self.epoch, self.epoch_position = self.epoch + 1, 0
+
+
+def saved_trainer_state(checkpoint: Path) -> dict | None:
+    """The trainer state a checkpoint holds (progress, early stopping), read without loading it; None: unreadable
+    (the restore then says why)."""
+    try:
+        return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class Checkpointer:
@@ -112,8 +122,9 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             self.restore_best_weights(Path(path))
         self.accelerator.wait_for_everyone()  # weights/best.safetensors is the restored state's on every rank
-        log.info("resumed from %s: epoch %d, sample %d of the epoch, %d optimizer steps",
-                 path, self.progress.epoch, self.progress.epoch_position, self.progress.global_step)
+        position = f", sample {self.progress.epoch_position} of it" if self.progress.epoch_position else ""
+        log.info("continuing the run in %s from step %d (epoch %d%s); --resume fresh starts over (resumed from %s)",
+                 self.run_dir, self.progress.global_step, self.progress.epoch, position, path)
 
     def restore_best_weights(self, checkpoint: Path) -> None:
         """weights/best.safetensors re-derived from the checkpoint restored: a kill between a checkpoint's rename and

@@ -30,17 +30,17 @@ from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
-from csi_dist.provenance import ProvenanceRecord, new_segment, run_origin
+from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
 from csi_dist.training.accumulation import (BufferSnapshot, accumulation_windows, for_world_size,
                                             window_loss_scale)
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
-from csi_dist.training.checkpointer import Checkpointer, TrainingProgress
+from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors, with_nonfinite_image
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
-from csi_dist.training.run_directory import start_run_directory
+from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.strategies import (build_strategy, hide_from_accelerate, resolve_strategy,
                                           shards_parameters)
@@ -89,6 +89,21 @@ class Trainer:
             limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/faults.py)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         resume = start_run_directory(run_dir, resume, accelerator)  # one run per directory (run_directory.py)
+        checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto"
+                                                           else Path(resume))
+        saved_state = None if checkpoint_path is None else saved_trainer_state(checkpoint_path)
+        # what this command changes of the run's config, named key by key before resolved_config.ini is replaced
+        self.config_changes = config_changes(run_dir / "resolved_config.ini", requested) \
+            if checkpoint_path is not None and accelerator.is_main_process else None
+        self.finished_state = saved_state
+        self.finished = saved_state and finished_because(
+            run_dir, saved_state, config.training.n_epochs, config.training.max_steps,
+            config.callbacks.early_stopping_patience)
+        if self.finished:  # a finished run stays finished (a requeue, a sweep, a rerun): run() says so, nothing more
+            return
+        if self.config_changes:
+            log.warning("the config differs from the one this run was trained with (%s, now replaced): %s",
+                        run_dir / "resolved_config.ini", ", ".join(self.config_changes))
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(requested, run_dir / "resolved_config.ini")
@@ -156,8 +171,6 @@ class Trainer:
                                          progress=self.progress, schedule=self.schedule,
                                          early_stopping=self.early_stopping,
                                          keep_last=config.callbacks.keep_last_checkpoints)
-        checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto"
-                                                           else Path(resume))
         if checkpoint_path is not None:
             self.checkpointer.restore(checkpoint_path)
         if accelerator.is_main_process:  # what this run is made of, and this segment of it
@@ -172,6 +185,8 @@ class Trainer:
 
     # --- epochs --------------------------------------------------------------------------------------------------
     def run(self, epoch_end_hook: Callable[[dict, object], bool] | None = None) -> int:
+        if self.finished:
+            return self.report_complete()
         config, progress = self.config, self.progress
         stop_reason = "completed"
         while progress.epoch < config.training.n_epochs and progress.global_step < self.max_steps:
@@ -369,6 +384,8 @@ class Trainer:
                                                                     self.progress.global_step,
                                                                     self.strategy.sharding(self.model)))
         for change in record.changes:
+            if change.startswith("config_sha256:") and self.config_changes is not None:
+                continue  # named key by key at the start
             log.warning("this run was first trained with something else: %s (provenance.json keeps both)", change)
         return record
 
@@ -409,11 +426,33 @@ class Trainer:
         else:  # no best weights file: evaluate and predict take weights/last.safetensors
             best = "no best weights (nothing was validated): weights/last.safetensors is the model" \
                 if not self.validates else f"no finite {config.callbacks.monitor}: no best weights"
-        log.info("training finished (%s) after %d optimizer steps; %s", stop_reason, progress.global_step, best)
-        if self.checkpointer.provenance is not None:
-            self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason)
+        if self.checkpointer.provenance is not None:  # the end recorded: a rerun of this run is complete
+            self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason, finished=True)
         self.tracker.summary({"stop_reason": stop_reason, "best_epoch": self.early_stopping.best_epoch,
                               f"best_{config.callbacks.monitor}": self.early_stopping.best_value})
         self.tracker.close()
+        log.info("training finished (%s) after %d optimizer steps; %s", stop_reason, progress.global_step, best)
+        if accelerator.is_main_process:
+            for line in outcome_lines(self.run_dir):
+                log.info("%s", line)
         accelerator.end_training()
+        return 0
+
+    def report_complete(self) -> int:
+        """A finished run run again: it says so, where its weights are and what to run next, and writes nothing."""
+        if self.accelerator.is_main_process:
+            state, monitor = self.finished_state, self.config.callbacks.monitor
+            best = state.get("early_stopping", {})
+            best = f"best {monitor} {best['best_value']:.4f} at epoch {best['best_epoch']}" \
+                if best.get("best_epoch", -1) >= 0 and best.get("best_value") is not None else "no best weights"
+            log.info("the run in %s is complete (%s, %d optimizer steps; %s): nothing to train, nothing saved. To "
+                     "train it further change what ended it (training.n_epochs, training.max_steps, "
+                     "callbacks.early_stopping_patience); to start over: --resume fresh", self.run_dir,
+                     self.finished, state.get("global_step", 0), best)
+            if self.config_changes:
+                log.warning("this command's config differs from the run's (%s), not applied: %s",
+                            self.run_dir / "resolved_config.ini", ", ".join(self.config_changes))
+            for line in outcome_lines(self.run_dir):
+                log.info("%s", line)
+        self.accelerator.end_training()
         return 0

@@ -5,12 +5,14 @@ another run. `--resume auto` continues the run there (or starts one); `--resume 
 a directory that already holds one (exit 2, saying how to start over); `--resume fresh` first moves that run aside,
 whole, to a dated sibling folder (nothing is deleted), then starts a new run in an empty directory. A requeued SLURM
 job reruns its command line: a directory whose run this very job started (its provenance names the job) is continued,
-whatever `--resume` says, so a requeue never refuses or moves aside its own run.
+whatever `--resume` says, so a requeue never refuses or moves aside its own run. A finished run stays finished: run
+again (a requeue, a sweep, the same command), it says it is complete and trains and writes nothing.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -107,3 +109,34 @@ def start_run_directory(run_dir: Path, resume: str, accelerator) -> str:
         if int(accelerator.reduce(failed, reduction="sum").item()):  # every rank stops, not rank 0 alone
             raise failure or ConfigError(f"--resume fresh: rank 0 could not move the run in {run_dir} aside")
     return resume
+
+
+def finished_because(run_dir: Path, state: dict, n_epochs: int, max_steps: int, patience: int) -> str | None:
+    """Why the run in `run_dir`, whose newest checkpoint holds the trainer state `state`, is finished under these
+    settings (all epochs trained, training.max_steps reached, early stopped), or None: it has more to train, or its
+    end was never recorded (provenance: a kill after its last checkpoint, before its weights; the rerun ends it)."""
+    try:
+        segments = read_provenance(run_dir).get("segments") or [{}]
+    except (OSError, ValueError):
+        return None
+    ended = segments[-1].get("finished") and segments[-1].get("end_step") == state.get("global_step")
+    if not ended or not (Path(run_dir) / "weights" / "last.safetensors").is_file():
+        return None
+    if state.get("epoch", 0) >= n_epochs:
+        return f"all {n_epochs} epoch(s) trained"
+    if max_steps and state.get("global_step", 0) >= max_steps:
+        return f"training.max_steps = {max_steps} reached"
+    if patience and state.get("early_stopping", {}).get("evaluations_without_improvement", 0) >= patience:
+        return f"early stopped: {patience} evaluation(s) without improvement"
+    return None
+
+
+def outcome_lines(run_dir: Path) -> list[str]:
+    """Where a run's weights are and what to run next: the end of a training, or of a rerun of a finished one."""
+    weights, run = Path(run_dir) / "weights", shlex.quote(str(run_dir))
+    last = weights / "last.safetensors"
+    where = f"weights: {weights / 'best.safetensors'} (best, what evaluate and predict load), {last} (last)" \
+        if (weights / "best.safetensors").is_file() else f"weights: {last} (no best weights: evaluate and predict " \
+                                                          f"load it)"
+    return [where, f"next: python -m csi_dist.evaluate --run-dir {run}; python -m csi_dist.predict --run-dir {run} "
+                   f"--images DIR"]
