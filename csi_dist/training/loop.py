@@ -1,7 +1,8 @@
 """The training loop: a Trainer built from its stateful parts, then epochs of steps, validation, and the save.
 
 Reads top to bottom: `Trainer.__init__` sets up processes, data, model, optimizer, schedule and resumes them;
-`run` is the epoch loop; `train_epoch` the step loop; `validate` the end of an epoch; `finish` the final weights.
+`run` is the epoch loop; `train_epoch` the step loop; `validate` the end of an epoch; `finish` the final weights and
+the summary (`report_complete` instead, for a finished run run again).
 Every concern (data plan, checkpoints, schedules, metrics, tracking, preemption) lives in its own module. The
 command line around it is csi_dist.train.
 """
@@ -442,9 +443,9 @@ class Trainer:
         """A finished run run again: it says so, where its weights are and what to run next, and writes nothing."""
         if self.accelerator.is_main_process:
             state, monitor = self.finished_state, self.config.callbacks.monitor
-            best = state.get("early_stopping", {})
-            best = f"best {monitor} {best['best_value']:.4f} at epoch {best['best_epoch']}" \
-                if best.get("best_epoch", -1) >= 0 and best.get("best_value") is not None else "no best weights"
+            stopping = state.get("early_stopping", {})
+            best = f"best {monitor} {stopping['best_value']:.4f} at epoch {stopping['best_epoch']}" \
+                if stopping.get("best_epoch", -1) >= 0 and stopping.get("best_value") is not None else "no best weights"
             log.info("the run in %s is complete (%s, %d optimizer steps; %s): nothing to train, nothing saved. To "
                      "train it further change what ended it (training.n_epochs, training.max_steps, "
                      "callbacks.early_stopping_patience); to start over: --resume fresh", self.run_dir,
