@@ -112,7 +112,7 @@ def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | No
         results[split] = metrics
         if heatmaps:  # rank 0 alone, on the first images of the split in manifest order
             from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
-            drawn = heatmaps_for_batches(accelerator.unwrap_model(model), build_loader(
+            drawn = heatmaps_for_batches(model, build_loader(
                 open_split(config.data.shard_dir, split), settings, epoch=0, rank=0, world_size=1),
                 heatmaps, out_dir / "heatmaps" / split, accelerator.device)
             log.info("%s: zone heatmaps of %d image(s) in %s", split, len(drawn), out_dir / "heatmaps" / split)

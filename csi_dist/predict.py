@@ -326,7 +326,7 @@ def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path 
                 from csi_dist.evaluation.heatmaps import heatmaps_for_images  # captum: imported only when asked
                 drawn = [(by_index[index].file_id, model_input(by_index[index].path, pipeline))
                          for index in order[:heatmaps]]
-                heatmaps_for_images(accelerator.unwrap_model(model), drawn, heatmaps_path(out), accelerator.device)
+                heatmaps_for_images(model, drawn, heatmaps_path(out), accelerator.device)
                 log.info("zone heatmaps of %d image(s) in %s", len(drawn), heatmaps_path(out))
     if not probabilities:
         raise PredictError(f"{source}: none of the {len(by_index)} image(s) could be read; reasons in "

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-export WANDB_MODE=${WANDB_MODE:-offline} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+export WANDB_MODE=${WANDB_MODE:-offline}
 .venv/bin/python -m csi_dist.demo "$@"
 echo "[demo] report: checkpoints/demo/evaluation/test_report.md"
