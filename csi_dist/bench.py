@@ -31,19 +31,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from csi_dist import USER_COMPILE_CACHE_DIR
 from csi_dist.command import run_command
-from csi_dist.config import ModelConfig, OptimizationConfig
+from csi_dist.config import ConfigError, ModelConfig, OptimizationConfig, load_config
 from csi_dist.data import shards
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 from csi_dist.data.shard_format import MANIFEST_NAME
-from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import build_model
-from csi_dist.training.schedules import build_optimizer
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the models and the reader are imported where they are used: `--help`, a usage error and a bad --set are
+# answered in a second (issue 34)
 
 log = logging.getLogger("csi_dist.bench")
 
@@ -72,12 +72,18 @@ class Case:
 
 
 def synchronize(device: torch.device) -> None:
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int, compile_model: bool) -> dict:
     """Images/s of the training step on tensors already on the device (no data loading at all)."""
+    import torch
+
+    from csi_dist.loss import WeightedCSILoss
+    from csi_dist.models import build_model
+    from csi_dist.training.schedules import build_optimizer
     model = build_model(ModelConfig(model_arch=case.arch, dropout_rate=0.0)).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, OptimizationConfig(optimizer="adamw"), fused=device.type == "cuda")
@@ -110,14 +116,15 @@ def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, a
                       finish_on_device: bool = False) -> dict:
     """Images/s of the real reader alone, as the trainer configures it for training (augment=False: as for eval;
     finish_on_device: the workers' share of data.gpu_augment, uint8 pixels out)."""
+    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
     settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=augment, shuffle=True,
                               shuffle_window=1024, num_workers=workers, finish_on_device=finish_on_device)
     loader = build_loader(open_split(shard_dir, "train"), settings, epoch=0, rank=0, world_size=1)
     return _time_batches(iter(loader), batches, workers, lambda batch: batch["sample_index"].shape[0])
 
 
-class PlainFileDataset(torch.utils.data.Dataset):
-    """The baseline users write first: PIL opens each file, grayscale, resize, to a tensor."""
+class PlainFileDataset:
+    """The baseline users write first: PIL opens each file, grayscale, resize, to a tensor (a map-style dataset)."""
 
     def __init__(self, files: list[Path], image_size: int):
         self.files, self.image_size = files, image_size
@@ -126,6 +133,8 @@ class PlainFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        import torch
+        from PIL import Image
         with Image.open(self.files[index]) as image:
             image = image.convert("L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(
@@ -133,6 +142,7 @@ class PlainFileDataset(torch.utils.data.Dataset):
 
 
 def plain_file_throughput(image_dir: Path, case: Case, workers: int, batches: int) -> dict:
+    import torch
     files = sorted(image_dir.glob("*.png"))
     loader = torch.utils.data.DataLoader(PlainFileDataset(files, case.image_size), batch_size=case.batch_size,
                                          shuffle=True, num_workers=workers, drop_last=True,
@@ -253,25 +263,40 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csi_dist.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--case", dest="cases", type=Case.parse, action="append",
-                        help=f"ARCH@SIZExBATCH, repeatable (default: {', '.join(DEFAULT_CASES)})")
-    parser.add_argument("--steps", type=int, default=40, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=10, help="steps before measuring (cudnn autotune, compile)")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
-    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed after one from every worker")
+                        help=f"ARCH@SIZExBATCH, repeatable (default: {' and '.join(DEFAULT_CASES)})")
+    parser.add_argument("--steps", type=int, default=40, help="measured steps (default: 40)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="steps before measuring: cudnn autotune, compile (default: 10)")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help=f"loader workers (default: one per CPU core, at most 16: {min(16, os.cpu_count() or 1)} "
+                             f"here)")
+    parser.add_argument("--loader-batches", type=int, default=60,
+                        help="batches timed after one from every worker (default: 60)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (ceiling and trainer)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="passed to the trainer, e.g. --set training.cudnn_benchmark=false")
-    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"), help="the trainer's strategy")
+                        help="passed to the trainer, e.g. --set training.cudnn_benchmark=false (repeatable; default: none)")
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"),
+                        help="the trainer's strategy (default: ddp)")
     parser.add_argument("--pil-baseline", action="store_true", help="also time a plain PIL-from-files loader")
     parser.add_argument("--restart", action="store_true",
                         help="relaunch the trainer on its run directory, as a requeue would; time its first step")
     parser.add_argument("--gpu-augment", choices=("auto", "true", "false"), default="auto",
-                        help="where images are finished (data.gpu_augment), for the trainer and the loader column")
-    parser.add_argument("--image-format", choices=("png", "npy"), default="png", help="phantom shards' image format")
-    parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+                        help="where images are finished (data.gpu_augment), for the trainer and the loader column "
+                             "(default: auto, on the GPU when there is one)")
+    parser.add_argument("--image-format", choices=("png", "npy"), default="png",
+                        help="phantom shards' image format (default: png)")
+    parser.add_argument("--work-dir", type=Path, default=Path("data/bench"),
+                        help="where the phantom shards and the trainer's runs go (default: data/bench)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (default: none, the table is "
+                        "printed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:  # the trainer's overrides, checked before anything is measured or torch loads
+        load_config(DEMO_CONFIG, args.overrides)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:

@@ -9,41 +9,43 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.command import run_command
-from csi_dist.config import ConfigError, load_config
-from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.evaluation.inference import StopRequested, predict_split
-from csi_dist.evaluation.metrics import compute_metrics
-from csi_dist.evaluation.report import write_evaluation
-from csi_dist.files import atomic_write_json
-from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import ModelError, build_model, model_input_size, uses_channels_last
-from csi_dist.provenance import now_utc, read_provenance, sha256_of
-from csi_dist.training.checkpoint import CheckpointError, load_weights
+from csi_dist.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the models and the metrics are imported where they are used: `--help`, a usage error and a config error are
+# answered before they load (issue 34)
 
 log = logging.getLogger("csi_dist.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="csi_dist.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a training run directory")
-    parser.add_argument("--weights", default="best", help="best, last, or a .safetensors path")
-    parser.add_argument("--splits", nargs="+", default=["val", "test"])
-    parser.add_argument("--shard-dir", help="evaluate on other shards than the run's data.shard_dir")
-    parser.add_argument("--out", type=Path, help="default: <run_dir>/evaluation")
+    parser.add_argument("--run-dir", type=Path, required=True, help="a training run directory (required)")
+    parser.add_argument("--weights", default="best", metavar="best|last|PATH",
+                        help="the run's best weights, its last ones, or a .safetensors file (default: best; the "
+                             "last weights when the run saved no best)")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], metavar="SPLIT",
+                        help="the splits of the shards to evaluate (default: val test)")
+    parser.add_argument("--shard-dir", help="evaluate on other shards, e.g. an external test set (default: the run's "
+                        "own data.shard_dir)")
+    parser.add_argument("--out", type=Path, help="where the reports go (default: <run dir>/evaluation)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                        help="Grad-CAM maps of each zone for the first N images of each split (default 0: none)")
+                        help="Grad-CAM maps of each zone for the first N images of each split (default: 0, none)")
     return parser.parse_args(argv)
 
 
 def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tuple[torch.nn.Module, Path, bool, int]:
     """(model prepared for inference, weights file, channels_last, input size) of a run: what evaluate and predict
     both run."""
+    import torch
+
+    from csi_dist.models import build_model, model_input_size, uses_channels_last
+    from csi_dist.training.checkpoint import CheckpointError, load_weights
     image_size = model_input_size(config.model, config.data.image_size)
     model = build_model(config.model, image_size)
     path = weights_path(run_dir, weights)
@@ -66,10 +68,22 @@ def weights_path(run_dir: Path, weights: str) -> Path:
     return Path(weights)
 
 
-def evaluate(run_dir: Path, weights: str, splits: list[str], shard_dir: str | None, out_dir: Path,
-             heatmaps: int = 0) -> dict:
-    config = load_config(run_dir / "resolved_config.ini",
-                         [f"data.shard_dir={shard_dir}"] if shard_dir else [])
+def run_config(run_dir: Path, shard_dir: str | None) -> Config:
+    """The run's resolved config (with --shard-dir), validated before anything heavy loads."""
+    return load_config(run_dir / "resolved_config.ini", [f"data.shard_dir={shard_dir}"] if shard_dir else [])
+
+
+def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0) -> dict:
+    from csi_dist.cluster.preemption import PreemptionWatcher
+    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.distributed import build_accelerator, configure_logging
+    from csi_dist.evaluation.inference import StopRequested, predict_split
+    from csi_dist.evaluation.metrics import compute_metrics
+    from csi_dist.evaluation.report import write_evaluation
+    from csi_dist.files import atomic_write_json
+    from csi_dist.loss import WeightedCSILoss
+    from csi_dist.provenance import now_utc, read_provenance, sha256_of
+
     accelerator = build_accelerator(config.training)
     configure_logging(accelerator)
     provenance = read_provenance(run_dir)
@@ -131,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        evaluate(args.run_dir, args.weights, args.splits, args.shard_dir, args.out or args.run_dir / "evaluation",
+        config = run_config(args.run_dir, args.shard_dir)
+    except ConfigError as error:  # answered before torch loads
+        log.error("%s", error)
+        return 2
+    from csi_dist.data.reader import ShardError
+    from csi_dist.models import ModelError
+    from csi_dist.training.checkpoint import CheckpointError
+    try:
+        evaluate(config, args.run_dir, args.weights, args.splits, args.out or args.run_dir / "evaluation",
                  args.heatmaps)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)

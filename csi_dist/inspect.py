@@ -70,8 +70,9 @@ def metric_lines(run_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csi_dist.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--json", action="store_true", help=f"print {PROVENANCE_NAME} as it is")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument("--json", action="store_true",
+                        help=f"print the run's {PROVENANCE_NAME} as it is (default: off, a readable summary)")
     args = parser.parse_args(argv)
     provenance = read_provenance(args.run_dir)
     if not provenance:

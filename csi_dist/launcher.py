@@ -40,9 +40,47 @@ log = logging.getLogger("csi_dist.launcher")
 
 EXIT_USAGE = 2
 
+HELP = """usage: python -m csi_dist.launcher [accelerate launch options] [-m] script_or_module [args]
+
+Start this machine's ranks as `accelerate launch` would, and end as they did.
+
+    python -m csi_dist.launcher --config_file launch/accelerate/ddp.yaml [--num_processes N ...] -m csi_dist.train ...
+    csi-launch ...                                       (the same, as a console script)
+
+Options, and their defaults, are those of `accelerate launch --help`. Without --config_file: accelerate's default
+config (written by `accelerate config`) if there is one, else one process on this machine, no mixed precision. Each
+rank gets the environment accelerate would give it, plus RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and
+MASTER_ADDR/PORT as torchrun sets them. Several machines: one launcher per machine, with --machine_rank,
+--num_machines and --main_process_ip. `--cpu` runs the N ranks on the CPU. Not supported: TPU, SageMaker and
+DeepSpeed's own multi-node runners (pdsh...).
+
+A notice (Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2; SIGHUP counts as SIGTERM) is passed on to each rank once: the ranks
+save a checkpoint and stop, however long the save takes. A second Ctrl-C stops them at once without saving; a third,
+or Ctrl-\\, kills them.
+
+Exit status: 0 when every rank ended well; 75 when they stopped on a notice (rerun the same command to resume); 2 for
+a launch that cannot start as asked; else the status of the first rank to fail (128+N for a rank killed by signal N),
+named in one line."""
+
 
 class UsageError(Exception):
     """A launch this launcher cannot start as asked."""
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """The launcher's --config_file when it names no file, else None. The launcher's options are those before the
+    script (`-m MODULE`, or the first `.py` file); the script's own arguments are not looked at."""
+    for position, arg in enumerate(argv):
+        if arg in ("-m", "--module") or arg.endswith(".py"):
+            return None
+        if arg == "--config_file" and position + 1 < len(argv):
+            value = argv[position + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return None if os.path.isfile(value) else value
+    return None
 
 
 def parse_launch(argv: list[str]) -> argparse.Namespace:
@@ -162,10 +200,13 @@ def launch_status(ended: list[tuple[int, int]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):  # answered before accelerate (and torch) load
-        print(__doc__)
-        print("Options: those of `accelerate launch --help`.")
+        print(HELP, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config_file = missing_config_file(argv)
+    if config_file is not None:  # the most common slip, answered before accelerate (and torch) load
+        log.error("--config_file %s: no such file (the shipped ones are in launch/accelerate/)", config_file)
+        return EXIT_USAGE
     try:
         args = parse_launch(argv)
         environments = rank_environments(args)

@@ -1,92 +1,65 @@
 """Predict new images: `python -m csi_dist.predict --run-dir RUN (--images DIR | --list CSV) [--out CSV]`.
 
-Options: --weights best|last|PATH (as evaluate), --batch-size N (default training.batch_size).
-
-Grades the 6 lung zones of unlabelled radiographs with a trained run, through the code training and evaluate use:
-the run's resolved_config.ini, its weights (`evaluate.weights_path`), the shard writer's image path
-(`images.encode_image_file`: load_grayscale, resize to the manifest's stored image size, 8-bit PNG/JPEG as stored)
-and the reader's (`transforms.decode_image` to the model input size, `to_model_input`, no augmentation).
+Grades the 6 lung zones of unlabelled radiographs with a trained run, exactly as training and evaluate see images:
+the run's resolved_config.ini and weights, each image resized to the size the run's shards store and saved as they
+store it (PNG or JPEG), then brought to the model's input size and normalised, without augmentation.
 
 Inputs:
-    --images DIR           every file of a known image suffix (images.IMAGE_SUFFIXES) directly in DIR, found as the
-                           shard writer finds them (images.build_image_index: FileID = file name without suffix)
+    --images DIR           every .png, .jpg, .jpeg, .dcm, .nii.gz or .nii file directly in DIR, found as
+                           `csi-shards write` finds them (FileID = the file name without its suffix)
     --list CSV             a ';'-separated CSV, rows predicted in their order: with a `path` column, those files
                            (relative paths are relative to the CSV's folder; FileID from a FileID column if there is
                            one, else the file name); else a FileID column (a label CSV works as it is) whose images
                            are looked up in --images DIR like `csi-shards write` looks them up
 
-Outputs (rank 0, ';'-separated, rows in input order):
-    --out (predictions.csv)  FileID, path, per zone <zone>_pred (argmax) and <zone>_p_<class> for the 5 classes,
-                           csi_avg_pred (NaN when every zone is predicted unknown), csi_expected_pred, ahf_class_pred
-                           (-1 when the average is undefined): evaluate's column names and functions
+Outputs (';'-separated, rows in input order):
+    --out CSV              FileID, path, per zone <zone>_pred (the most likely grade, 4 = unknown) and
+                           <zone>_p_<class> for the 5 classes, csi_avg_pred (empty when every zone is predicted
+                           unknown), csi_expected_pred, ahf_class_pred (-1 when the average is undefined): evaluate's
+                           column names
     <out stem>_errors.csv  FileID, path, reason for every file that could not be read (missing, corrupt)
 
-Runs on 1..N processes like evaluate (`python -m csi_dist.launcher ... -m csi_dist.predict ...`): files[rank::world]
-per rank, gathered once. Exit codes: 0 when at least one image was predicted, 2 when the inputs are wrong (no run directory,
-config or weights; no such folder or CSV; no images) or no image could be read, 75 (nothing written; rerun the same
-command) when a preemption notice arrived (a signal, or <run dir>/PREEMPT_REQUESTED: see cluster.preemption).
+Runs on 1..N processes like evaluate (`python -m csi_dist.launcher ... -m csi_dist.predict ...`), the files split
+across them. Exit codes: 0 when at least one image was predicted; 2 when the inputs are wrong (no run directory,
+config or weights; no such folder or CSV; no images) or no image could be read; 75 (nothing written; rerun the same
+command) when a preemption notice arrived (SIGTERM, SIGUSR1, or the file <run dir>/PREEMPT_REQUESTED).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import logging
-import math
-import sys
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
-from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
-                                  image_suffix)
-from csi_dist.data.reader import ShardError, read_manifest
-from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
-from csi_dist.data.workers import worker_options
-from csi_dist.distributed import LaunchError, build_accelerator, configure_logging, leave_process_group
-from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
-from csi_dist.evaluate import load_trained_model
-from csi_dist.evaluation.inference import StopRequested
-from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
-from csi_dist.files import atomic_write
-from csi_dist.models import ModelError
-from csi_dist.training.checkpoint import CheckpointError
+
+# torch, pandas and the model are imported after the arguments and the run's config are checked: `--help`, a usage
+# error and a config error are answered in a second (issue 34). The work itself: csi_dist.evaluation.prediction.
 
 log = logging.getLogger("csi_dist.predict")
-
-PATH_COLUMN = "path"
-REASON_COLUMN = "reason"
-ERRORS_SHOWN = 10
-
-
-class PredictError(RuntimeError):
-    """Inputs that cannot be predicted: no run directory, no such folder or CSV, no images, none readable."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="csi_dist.predict", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--run-dir", type=Path, required=True, metavar="RUN", help="a training run directory")
+    parser.add_argument("--run-dir", type=Path, required=True, metavar="RUN",
+                        help="a training run directory (required)")
     parser.add_argument("--weights", default="best", metavar="best|last|PATH",
-                        help="best, last, or a .safetensors path")
+                        help="the run's best weights, its last ones, or a .safetensors file (default: best; the last "
+                             "weights when the run saved no best)")
     parser.add_argument("--images", type=Path, metavar="DIR",
-                        help="folder of images (or, with a FileID --list, where they are)")
+                        help="folder of images (or, with a FileID --list, where they are); --images or --list is "
+                             "required")
     parser.add_argument("--list", dest="list_csv", type=Path, metavar="CSV",
                         help="';'-separated CSV with a path column, or a FileID column (with --images)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), metavar="CSV",
-                        help="default: predictions.csv")
+                        help="the predictions CSV (default: predictions.csv)")
     parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="images per forward pass (default: training.batch_size)")
+                        help="images per forward pass (default: the run's training.batch_size)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                        help="Grad-CAM maps of each zone for the first N predicted images, in <out stem>_heatmaps/")
+                        help="Grad-CAM maps of each zone for the first N predicted images, in <out stem>_heatmaps/ "
+                             "(default: 0, none)")
     args = parser.parse_args(argv)
     if args.images is None and args.list_csv is None:
         parser.error("give --images DIR or --list CSV")
@@ -95,250 +68,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------- inputs
-
-
-def folder_images(image_dir: Path) -> list[InputImage]:
-    """Every image directly in `image_dir`, in the writer's way (one file per FileID), sorted by file name."""
-    try:
-        index = build_image_index(image_dir)
-    except ImageError as error:  # the folder does not exist
-        raise PredictError(f"--images {image_dir}: no such folder") from error
-    if not index:
-        raise PredictError(f"--images {image_dir}: no images found (files ending in {', '.join(IMAGE_SUFFIXES)})")
-    candidates = sum(1 for path in image_dir.iterdir() if image_suffix(path) and path.is_file())
-    if candidates > len(index):
-        log.warning("%s: %d image file(s) share their FileID with another file; one per FileID is predicted "
-                    "(suffix preference %s, as csi-shards write)", image_dir, candidates - len(index),
-                    " > ".join(IMAGE_SUFFIXES))
-    return [InputImage(position, file_id, path) for position, (file_id, path) in enumerate(index.items())]
-
-
-def _read_list_csv(list_csv: Path) -> pd.DataFrame:
-    if not list_csv.is_file():
-        raise PredictError(f"--list {list_csv}: no such file")
-    raw = list_csv.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        log.warning("%s: not valid UTF-8; read as cp1252 (what Excel writes on Windows)", list_csv)
-        text = raw.decode("cp1252")
-    try:
-        table = pd.read_csv(io.StringIO(text), sep=CSV_SEPARATOR, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise PredictError(f"--list {list_csv}: not a ';'-separated CSV: {error}") from None
-    return table.rename(columns=lambda name: str(name).strip())
-
-
-def _file_id_of(path: Path) -> str:
-    suffix = image_suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.stem
-
-
-def list_images(list_csv: Path, image_dir: Path | None) -> tuple[list[InputImage], list[tuple[InputImage, str]]]:
-    """(images to read, images already known to be missing with the reason) of a --list CSV, in its row order."""
-    table = _read_list_csv(list_csv)
-    if table.empty:
-        raise PredictError(f"--list {list_csv}: no rows")
-    images, missing = [], []
-    if PATH_COLUMN in table.columns:
-        if image_dir is not None:
-            log.warning("--list %s has a %s column: --images %s is not used", list_csv, PATH_COLUMN, image_dir)
-        for position, row in enumerate(table.to_dict("records")):
-            path = Path(row[PATH_COLUMN].strip())
-            path = path if path.is_absolute() else list_csv.parent / path
-            file_id = row.get(FILE_ID_COLUMN, "").strip() or _file_id_of(path)
-            item = InputImage(position, file_id, path)
-            if not row[PATH_COLUMN].strip():
-                missing.append((item, f"MissingImageError: empty {PATH_COLUMN} on CSV line {position + 2}"))
-            else:
-                images.append(item)
-        return images, missing
-    if FILE_ID_COLUMN not in table.columns:
-        raise PredictError(f"--list {list_csv}: needs a {PATH_COLUMN!r} or a {FILE_ID_COLUMN!r} column "
-                           f"(';'-separated); found {list(table.columns)}")
-    if image_dir is None:
-        raise PredictError(f"--list {list_csv} has {FILE_ID_COLUMN} and no {PATH_COLUMN} column: give --images DIR, "
-                           f"the folder of its images")
-    try:
-        index = build_image_index(image_dir)
-    except ImageError as error:
-        raise PredictError(f"--images {image_dir}: no such folder") from error
-    for position, file_id in enumerate(table[FILE_ID_COLUMN].str.strip()):
-        path = image_for(index, file_id)
-        if path is None:
-            missing.append((InputImage(position, file_id, image_dir / file_id),
-                            f"MissingImageError: no {file_id}{{{','.join(IMAGE_SUFFIXES)}}} in {image_dir}"))
-        else:
-            images.append(InputImage(position, file_id, path))
-    return images, missing
-
-
-# ---------------------------------------------------------------------------------------------------- images
-
-
-def image_pipeline(config, input_size: int) -> ImagePipeline:
-    """The stored size and format of the run's shards (its manifest), else the model input size (logged)."""
-    try:
-        manifest = read_manifest(config.data.shard_dir)
-    except ShardError as error:
-        log.warning("the run's shard manifest is not available (%s): images are resized to the model input size "
-                    "%d px directly instead of through the stored shard size", error, input_size)
-        return ImagePipeline(input_size, "png", input_size, config.data.normalization)
-    image_format = manifest.get("image_format", "png")
-    if image_format == "jpg":
-        log.warning("the run's shards store JPEG; their quality is not recorded, %d (csi-shards' default) is used",
-                    DEFAULT_JPEG_QUALITY)
-    log.info("images: as %s stores them (%d px %s), then %d px model input, %s normalization",
-             config.data.shard_dir, int(manifest["image_size"]), image_format, input_size, config.data.normalization)
-    return ImagePipeline(int(manifest["image_size"]), image_format, input_size, config.data.normalization)
-
-
-# ---------------------------------------------------------------------------------------------------- prediction
-
-
-@torch.no_grad()
-def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: ImagePipeline, accelerator,
-                   channels_last: bool, batch_size: int, num_workers: int,
-                   should_stop: Callable[[int], bool] | None = None, checked_batches: int = 0,
-                   ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """This rank's ({input index: 6 x 5 probabilities}, {input index: reason it could not be read}).
-
-    `should_stop(batches_done)` (a collective: PreemptionWatcher.should_stop) is asked after each of the first
-    `checked_batches` batches, the count every rank has; True raises StopRequested."""
-    model.eval()
-    num_workers = num_workers if images else 0
-    loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_images, pin_memory=accelerator.device.type == "cuda",
-                        **worker_options(num_workers))
-    probabilities: dict[int, np.ndarray] = {}
-    failures: dict[int, str] = {}
-    progress = tqdm(loader, total=len(loader), unit="batch", desc="predict",
-                    disable=not accelerator.is_main_process or not sys.stderr.isatty())
-    for batches_done, batch in enumerate(progress, start=1):
-        failures.update(batch["failed"])
-        if batch["image"] is not None:
-            probabilities.update(zip(batch["index"], predict_batch(model, batch["image"], accelerator, channels_last)))
-        if should_stop is not None and batches_done <= checked_batches and should_stop(batches_done):
-            raise StopRequested
-    return probabilities, failures
-
-
-def predict_batch(model: torch.nn.Module, images: torch.Tensor, accelerator, channels_last: bool) -> np.ndarray:
-    """Zone probabilities (B x 6 x 5) of one batch of model inputs."""
-    images_on_device = images.to(accelerator.device, non_blocking=True)
-    if channels_last:
-        images_on_device = images_on_device.contiguous(memory_format=torch.channels_last)
-    with accelerator.autocast():
-        zone_logits = model(images_on_device)
-    return zone_logits.float().softmax(dim=-1).cpu().numpy()
-
-
-def gather(accelerator, local: object) -> list:
-    """Every rank's object, in rank order, on every rank."""
-    if accelerator.num_processes == 1:
-        return [local]
-    gathered: list = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(gathered, local)
-    return gathered
-
-
-def predictions_table(images: list[InputImage], zone_probs: np.ndarray) -> pd.DataFrame:
-    """FileID, path and evaluate's prediction columns (report._predictions_table) with the same metric functions."""
-    columns: dict[str, object] = {FILE_ID_COLUMN: [image.file_id for image in images],
-                                  PATH_COLUMN: [str(image.path) for image in images]}
-    grades = zone_predictions(zone_probs)
-    for zone, name in enumerate(ZONE_NAMES):
-        columns[f"{name}_pred"] = grades[:, zone]
-        for klass, class_name in enumerate(CLASS_NAMES):
-            columns[f"{name}_p_{class_name}"] = zone_probs[:, zone, klass]
-    average = csi_average(grades)
-    columns["csi_avg_pred"] = average
-    columns["csi_expected_pred"] = expected_csi(zone_probs)
-    columns["ahf_class_pred"] = ahf_classes(average)
-    return pd.DataFrame(columns)
-
-
-def errors_path(out: Path) -> Path:
-    name = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(f"{name}_errors.csv")
-
-
-def write_csv(table: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda temporary: table.to_csv(temporary, sep=CSV_SEPARATOR, index=False))
-
-
-def heatmaps_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}_heatmaps")
-
-
-def predict(run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path | None, out: Path,
-            batch_size: int | None, heatmaps: int = 0) -> int:
-    """Predict every input image; returns the number predicted (0 raises PredictError after the errors file)."""
-    if not run_dir.is_dir():
-        raise PredictError(f"--run-dir {run_dir}: no such run directory")
-    config = load_config(run_dir / "resolved_config.ini")
-    if list_csv is not None:  # the inputs are checked before any process group or model is set up
-        images, missing = list_images(list_csv, image_dir)
-        source = f"--list {list_csv}"
-    else:
-        images, missing = folder_images(image_dir), []
-        source = f"--images {image_dir}"
-    accelerator = build_accelerator(config.training)
-    configure_logging(accelerator)
-    model, path, channels_last, input_size = load_trained_model(config, run_dir, weights, accelerator)
-    pipeline = image_pipeline(config, input_size)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    log.info("%s: %d image(s) to predict (%d missing) with %s on %d process(es)", source, len(images), len(missing),
-             path, world)
-    batch_size = batch_size or config.training.batch_size
-    watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
-    watcher.install()
-    try:
-        local = predict_images(model, images[rank::world], pipeline, accelerator, channels_last, batch_size,
-                               config.training.num_workers,
-                               should_stop=lambda batches: watcher.should_stop(batches - 1, accelerator),
-                               checked_batches=math.ceil(len(images) // world / batch_size))
-    except StopRequested:  # nothing partial is written: a prediction is rerun whole
-        log.warning("prediction stopped by a preemption notice: nothing written")
-        watcher.finish_after_checkpoint(accelerator, resumes_from="the start (a prediction is rerun whole)")
-    probabilities: dict[int, np.ndarray] = {}
-    failures: dict[int, str] = {item.index: reason for item, reason in missing}
-    for rank_probs, rank_failures in gather(accelerator, local):
-        probabilities.update(rank_probs)
-        failures.update(rank_failures)
-    accelerator.end_training()
-    by_index = {item.index: item for item in images} | {item.index: item for item, _ in missing}
-    if accelerator.is_main_process:
-        errors = pd.DataFrame({FILE_ID_COLUMN: [by_index[index].file_id for index in sorted(failures)],
-                               PATH_COLUMN: [str(by_index[index].path) for index in sorted(failures)],
-                               REASON_COLUMN: [failures[index] for index in sorted(failures)]})
-        write_csv(errors, errors_path(out))
-        for index in sorted(failures)[:ERRORS_SHOWN]:
-            log.warning("not predicted: %s: %s", by_index[index].path, failures[index])
-        if probabilities:
-            order = sorted(probabilities)
-            write_csv(predictions_table([by_index[index] for index in order],
-                                        np.stack([probabilities[index] for index in order]).astype(float)), out)
-            log.info("predicted %d image(s) into %s; %d could not be read (listed in %s)", len(order), out,
-                     len(failures), errors_path(out))
-            if heatmaps:
-                from csi_dist.evaluation.heatmaps import heatmaps_for_images  # captum: imported only when asked
-                drawn = [(by_index[index].file_id, model_input(by_index[index].path, pipeline))
-                         for index in order[:heatmaps]]
-                heatmaps_for_images(model, drawn, heatmaps_path(out), accelerator.device)
-                log.info("zone heatmaps of %d image(s) in %s", len(drawn), heatmaps_path(out))
-    if not probabilities:
-        raise PredictError(f"{source}: none of the {len(by_index)} image(s) could be read; reasons in "
-                           f"{errors_path(out)}")
-    return len(probabilities)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.run_dir.is_dir():
+        log.error("--run-dir %s: no such run directory", args.run_dir)
+        return 2
     try:
-        predict(args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size, args.heatmaps)
+        config = load_config(args.run_dir / "resolved_config.ini")
+    except ConfigError as error:  # answered before torch loads
+        log.error("%s", error)
+        return 2
+    from csi_dist.distributed import LaunchError, leave_process_group
+    from csi_dist.evaluation.prediction import PredictError, predict
+    from csi_dist.models import ModelError
+    from csi_dist.training.checkpoint import CheckpointError
+    try:
+        predict(config, args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size,
+                args.heatmaps)
     except (PredictError, ConfigError, ModelError, CheckpointError, LaunchError) as error:
         log.error("%s", error)
         leave_process_group()

@@ -61,19 +61,28 @@ class TrainingTask:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="csi_dist.submit", description=__doc__.splitlines()[0],
-                                     epilog="Other options (--config, --set, --run-dir, ...) go to csi_dist.train.")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="0 = train on CPU")
+                                     epilog="Other options (--config, --set, --resume, ...) go to the trainer, "
+                                            "`python -m csi_dist.train` (see its --help). Without --run-dir the run "
+                                            "goes to runs/<job name>-<date>_<time>, fixed at submission so that every "
+                                            "requeue of the job continues it.")
+    parser.add_argument("--nodes", type=int, default=1, help="machines (default: 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per machine (default: 0, train on CPU)")
     parser.add_argument("--tasks-per-node", type=int, default=None,
-                        help="processes per node (default: one per GPU, or 1 on CPU)")
-    parser.add_argument("--cpus-per-task", type=int, default=None)
-    parser.add_argument("--mem-gb", type=float, default=None, help="memory per node")
-    parser.add_argument("--partition", default=None)
-    parser.add_argument("--timeout-min", type=int, default=24 * 60)
-    parser.add_argument("--job-name", default="csi-train")
-    parser.add_argument("--log-dir", type=Path, default=Path("logs/submitit"), help="submitit's folder")
-    parser.add_argument("--local", action="store_true", help="run on this machine (submitit local executor)")
-    parser.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+                        help="training processes per machine (default: one per GPU, or 1 on CPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=None,
+                        help="CPU cores per training process (default: SLURM's, usually 1)")
+    parser.add_argument("--mem-gb", type=float, default=None,
+                        help="memory per machine in GB (default: SLURM's for the partition)")
+    parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default partition)")
+    parser.add_argument("--timeout-min", type=int, default=24 * 60,
+                        help="the job's time limit in minutes (default: 1440, a day); a requeued job gets it again")
+    parser.add_argument("--job-name", default="csi-train", help="SLURM job name (default: csi-train)")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs/submitit"),
+                        help="where the job's logs and submission files go (default: logs/submitit)")
+    parser.add_argument("--local", action="store_true",
+                        help="run on this machine instead of SLURM (default: off, submit to SLURM)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the job and exit with its status (default: off, exit once submitted)")
     return parser.parse_known_args(argv)
 
 

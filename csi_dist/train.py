@@ -14,13 +14,7 @@ from pathlib import Path
 from csi_dist.cluster.slurm import requeue_after_failure
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, config_reference, load_config, section_of
-from csi_dist.data.quality import TooManyBadSamples
-from csi_dist.data.reader import ShardError
-from csi_dist.distributed import is_collective_failure, leave_process_group
-from csi_dist.models import ModelError
 from csi_dist.redaction import install_secret_filter
-from csi_dist.training.checkpoint import CheckpointError
-from csi_dist.training.loop import TooManyBadSteps, train
 
 log = logging.getLogger("csi_dist.train")
 
@@ -32,18 +26,23 @@ EXIT_TOO_MANY_BAD_SAMPLES = 5
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="csi_dist.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="INI file (the seed project's files load unchanged)")
+    parser.add_argument("--config", type=Path, help="INI file (the seed project's files load unchanged); required")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value, e.g. --set training.batch_size=16 (repeatable)")
-    parser.add_argument("--hyperparams", type=Path, help="best_params.json of a sweep: its values override the config")
-    parser.add_argument("--run-dir", type=Path, help="default: <logging.output_dir>/<logging.run_name>")
+                        help="override one config value, e.g. --set training.batch_size=16 (repeatable; default: "
+                             "none, the config file as it is)")
+    parser.add_argument("--hyperparams", type=Path, help="best_params.json of a sweep: its values override the config "
+                        "(default: none)")
+    parser.add_argument("--run-dir", type=Path, help="where the run lives (default: "
+                        "<logging.output_dir>/<logging.run_name>, the run name being <date>_<time>_<model> when "
+                        "logging.run_name is empty)")
     parser.add_argument("--resume", default="auto",
                         help="auto (continue the run in the run dir from its newest complete checkpoint, or start "
                              "one), never (start a new run; refused when the run dir holds one), fresh (move the run "
                              "dir's run aside to <run dir>.old-<date>, nothing deleted, then start a new run), or a "
-                             "checkpoint path")
+                             "checkpoint path (default: auto)")
     parser.add_argument("--debug", action="store_true",
-                        help="a few tiny steps, no workers, no W&B, into <run dir>-debug (never the real run)")
+                        help="a few tiny steps, no workers, no W&B, into <run dir>-debug (never the real run; "
+                             "default: off)")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its type, default, "
                         "accepted values and meaning, then exit")
     return parser.parse_args(argv)
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(config_reference())
         return 0
-    config = run_dir = None
     try:
         if args.config is None:
             raise ConfigError("no --config given: name an INI file, e.g. --config configs/demo.ini (the seed "
@@ -89,9 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
         config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
         run_dir = resolve_run_dir(config, args.run_dir)
-        if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
-            run_dir = run_dir.with_name(f"{run_dir.name}-debug")
-        return train(config, run_dir, args.resume)
+    except ConfigError as error:  # answered before torch and the trainer load (a second or so)
+        log.error("%s", error)
+        return EXIT_CONFIG_ERROR
+    if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
+        run_dir = run_dir.with_name(f"{run_dir.name}-debug")
+    return run_training(config, run_dir, args.resume)
+
+
+def run_training(config: Config, run_dir: Path, resume: str) -> int:
+    """The trainer on a validated config; its failures as the documented exit codes."""
+    from csi_dist.data.quality import TooManyBadSamples
+    from csi_dist.data.reader import ShardError
+    from csi_dist.distributed import is_collective_failure, leave_process_group
+    from csi_dist.models import ModelError
+    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.training.loop import TooManyBadSteps, train
+    try:
+        return train(config, run_dir, resume)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         leave_process_group()
         return EXIT_TOO_MANY_BAD_SAMPLES
     except RuntimeError as error:
-        if config is None or not is_collective_failure(error):
+        if not is_collective_failure(error):
             raise
         # no checkpoint now: saving is itself a collective. The newest complete one is where the run goes on.
         log.error("lost contact with another rank (it died, hung for training.collective_timeout_s=%d s or lost its "
