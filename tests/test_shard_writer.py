@@ -136,7 +136,8 @@ def test_cli_names_every_bad_csv_row_in_one_run(tmp_path, caplog):
 
 def test_cli_checks_out_before_reading_the_csv(phantom, tmp_path, caplog):
     """An --out that already has shards is the error a user sees first, not the CSV's (fixed, then refused)."""
-    common = ["--images", str(phantom.parent / "images"), "--size", "16", "--workers", "1", "--out", str(tmp_path / "a")]
+    common = ["--images", str(phantom.parent / "images"), "--size", "16", "--workers", "1",
+              "--out", str(tmp_path / "a")]
     assert main(["write", "--csv", str(phantom), *common]) == 0
     bad_csv = write_csv(tmp_path / "bad.csv", [label_row("1", (0, 9, 0, 0, 0, 0))])
     caplog.clear()
@@ -217,17 +218,18 @@ def reader_skips(shard_dir, split: str = "train") -> tuple[int, set[str]]:
     return len(real), {f"{split}-{index:05d}" for index, bad in real if bad}  # shard_factory's keys
 
 
-def overwrite_600_bytes(shard, member_name: str, where: str) -> None:
+def overwrite_600_bytes(shard, member_name: str, where: str, length: int = 600) -> None:
     """600 bytes of a shard overwritten, from the start of `member_name`'s tar header or of its data."""
     with tarfile.open(shard) as archive:
         member = archive.getmember(member_name)
     start = member.offset if where == "header" else member.offset_data
     data = bytearray(shard.read_bytes())
-    data[start:start + 600] = bytes(range(200)) * 3
+    data[start:start + length] = (bytes(range(200)) * 3)[:length]
     shard.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("case", ["tar header", "sample data", "tar header, manifest without sample index"])
+@pytest.mark.parametrize("case", ["tar header", "sample data", "tar header, manifest without sample index",
+                                  "image bytes, manifest without sample index"])
 def test_verify_verdict_on_600_overwritten_bytes_matches_what_the_reader_does(tmp_path, caplog, case):
     """The issue's shard: "sha256 differs", "0 damaged sample(s) (skipped when read): " and "2 samples, manifest says
     30" while the reader decoded all 30. Now one verdict per shard and one for the set, and the reader agrees."""
@@ -235,6 +237,8 @@ def test_verify_verdict_on_600_overwritten_bytes_matches_what_the_reader_does(tm
     shard = root / "train" / "shard-000000.tar"
     if case == "sample data":
         overwrite_600_bytes(shard, "train-00005.json", "data")  # its label and the next member's header
+    elif case.startswith("image bytes"):  # inside one PNG only: no checksum to fail, the image no longer decodes
+        overwrite_600_bytes(shard, "train-00005.png", "data", length=40)
     else:
         overwrite_600_bytes(shard, "train-00002.json", "header")  # tar tools now see 2 samples
     caplog.clear()
@@ -259,6 +263,13 @@ def test_verify_verdict_on_600_overwritten_bytes_matches_what_the_reader_does(tm
         assert verdict.startswith(f"verdict: {root}: usable with 1 damaged sample(s) of 35, skipped when read: "
                                   f"train/shard-000000.tar train-00005 (train: 1 of 30, more than "
                                   f"data.max_bad_fraction (default 0.01) allows")
+    elif case.startswith("image bytes"):
+        assert skipped == {"train-00005"} and status == 1
+        assert lines[0].startswith("train/shard-000000.tar: modified: sha256 differs from the manifest; usable with 1 "
+                                   "damaged sample(s), skipped when read: train-00005 (the png image does not "
+                                   "decode (UnidentifiedImageError)); the other 29 decode (this manifest has no "
+                                   "per-sample checksums to check them)")
+        assert verdict.startswith(f"verdict: {root}: usable with 1 damaged sample(s) of 35")
     else:  # the reader indexes the tar headers itself, finds 2 samples, and skips the whole shard
         assert skipped == {f"train-{index:05d}" for index in range(30)} and status == 1
         assert lines[0] == ("train/shard-000000.tar: unusable: it holds 2 samples, the manifest says 30; all 30 of its "

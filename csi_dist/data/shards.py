@@ -328,6 +328,7 @@ class ShardVerdict:
     unreadable: str = ""  # why the reader skips every sample of the shard ("" when it reads it)
     notes: list[str] = field(default_factory=list)  # changes that cost no sample
     unchecked: bool = False  # modified, but the manifest has no per-sample checksums to tell which samples
+    checksums: bool = True  # the manifest indexes the shard's samples with their CRC-32s
 
     @property
     def intact(self) -> bool:
@@ -345,7 +346,9 @@ class ShardVerdict:
         if self.lost:
             return (head + f"usable with {len(self.lost)} damaged sample(s), skipped when read: "
                     + _named(f"{key} ({reason})" for key, reason in self.lost.items())
-                    + f"; the other {self.count - len(self.lost)} read intact")
+                    + (f"; the other {self.count - len(self.lost)} read intact" if self.checksums else
+                       f"; the other {self.count - len(self.lost)} decode (this manifest has no per-sample checksums "
+                       f"to check them)"))
         if self.unchecked:
             return (head + f"all {self.count} samples decode, but this manifest has no per-sample checksums to tell "
                     f"changed ones: rewrite the shards (csi-shards write) to be sure")
@@ -373,6 +376,9 @@ def _sample_fault(members: dict[str, bytes]) -> str | None:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
         if extension is None:
             return "no image member"
+    except Exception as error:  # noqa: BLE001 - the reader skips the sample on any of these
+        return f"label does not parse: {type(error).__name__}: {error}"
+    try:
         if extension == "npy":
             pixels = np.load(io.BytesIO(members[extension]), allow_pickle=False)
             if pixels.dtype != np.uint8 or pixels.ndim != 2:
@@ -380,8 +386,8 @@ def _sample_fault(members: dict[str, bytes]) -> str | None:
         else:
             with Image.open(io.BytesIO(members[extension])) as image:
                 image.convert("L")
-    except Exception as error:  # noqa: BLE001 - the reader skips the sample on any of these (json, PIL, numpy)
-        return f"{type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001 - PIL and numpy raise many types for damaged bytes
+        return f"the {extension} image does not decode ({type(error).__name__})"
     return None
 
 
@@ -422,6 +428,7 @@ def _verify_shard(out_dir: Path, split: str, entry: dict) -> ShardVerdict:
             if reason is not None:
                 verdict.lost[sample.key] = reason
     if index is None:
+        verdict.checksums = False
         verdict.unchecked = not verdict.lost
         return verdict
     try:
@@ -482,7 +489,7 @@ class Verification:
         emptied = [split for split, lost in lost_by_split.items() if lost and lost == split_sizes[split]]
         if emptied:
             return (f"{where}: unusable: every sample of the {', '.join(emptied)} split(s) is skipped when read "
-                    f"({_named(shard.line().split(': ', 1)[0] for shard in self.shards if shard.split in emptied)}); "
+                    f"({_named(shard.path for shard in self.shards if shard.split in emptied and shard.count)}); "
                     f"rewrite the shards with `csi-shards write`")
         names = [f"{shard.path} {key}" if not shard.unreadable else f"{shard.path} (all {shard.count})"
                  for shard in self.shards for key in (shard.lost if not shard.unreadable else [""])]
@@ -553,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"--demo output directory (default {DEFAULT_DEMO_OUT})")
     parser.add_argument("--size", dest="demo_size", type=int, default=DEFAULT_DEMO_SIZE, metavar="PIXELS",
                         help=f"--demo image side (default {DEFAULT_DEMO_SIZE})")
-    parser.add_argument("--workers", dest="demo_workers", type=int, metavar="N", help="--demo worker processes (default: all cores)")
+    parser.add_argument("--workers", dest="demo_workers", type=int, metavar="N",
+                        help="--demo worker processes (default: all cores)")
     parser.add_argument("--demo-format", choices=IMAGE_EXTENSIONS, default="png",
                         help="--demo image format (default png; npy: raw arrays, nothing to decode)")
     commands = parser.add_subparsers(dest="command", metavar="{write,verify,show}")
