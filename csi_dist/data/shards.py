@@ -617,8 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--split", choices=SPLIT_NAMES, default="train", help="split of the shards (default train)")
     show.add_argument("--augment", action="store_true", help="apply the training augmentation")
     show.add_argument("--seed", type=int, default=42, help="augmentation seed (default 42, as training)")
-    show.add_argument("--size", type=int, help="image side fed to the model (default: the shards'; 512 for --csv)")
-    show.add_argument("--tile", type=int, default=256, help="tile side in the PNG, pixels (default 256)")
+    show.add_argument("--size", type=int, metavar="PIXELS",
+                      help="image side fed to the model (default: the shards'; 512 for --csv)")
+    show.add_argument("--tile", type=int, default=256, metavar="PIXELS",
+                      help="tile side in the PNG, pixels (default 256)")
     show.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     return parser
 
