@@ -12,7 +12,8 @@ import pytest
 from csi_dist.data.labels import read_label_csv
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
-from csi_dist.data.shards import ShardWriteError, main, sample_keys, verify_shards, write_shards
+from csi_dist.data.shard_verify import verify_shards
+from csi_dist.data.shards import ShardWriteError, main, sample_keys, write_shards
 from csi_dist.domain import ZONE_NAMES
 from data_helpers import gradient_image, label_row, write_csv, write_png
 from shard_factory import write_shards as factory_shards

@@ -8,6 +8,7 @@ shard, as it always did.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import tarfile
 import zlib
@@ -93,3 +94,11 @@ def read_members(handle: BinaryIO, sample: IndexedSample) -> dict[str, bytes]:
         data[extension] = payload
     return data
 
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a shard file, as the manifest records it (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
