@@ -22,7 +22,8 @@ Outputs (';'-separated, rows in input order):
 Runs on 1..N processes like evaluate (`python -m csi_dist.launcher ... -m csi_dist.predict ...`), the files split
 across them. Exit codes: 0 when at least one image was predicted; 2 when the inputs are wrong (no run directory,
 config or weights; no such folder or CSV; no images) or no image could be read; 75 (nothing written; rerun the same
-command) when a preemption notice arrived (SIGTERM, SIGUSR1, or the file <run dir>/PREEMPT_REQUESTED).
+command) when a preemption notice arrived (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C, or the file
+<run dir>/PREEMPT_REQUESTED).
 """
 from __future__ import annotations
 

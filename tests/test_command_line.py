@@ -75,10 +75,15 @@ def test_help_shows_every_default_without_torch_or_internal_names(module: str, s
     assert len(re.findall(r"^usage:", output, flags=re.MULTILINE)) <= 1, output
 
 
-def test_predict_help_says_what_the_readme_says_once():
+def test_predict_help_says_what_the_readme_and_the_code_say_once():
+    from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+    from csi_dist.data.images import IMAGE_SUFFIXES
     _, output = run("csi_dist.predict", "--help")
     assert "NaN" not in output  # the CSV cell is empty (README "Prediction on new images")
     assert "Options:" not in output  # argparse lists the options once
+    flat = " ".join(output.split())
+    assert [suffix for suffix in IMAGE_SUFFIXES if f"{suffix} " not in flat and f"{suffix}," not in flat] == []
+    assert f"<run dir>/{REQUEST_FILE_NAME}" in flat
 
 
 # (command, arguments, exit status, what the message says)
