@@ -25,7 +25,8 @@ EXIT_TOO_MANY_BAD_SAMPLES = 5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="csi_dist.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="csi_dist.train", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                     epilog="Every config key with its default: --help-config.")
     parser.add_argument("--config", type=Path, help="INI file (the seed project's files load unchanged); required")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set training.batch_size=16 (repeatable; default: "

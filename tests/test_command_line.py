@@ -48,7 +48,8 @@ def bad_run_dir(tmp_path: Path) -> Path:
 
 # (command, texts its --help must show: the defaults, in user words)
 HELP_DEFAULTS = [
-    ("csi_dist.train", ["(default: auto)", "<logging.output_dir>/<logging.run_name>", "--help-config"]),
+    ("csi_dist.train", ["(default: auto)", "<logging.output_dir>/<logging.run_name>", "--help-config",
+                        "several processes: `python -m csi_dist.launcher --config_file"]),
     ("csi_dist.evaluate", ["(default: best", "(default: val test)", "(default: 0", "<run dir>/evaluation",
                            "the run's own data.shard_dir"]),
     ("csi_dist.predict", ["(default: best", "(default: predictions.csv)", "(default: the run's training.batch_size)",
