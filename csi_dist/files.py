@@ -1,7 +1,9 @@
 """Files that are whole or absent: written to a temporary name beside the target, fsynced, renamed over it, and the
-folder fsynced, so a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+folder fsynced, so a reader (or a rerun after a kill) sees the old file or the new one, never half of one; and the
+checksum that tells a file is the one recorded."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -83,3 +85,12 @@ def atomic_write_json(path: Path, payload: object, indent: int = 2) -> None:
     """Strict JSON (NaN and infinities as null) with a final newline, written atomically."""
     text = json.dumps(strict_json_value(payload), indent=indent, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (shards and weights files do not need to fit in memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ a copy, so a checkpoint says where it came from on its own. Torch-free: `python 
 from __future__ import annotations
 
 import configparser
-import hashlib
 import json
 import os
 import platform
@@ -20,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from csi_dist.config import Config, config_to_dict
-from csi_dist.files import atomic_write_json
+from csi_dist.files import atomic_write_json, file_sha256
 from csi_dist.redaction import redact
 
 PROVENANCE_NAME = "provenance.json"
@@ -35,8 +34,9 @@ def now_utc() -> str:
 
 
 def sha256_of(path: Path) -> str | None:
+    """The file's sha256, or None when it cannot be read (a run without a split file, say)."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 

@@ -8,7 +8,6 @@ shard, as it always did.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import tarfile
 import zlib
@@ -93,12 +92,3 @@ def read_members(handle: BinaryIO, sample: IndexedSample) -> dict[str, bytes]:
             raise DamagedSample(f"member {extension} fails its checksum (damaged bytes)")
         data[extension] = payload
     return data
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a shard file, as the manifest records it (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

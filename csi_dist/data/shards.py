@@ -30,7 +30,7 @@ from csi_dist.data.shard_format import (
     SPLIT_FILE_NAME,
     SPLIT_NAMES,
 )
-from csi_dist.data.shard_index import file_sha256, index_tar, index_to_json
+from csi_dist.data.shard_index import index_tar, index_to_json
 from csi_dist.data.shard_verify import verify_shards
 from csi_dist.data.split import (
     DEFAULT_FRACTIONS,
@@ -42,7 +42,7 @@ from csi_dist.data.split import (
     split_patients,
 )
 from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
-from csi_dist.files import atomic_write_json
+from csi_dist.files import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 

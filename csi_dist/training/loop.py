@@ -43,7 +43,7 @@ from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
-from csi_dist.training.strategies import (build_strategy, hide_from_accelerate, resolve_strategy,
+from csi_dist.training.strategies import (build_strategy, describe, hide_from_accelerate, resolve_strategy,
                                           shards_parameters)
 from csi_dist.training.tracking import Tracker
 
@@ -156,7 +156,8 @@ class Trainer:
         self.monitored_key = monitored_metric(config.callbacks.monitor)
         model, self.optimizer = strategy.prepare(model, lambda wrapped: build_optimizer(
             wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy_name == "ddp"))
-        log.info("%s", strategy.describe(model))
+        self.sharding = strategy.sharding(model)  # what really runs: logged, and recorded in every segment
+        log.info("%s", describe(self.sharding))
         self.schedule = LearningRateSchedule(self.optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
                                              n_epochs=config.training.n_epochs, monitor_mode=mode)
         if config.model.compile:
@@ -383,7 +384,7 @@ class Trainer:
         origin = run_origin(self.config.data.shard_dir, self.run_dir / "resolved_config.ini", self.config.training.seed)
         record = ProvenanceRecord(self.run_dir, origin, new_segment(self.world_size, [device_name],
                                                                     self.progress.global_step,
-                                                                    self.strategy.sharding(self.model)))
+                                                                    self.sharding))
         for change in record.changes:
             if change.startswith("config_sha256:") and self.config_changes is not None:
                 continue  # named key by key at the start

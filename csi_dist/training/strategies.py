@@ -136,9 +136,6 @@ class DDPStrategy:
     def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
-    def describe(self, model: nn.Module) -> str:
-        return f"DDP over {self.accelerator.num_processes} process(es)"
-
     def sharding(self, model: nn.Module) -> dict:
         """What really runs, read from the prepared model and the process group (not the config), for each
         provenance segment: the strategy, ZeRO stage, parameters kept as shards and in how many, world size."""
@@ -173,11 +170,6 @@ class FSDP2Strategy(DDPStrategy):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
-    def describe(self, model: nn.Module) -> str:
-        from torch.distributed.tensor import DTensor
-        sharded = sum(isinstance(param, DTensor) for param in model.parameters())
-        return f"FSDP2: {sharded} DTensor parameters sharded over {self.accelerator.num_processes} process(es)"
-
     def sharding(self, model: nn.Module) -> dict:
         from torch.distributed.tensor import DTensor, Shard
         sharded = [param for param in model.parameters() if isinstance(param, DTensor)
@@ -192,6 +184,16 @@ def live_sharding(name: str, zero_stage: int | None, model: nn.Module, sharded: 
     return {"name": name, "zero_stage": zero_stage, "wrapper": type(model).__name__,
             "parameters": sum(1 for _ in model.parameters()), "sharded_parameters": sharded, "shards": shards,
             "world_size": world_size, **more}
+
+
+def describe(sharding: dict) -> str:
+    """The log line of a `sharding()` record."""
+    processes = f"over {sharding['world_size']} process(es)"
+    if sharding["name"] == "fsdp2":
+        return f"FSDP2: {sharding['sharded_parameters']} DTensor parameters sharded {processes}"
+    if sharding["name"] == "deepspeed":
+        return f"DeepSpeed ZeRO-{sharding['zero_stage']} {processes}"
+    return f"DDP {processes}"
 
 
 def broadcast_buffers(model: nn.Module) -> None:
@@ -376,9 +378,6 @@ class DeepSpeedStrategy:
             for name, buffer in module.named_buffers():
                 if name in state:
                     buffer.copy_(state[name])
-
-    def describe(self, model: nn.Module) -> str:
-        return f"DeepSpeed ZeRO-{self.zero_stage} over {self.accelerator.num_processes} process(es)"
 
     def sharding(self, model: nn.Module) -> dict:
         """The engine's stage; ZeRO-3's partitioned parameters (`ds_tensor`); the ZeRO optimizer's partitions."""
