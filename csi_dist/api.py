@@ -49,7 +49,7 @@ from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model as _build_model
-from csi_dist.models import model_input_size
+from csi_dist.models import model_input_size, unwrapped_model
 from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
@@ -320,17 +320,6 @@ def validate_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss,
     return {"loss": predictions.loss, "decode_failures": predictions.decode_failures, **metrics}
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside torch.compile and DDP wrappers (whose state dict keys carry prefixes)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     """Load trained weights into `model` in place; returns the file loaded.
 
@@ -351,7 +340,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
                                   f"run directory?)")
         path = found
     try:
-        _unwrapped(model).load_state_dict(load_weights(path))
+        unwrapped_model(model).load_state_dict(load_weights(path))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit this model: {error}") from None
     return path

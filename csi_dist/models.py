@@ -230,3 +230,16 @@ def build_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     if cfg.pretrained_weights:
         _load_backbone_weights(backbone, Path(cfg.pretrained_weights), spec.timm_name)
     return CSIModel(backbone, backbone.num_features, cfg.dropout_rate)
+
+
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile's and DDP's (or DeepSpeed's) wrappers, whose state dict keys carry
+    prefixes. Not accelerate's `unwrap_model`: that imports DeepSpeed (when installed), whose accelerator probe prints
+    "Setting accelerator to CPU" on a machine without a GPU (tests/test_quiet_output.py)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -19,6 +19,7 @@ from torch import nn
 from csi_dist.config import CUSTOM_PURPLE_RED
 from csi_dist.data.reader import finish_on_device
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.models import unwrapped_model
 
 
 class PatchGrid(nn.Module):
@@ -154,23 +155,11 @@ def display_image(model_input: torch.Tensor) -> np.ndarray:
     return ((pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-12)).cpu().numpy()
 
 
-def plain_module(model: nn.Module) -> nn.Module:
-    """The model without DDP's or torch.compile's wrapper. Not accelerate's `unwrap_model`: that imports DeepSpeed
-    (when installed), whose accelerator probe prints "Setting accelerator to CPU" on a machine without a GPU."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
 def heatmaps_for_images(model: nn.Module, images: list[tuple[str, torch.Tensor]], out_dir: Path,
                         device: torch.device, batch_size: int = 8, color_map_name: str = "jet") -> None:
     """Maps and overlays for (FileID, model input 1 x H x W) pairs, written under `out_dir`; `model` may be the
     prepared (wrapped) one."""
-    model = plain_module(model)
+    model = unwrapped_model(model)
     for start in range(0, len(images), batch_size):
         part = images[start:start + batch_size]
         maps, grades = zone_heatmaps(model, torch.stack([image for _, image in part]).to(device))
