@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,14 @@ def assert_strategies_ran(run_dir: Path, segments: list[tuple[str, int | None, i
             "wrapper": wrapper_kind(record.get("name"), record.get("world_size"), record.get("wrapper"))}
            for record in strategies_that_ran(run_dir)]
     assert ran == expected, f"{run_dir} ran {ran}, not {expected}"
+
+
+class Payload:
+    """A pickle whose unpickling runs `touch <marker>`: proof of code execution if the marker appears (a weights-only
+    loader refuses it)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

@@ -6,7 +6,6 @@ DeepSpeed engine (gloo, no launcher); the only other process is one `python -m c
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from conftest import REPO_ROOT, subprocess_env
+from data_helpers import Payload
 from csi_dist import convert
 from csi_dist.config import ModelConfig, TrainingConfig
 from csi_dist.models import build_model
@@ -29,16 +29,6 @@ from csi_dist.training.strategies import UNIVERSAL_TAG, ZERO_TAG, DDPStrategy, D
 IMAGE_SIZE = 32
 # the run config convert builds its template model from
 RUN_CONFIG = f"[Model]\nmodel_arch = Tiny_CNN\n[Data]\nimage_size = {IMAGE_SIZE}\n"
-
-
-class Payload:
-    """A pickle that creates `marker` when anything but a weights-only loader reads it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def one_process(num_processes: int = 1) -> types.SimpleNamespace:

@@ -44,7 +44,7 @@ from csi_dist.convert import full_weights
 from csi_dist.data.labels import LabelError, read_label_csv
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.data.shards import write_demo
-from data_helpers import label_row, write_csv
+from data_helpers import Payload, label_row, write_csv
 from slurm_helpers import differing_tensors
 from shard_factory import write_shards
 
@@ -589,16 +589,6 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_b
 
 
 # --- bad checkpoints ----------------------------------------------------------------------------------------------
-
-
-class Payload:
-    """Unpickling this runs `touch <marker>`: proof of code execution if the marker appears."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.mark.slow
