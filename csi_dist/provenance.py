@@ -8,7 +8,6 @@ a copy, so a checkpoint says where it came from on its own. Torch-free: `python 
 """
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from csi_dist.config import Config, config_to_dict
+from csi_dist.config import Config, ConfigError, config_to_dict, load_config
 from csi_dist.files import atomic_write_json, file_sha256
 from csi_dist.redaction import redact
 
@@ -109,19 +108,17 @@ def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
 def config_changes(saved_config: Path, config: Config) -> list[str] | None:
     """Key by key, what `config` changes of the config a run saved in `saved_config` (its resolved_config.ini), as
     `optimization.learning_rate 0.003 -> 0.01`; None when there is no readable saved config to compare with."""
-    current = {section: {key: redact(str(value)) for key, value in values.items()}  # as save_config writes them
-               for section, values in config_to_dict(config).items()}
-    parser = configparser.ConfigParser(interpolation=None)
+    def as_written(loaded: Config) -> dict[str, dict[str, str]]:  # as save_config writes them: secrets masked
+        return {section: {key: redact(str(value)) for key, value in values.items()}
+                for section, values in config_to_dict(loaded).items()}
+
     try:
-        parser.read_string(Path(saved_config).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, configparser.Error):
+        saved = as_written(load_config(saved_config))
+    except ConfigError:
         return None
-    saved = {section.lower(): dict(parser[section]) for section in parser.sections()}
-    return [f"{section}.{key} {saved.get(section, {}).get(key, '(unset)')} -> {values.get(key, '(unset)')}"
-            for section in sorted(set(saved) | set(current))
-            for values in [current.get(section, {})]
-            for key in sorted(set(saved.get(section, {})) | set(values))
-            if saved.get(section, {}).get(key) != values.get(key)]
+    current = as_written(config)
+    return [f"{section}.{key} {saved[section][key]} -> {value}" for section, values in current.items()
+            for key, value in values.items() if saved[section][key] != value]
 
 
 class ProvenanceRecord:
