@@ -15,6 +15,9 @@ AHF_THRESHOLDS: tuple[float, float] = (1.3, 2.2)
 AHF_CLASS_NAMES: tuple[str, ...] = ("low", "medium", "high")
 
 CSV_SEPARATOR = ";"
+# numbers in the CSVs we write: six significant digits (a float64's 17 say nothing to a reader; probabilities come
+# from float32 or bf16 models, whose own precision is 7 or 3 digits)
+CSV_FLOAT_FORMAT = "%.6g"
 FILE_ID_COLUMN = "FileID"
 CSI_COLUMN = "csi"
 PATIENT_COLUMN = "patient_id"

@@ -6,6 +6,7 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from csi_dist.config import ModelConfig
 from csi_dist.data.phantom import zone_boxes, zone_masks
 from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
-from csi_dist.evaluation.heatmaps import cam_model_and_layer, zone_heatmaps
+from csi_dist.evaluation.heatmaps import cam_model_and_layer, zone_figures, zone_heatmaps
 from csi_dist.models import CSIModel, build_model
 
 
@@ -123,6 +124,23 @@ def test_each_zones_map_lies_in_that_zones_region():
         inside = maps[:, zone, top:bottom, left:right].sum(axis=(1, 2)) / maps[:, zone].sum(axis=(1, 2))
         chance = (bottom - top) * (right - left) / size ** 2
         assert (inside > 0.95).all() and chance < 0.1, (name, inside, chance)
+
+
+def test_each_overlay_names_its_predicted_and_true_grade_beside_a_labelled_colour_bar():
+    """What a reader of the grid needs: each zone's predicted grade against its true one, and what the colours mean."""
+    image, maps = np.linspace(0, 1, 32 * 32).reshape(32, 32), np.random.default_rng(0).random((NUM_ZONES, 32, 32))
+    predicted, true = np.array([0, 1, 2, 3, 4, 2]), np.array([0, 2, 2, 4, 4, 1])
+    per_zone, grid = zone_figures("00000042", image, maps, predicted, true)
+    grid_titles = [axes.get_title() for axes in grid.axes if axes.get_title()]
+    assert grid_titles[1] == "left_sup: predicted grade 1 (mild),\ntrue grade 2 (moderate)"
+    assert grid_titles[3] == "left_mid: predicted grade 3 (severe),\ntrue unknown"
+    assert per_zone[5].axes[0].get_title() == "00000042 left_inf: predicted grade 2 (moderate),\ntrue grade 1 (mild)"
+    for figure in (grid, *per_zone):  # the colour bar: an extra axes with the map's 0..1 scale and its label
+        colour_bar = figure.axes[-1]
+        assert colour_bar.get_ylabel() == "Grad-CAM weight (1 = the map's peak)"
+        assert colour_bar.get_ylim() == (0.0, 1.0)
+    _, unlabelled = zone_figures("new", image, maps, predicted)  # predict: no labels, no true grade claimed
+    assert [axes.get_title() for axes in unlabelled.axes][0] == "right_sup: predicted grade 0 (normal)"
 
 
 @pytest.mark.slow

@@ -79,6 +79,8 @@ def test_predict_matches_evaluate_on_every_format_and_lists_unreadable_files(pha
     assert set(PROB_COLUMNS) <= set(predictions.columns)
     probs = predictions[PROB_COLUMNS].to_numpy().reshape(-1, 6, 5)
     assert np.allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    written = pd.read_csv(out, sep=CSV_SEPARATOR, dtype=str)[PROB_COLUMNS].to_numpy().ravel()  # as written
+    assert max(len(cell.split("e")[0].replace(".", "").lstrip("0")) for cell in written) <= 6  # not 17 digits
     assert (predictions[[f"{zone}_pred" for zone in ZONE_NAMES]].to_numpy() == probs.argmax(axis=-1)).all()
 
     same = predictions.set_index(FILE_ID_COLUMN).loc[test_ids]

@@ -51,13 +51,23 @@ def test_predictions_csv_round_trips(written):
         np.testing.assert_array_equal(table[f"{name}_true"], targets[:, zone])
         np.testing.assert_array_equal(table[f"{name}_pred"], probs[:, zone].argmax(axis=-1))
         zone_probs = table[[f"{name}_p_{class_name}" for class_name in CLASS_NAMES]].to_numpy()
-        np.testing.assert_allclose(zone_probs, probs[:, zone])
+        # six significant digits (domain.CSV_FLOAT_FORMAT): within half a unit of the sixth digit of the truth
+        np.testing.assert_allclose(zone_probs, probs[:, zone], rtol=5e-6, atol=0)
         np.testing.assert_array_equal(zone_probs.argmax(axis=1), table[f"{name}_pred"])
     assert math.isnan(table["csi_avg_true"][0]) and table["ahf_class_true"][0] == -1
     graded = targets[5] != 4
     assert table["csi_avg_true"][5] == pytest.approx(targets[5][graded].mean())
-    np.testing.assert_allclose(table[CSI_COLUMN], csi)
+    np.testing.assert_allclose(table[CSI_COLUMN], csi, rtol=5e-6, atol=0)
     np.testing.assert_array_equal(table[AHF_COLUMN], ahf)
+
+
+def test_predictions_csv_writes_six_significant_digits(written):
+    """A probability is written 0.123457, not 0.12345678901234568 (the 17 digits of a float64 help no reader)."""
+    _, paths, *_ = written
+    body = paths["predictions"].read_text().splitlines()[1:]
+    numbers = [cell for line in body for cell in line.split(CSV_SEPARATOR)[1:] if cell and cell != "nan"]
+    digits = [len(cell.split("e")[0].replace("-", "").replace(".", "").lstrip("0")) for cell in numbers]
+    assert numbers and max(digits) <= 6, [cell for cell, count in zip(numbers, digits) if count > 6][:5]
 
 
 def test_metrics_json_is_strict_json_equal_to_compute_metrics(written):
@@ -116,3 +126,16 @@ def test_tiny_datasets_do_not_crash(tmp_path):
 def test_wrong_number_of_file_ids_is_refused(tmp_path):
     with pytest.raises(ValueError, match="file_ids: expected 2 ids"):
         write_evaluation(tmp_path, "val", ["a"], np.full((2, 6, 5), 0.2), np.zeros((2, 6), dtype=int))
+
+
+def test_confusion_colour_bars_count_whole_images(tmp_path):
+    """A count's colour bar ticks whole numbers and says what it counts (it showed 0.5, 1.5, ... unlabelled)."""
+    from csi_dist.evaluation.report import _confusion_figure
+    matrix = np.zeros((5, 5), dtype=np.int64)
+    matrix[0, 0], matrix[1, 2], matrix[3, 3] = 3, 1, 2  # a maximum of 3: matplotlib's own ticks were 0.0-3.0 by 0.5
+    figure = _confusion_figure(matrix, CLASS_NAMES, "test: right_sup", "images")
+    colour_bar = figure.axes[-1]
+    figure.savefig(tmp_path / "confusion.png")  # ticks are final once drawn
+    ticks = [tick for tick in colour_bar.get_yticks() if 0 <= tick <= 3]
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+    assert colour_bar.get_ylabel() == "number of images"

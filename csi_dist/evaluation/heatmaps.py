@@ -111,6 +111,13 @@ def grade_name(grade: int) -> str:
     return f"grade {grade} ({CLASS_NAMES[grade]})" if grade != UNKNOWN_CLASS else "unknown"
 
 
+def zone_caption(zone_name: str, predicted: int, true: int | None) -> str:
+    """"right_sup: predicted grade 2 (moderate), true grade 1 (mild)" (no true part where the label is unknown
+    to us, as in predict)."""
+    caption = f"{zone_name}: predicted {grade_name(predicted)}"
+    return caption if true is None else f"{caption},\ntrue {grade_name(true)}"
+
+
 def color_map(name: str):
     """A matplotlib colormap by name, or the seed's custom_purple_red (purple, blue, green, yellow, red)."""
     from matplotlib import colormaps
@@ -120,33 +127,54 @@ def color_map(name: str):
     return colormaps[name]
 
 
-def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray,
-                  color_map_name: str = "jet") -> list[Path]:
-    """One overlay PNG per zone (`<FileID>_<zone>.png`) and a 6-zone grid (`<FileID>_zones.png`); `image` H x W."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+COLOUR_BAR_LABEL = "Grad-CAM weight (1 = the map's peak)"
+# an overlay: the map over the radiograph at this opacity, so the anatomy stays visible beneath it
+OVERLAY_ALPHA = 0.45
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    grid, axes = plt.subplots(3, 2, figsize=(7, 10))
+
+def zone_figures(file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray,
+                 true_grades: np.ndarray | None = None, color_map_name: str = "jet"):
+    """(one Figure per zone, the 6-zone grid Figure) of an image: each map over the radiograph, titled with the
+    zone's predicted grade (and true grade when known), with a colour bar of the map's scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    scale = ScalarMappable(Normalize(0, 1), color_map(color_map_name))
+    zone_figures_, grid = [], Figure(figsize=(7.6, 10.4))
+    FigureCanvasAgg(grid)  # a bare Figure on an Agg canvas: nothing left open in pyplot's registry
+    grid_axes = grid.subplots(3, 2)
     for zone, name in enumerate(ZONE_NAMES):
-        title = f"{file_id} {name}: {grade_name(int(grades[zone]))}"
-        figure, axis = plt.subplots(figsize=(4, 4.3))
-        for target in (axis, axes[zone // 2, zone % 2]):
+        true = None if true_grades is None else int(true_grades[zone])
+        caption = zone_caption(name, int(grades[zone]), true)
+        figure = Figure(figsize=(4.6, 4.6))
+        FigureCanvasAgg(figure)
+        axis = figure.subplots()
+        for target, title in ((axis, f"{file_id} {caption}"), (grid_axes[zone // 2, zone % 2], caption)):
             target.imshow(image, cmap="gray")
-            target.imshow(maps[zone], cmap=color_map(color_map_name), alpha=0.45, vmin=0, vmax=1)
-            target.set_title(title if target is axis else f"{name}: {grade_name(int(grades[zone]))}", fontsize=9)
+            target.imshow(maps[zone], cmap=scale.cmap, norm=scale.norm, alpha=OVERLAY_ALPHA)
+            target.set_title(title, fontsize=9)
             target.axis("off")
-        path = out_dir / f"{file_id}_{name}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        written.append(path)
+        figure.colorbar(scale, ax=axis, fraction=0.046, pad=0.03, label=COLOUR_BAR_LABEL)
+        zone_figures_.append(figure)
+    grid.colorbar(scale, ax=grid_axes, fraction=0.03, pad=0.03, label=COLOUR_BAR_LABEL)
     grid.suptitle(f"{file_id}: where the model looks for each zone's predicted grade (Grad-CAM)", fontsize=10)
-    path = out_dir / f"{file_id}_zones.png"
-    grid.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(grid)
-    return [*written, path]
+    return zone_figures_, grid
+
+
+def save_heatmaps(out_dir: Path, file_id: str, image: np.ndarray, maps: np.ndarray, grades: np.ndarray,
+                  color_map_name: str = "jet", true_grades: np.ndarray | None = None) -> list[Path]:
+    """One overlay PNG per zone (`<FileID>_<zone>.png`) and a 6-zone grid (`<FileID>_zones.png`); `image` H x W."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_zone, grid = zone_figures(file_id, image, maps, grades, true_grades, color_map_name)
+    written = []
+    for name, figure in zip(ZONE_NAMES, per_zone):
+        written.append(out_dir / f"{file_id}_{name}.png")
+        figure.savefig(written[-1], dpi=100, bbox_inches="tight")
+    written.append(out_dir / f"{file_id}_zones.png")
+    grid.savefig(written[-1], dpi=100, bbox_inches="tight")
+    return written
 
 
 def display_image(model_input: torch.Tensor) -> np.ndarray:
@@ -156,29 +184,34 @@ def display_image(model_input: torch.Tensor) -> np.ndarray:
 
 
 def heatmaps_for_images(model: nn.Module, images: list[tuple[str, torch.Tensor]], out_dir: Path,
-                        device: torch.device, batch_size: int = 8, color_map_name: str = "jet") -> None:
+                        device: torch.device, batch_size: int = 8, color_map_name: str = "jet",
+                        true_grades: dict[str, np.ndarray] | None = None) -> None:
     """Maps and overlays for (FileID, model input 1 x H x W) pairs, written under `out_dir`; `model` may be the
-    prepared (wrapped) one."""
+    prepared (wrapped) one; `true_grades` (6 zone labels by FileID) adds each zone's true grade to its title."""
     model = unwrapped_model(model)
+    true_grades = true_grades or {}
     for start in range(0, len(images), batch_size):
         part = images[start:start + batch_size]
         maps, grades = zone_heatmaps(model, torch.stack([image for _, image in part]).to(device))
         for (file_id, image), image_maps, image_grades in zip(part, maps, grades):
-            save_heatmaps(out_dir, file_id, display_image(image), image_maps, image_grades, color_map_name)
+            save_heatmaps(out_dir, file_id, display_image(image), image_maps, image_grades, color_map_name,
+                          true_grades.get(file_id))
 
 
 def heatmaps_for_batches(model: nn.Module, batches, n_images: int, out_dir: Path, device: torch.device,
                          color_map_name: str = "jet") -> list[str]:
-    """Maps and overlays for the first `n_images` real, decodable samples of `batches` (the reader's batch dicts);
-    returns the FileIDs drawn."""
+    """Maps and overlays for the first `n_images` real, decodable samples of `batches` (the reader's batch dicts),
+    titled with their true grades; returns the FileIDs drawn."""
     chosen: list[tuple[str, torch.Tensor]] = []
+    true_grades: dict[str, np.ndarray] = {}
     for batch in batches:
         images = finish_on_device(batch, device)  # finished by the workers or (data.gpu_augment) on the device
-        for image, file_id, padding, failed in zip(images, batch["file_id"], batch["is_padding"],
-                                                   batch["decode_failed"]):
+        for image, file_id, zones, padding, failed in zip(images, batch["file_id"], batch["zones"],
+                                                          batch["is_padding"], batch["decode_failed"]):
             if not padding and not failed and len(chosen) < n_images:
                 chosen.append((str(file_id), image))
+                true_grades[str(file_id)] = zones.cpu().numpy()
         if len(chosen) >= n_images:
             break
-    heatmaps_for_images(model, chosen, out_dir, device, color_map_name=color_map_name)
+    heatmaps_for_images(model, chosen, out_dir, device, color_map_name=color_map_name, true_grades=true_grades)
     return [file_id for file_id, _ in chosen]

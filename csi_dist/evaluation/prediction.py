@@ -23,7 +23,7 @@ from csi_dist.data.reader import ShardError, read_manifest
 from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options
 from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluate import load_trained_model
 from csi_dist.evaluation.inference import StopRequested
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
@@ -210,7 +210,8 @@ def errors_path(out: Path) -> Path:
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda temporary: table.to_csv(temporary, sep=CSV_SEPARATOR, index=False))
+    atomic_write(path, lambda temporary: table.to_csv(temporary, sep=CSV_SEPARATOR, index=False,
+                                                      float_format=CSV_FLOAT_FORMAT))
 
 
 def heatmaps_path(out: Path) -> Path:

@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR,
-                             FILE_ID_COLUMN, GRADES, NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES)
+from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_FLOAT_FORMAT,
+                             CSV_SEPARATOR, FILE_ID_COLUMN, GRADES, NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES)
 from csi_dist.files import strict_json_value
 from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
                               zone_predictions)
@@ -64,7 +64,8 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
     true_average, pred_average = csi_average(zone_targets), csi_average(predictions)
     paths["predictions"] = out_dir / f"{split}_predictions.csv"
     _predictions_table(file_ids, zone_probs, zone_targets, predictions, true_average, pred_average, csi_truth,
-                       ahf_truth).to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False)
+                       ahf_truth).to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False,
+                                         float_format=CSV_FLOAT_FORMAT)
 
     paths["metrics"] = out_dir / f"{split}_metrics.json"
     # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers); counts stay integers
@@ -73,7 +74,8 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
     for name, matrix in confusion_matrices(zone_probs, zone_targets).items():
         paths[f"confusion_{name}"] = out_dir / f"{split}_confusion_{name}.png"
         title = f"{split}: {'all zones' if name == POOLED else name}"
-        _save(_confusion_figure(matrix, CLASS_NAMES, title), paths[f"confusion_{name}"])
+        counted = "zone readings (6 per image)" if name == POOLED else "images"
+        _save(_confusion_figure(matrix, CLASS_NAMES, title, counted), paths[f"confusion_{name}"])
 
     graded = zone_targets.ravel() != UNKNOWN_CLASS
     graded_targets = zone_targets.ravel()[graded]
@@ -85,7 +87,7 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
 
     ahf_table = _ahf_table(ahf_classes(true_average), ahf_classes(pred_average))
     paths["ahf_csv"], paths["ahf_md"] = out_dir / f"{split}_ahf.csv", out_dir / f"{split}_ahf.md"
-    ahf_table.to_csv(paths["ahf_csv"], sep=CSV_SEPARATOR, index=False)
+    ahf_table.to_csv(paths["ahf_csv"], sep=CSV_SEPARATOR, index=False, float_format=CSV_FLOAT_FORMAT)
     ahf_markdown = _ahf_markdown(ahf_table)
     paths["ahf_md"].write_text(ahf_markdown)
 
@@ -121,13 +123,17 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=DPI)
 
 
-def _confusion_figure(matrix: np.ndarray, class_names: tuple[str, ...], title: str) -> Figure:
+def _confusion_figure(matrix: np.ndarray, class_names: tuple[str, ...], title: str, counted: str) -> Figure:
+    """The counts of a 5x5 confusion matrix, colour bar in whole numbers of `counted` (images, zone readings)."""
+    from matplotlib.ticker import MaxNLocator
     figure = Figure(figsize=(5.6, 4.8))
     # fixed margins instead of a layout engine: layout solving doubled the time of every figure
     figure.subplots_adjust(left=0.2, bottom=0.2, right=0.98, top=0.92)
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
-    figure.colorbar(image, ax=axes)
+    colour_bar = figure.colorbar(image, ax=axes, label=f"number of {counted}")
+    colour_bar.locator = MaxNLocator(integer=True)  # counts: no tick at 2.5 images
+    colour_bar.update_ticks()
     ticks = range(len(class_names))
     axes.set_xticks(ticks, class_names, rotation=30, ha="right")
     axes.set_yticks(ticks, class_names)
