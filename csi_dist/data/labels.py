@@ -29,6 +29,8 @@ LINE_COLUMN = "csv_line"
 EMPTY_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null"})
 # What Excel on Windows writes when a CSV is not saved as UTF-8.
 FALLBACK_ENCODING = "cp1252"
+# The DataFrame column holding, per row, the CSV's extra columns (site, sex, device, ...) as {name: text or None}
+METADATA_COLUMN = "metadata"
 CSI_MISMATCH_TOLERANCE = 0.01
 ROW_ERRORS_SHOWN = 20  # bad rows named in one error before "and N more"
 
@@ -125,8 +127,20 @@ def _check_header(header: list[str], path: Path) -> None:
     raise LabelError(f"{path}: line 1: missing required column(s) {missing}; columns found: {header}.{hint}")
 
 
+def metadata_columns(header: list[str]) -> list[str]:
+    """The header's extra columns in file order: every named column that is not FileID, a zone, csi, patient_id
+    or ahf (an unnamed column, e.g. from a trailing separator, is not one)."""
+    known = {*REQUIRED_COLUMNS, PATIENT_COLUMN, AHF_COLUMN}
+    return list(dict.fromkeys(name for name in header if name and name not in known))
+
+
+def _metadata_value(value: str) -> str | None:
+    text = value.strip()
+    return None if text.lower() in EMPTY_VALUES else text
+
+
 def _parse_row(fields: list[str], header: list[str], column_index: dict[str, int], line: int,
-               first_line_of: dict[str, int]) -> dict:
+               first_line_of: dict[str, int], extra_columns: list[str]) -> dict:
     """One data row as a record; LabelError naming the line (and column) when it is not valid."""
     if len(fields) != len(header):
         raise LabelError(f"line {line}: found {len(fields)} fields, expected {len(header)} "
@@ -147,6 +161,8 @@ def _parse_row(fields: list[str], header: list[str], column_index: dict[str, int
         record[PATIENT_COLUMN] = fields[column_index[PATIENT_COLUMN]].strip() or None
     if AHF_COLUMN in column_index:
         record[AHF_COLUMN] = _parse_ahf(fields[column_index[AHF_COLUMN]], f"line {line}, column {AHF_COLUMN}")
+    if extra_columns:
+        record[METADATA_COLUMN] = {name: _metadata_value(fields[column_index[name]]) for name in extra_columns}
     record[LINE_COLUMN] = line
     return record
 
@@ -165,8 +181,10 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
     """Read a label CSV and return one row per image, in file order.
 
     Columns returned: FileID (str), the six zones of `ZONE_NAMES` (int, 0-3 grades, 4 unknown), csi (float),
-    patient_id (str, only when the CSV has that column; empty cells are missing, test with `pd.isna`), ahf (float 0/1/NaN, only when
-    the CSV has that column) and `LINE_COLUMN` (the CSV line number, header = line 1). Other columns are dropped.
+    patient_id (str, only when the CSV has that column; empty cells are missing, test with `pd.isna`), ahf (float
+    0/1/NaN, only when the CSV has that column), `METADATA_COLUMN` (only when the CSV has other columns: per row a
+    dict {column name: text, or None for an empty cell}, in file order; see `metadata_columns`) and `LINE_COLUMN`
+    (the CSV line number, header = line 1).
 
     Coding rules: an empty/NaN zone is 4 (unknown); "2.0" is read as 2; an explicit 4 is accepted as unknown.
     An empty csi is computed as the mean of the graded (non-unknown) zones, NaN when no zone is graded.
@@ -185,6 +203,7 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
         column_index = {name: header.index(name) for name in header}
         has_patient = PATIENT_COLUMN in column_index
         has_ahf = AHF_COLUMN in column_index
+        extra_columns = metadata_columns(header)
         records: list[dict] = []
         first_line_of: dict[str, int] = {}
         problems: list[str] = []  # every bad row, so one run names them all
@@ -193,7 +212,7 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
             if not any(field.strip() for field in fields):
                 continue
             try:
-                record = _parse_row(fields, header, column_index, line, first_line_of)
+                record = _parse_row(fields, header, column_index, line, first_line_of, extra_columns)
             except LabelError as error:
                 problems.append(str(error))
                 continue
@@ -205,6 +224,7 @@ def read_label_csv(path: str | Path, exclude_ids: set[str] | None = None,
     columns = [FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN]
     columns += [PATIENT_COLUMN] if has_patient else []
     columns += [AHF_COLUMN] if has_ahf else []
+    columns += [METADATA_COLUMN] if extra_columns else []
     labels = pd.DataFrame.from_records(records, columns=[*columns, LINE_COLUMN])
     labels[list(ZONE_NAMES)] = labels[list(ZONE_NAMES)].astype(np.int64)
     _warn_on_csi_mismatch(labels, path)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from csi_dist.data.metadata import record_metadata
 from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
 from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
@@ -187,7 +188,7 @@ class ShardStream(IterableDataset):
         shard, index, is_padding = self.plan.sample_at(position)
         sample = {"sample_index": self.shard_starts[shard] + index, "is_padding": is_padding, "file_id": "",
                   "zones": [UNKNOWN_CLASS] * NUM_ZONES, "csi": float("nan"), "ahf": float("nan"),
-                  "decode_failed": False, "draws": None}
+                  "decode_failed": False, "draws": None, "metadata": {}}
         where = f"sample {index} of {self.shard_set.shards[shard].path}"
         try:
             where = f"sample {reader.key(shard, index)!r} of {self.shard_set.shards[shard].path}"
@@ -201,6 +202,7 @@ class ShardStream(IterableDataset):
             sample.update(file_id=str(labels["file_id"]), zones=zones,
                           csi=float("nan") if labels.get("csi") is None else float(labels["csi"]),
                           ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]), pixels=pixels,
+                          metadata=record_metadata(labels),
                           draws=augment_draws(settings.seed, self.epoch, position) if settings.augment else None)
         except (ShardError, DecodeError, KeyError, ValueError, TypeError, StopIteration) as error:
             if not isinstance(error, ShardError):  # an unreadable shard was logged once already
@@ -244,6 +246,7 @@ def collate(samples: list[dict], settings: LoaderSettings) -> dict:
         "is_padding": torch.tensor([sample["is_padding"] for sample in samples], dtype=torch.bool),
         "decode_failed": torch.tensor([sample["decode_failed"] for sample in samples], dtype=torch.bool),
         "file_id": [sample["file_id"] for sample in samples],
+        "metadata": [sample["metadata"] for sample in samples],  # {column: text or None} of the label CSV's extras
     }
 
 

@@ -11,7 +11,9 @@ splits a member name at the first dot), made unique with a numeric suffix when t
 
 The "<key>.json" member holds LABEL_KEYS:
     {"file_id": "28694662", "zones": [0, 1, 4, 2, 3, 0], "csi": 1.2 | null, "ahf": 0 | 1 | null,
-     "patient_id": "P001" | null}
+     "patient_id": "P001" | null, "metadata": {"site": "A", "sex": null, ...}}
+"metadata" (only when the label CSV has extra columns: every column beyond FileID, the zones, csi, patient_id and
+ahf) holds each extra column's text, null for an empty cell; shards without it have no metadata.
 zones use the coding of csi_dist.domain (0-3 grades, 4 unknown). The image is 8-bit grayscale (mode "L"),
 already resized to manifest["image_size"] x manifest["image_size"]: a PNG (lossless), a JPEG, or (npy) the raw
 uint8 array in numpy's format, lossless and nothing to decode, at about 1.5x the bytes of a PNG.
@@ -19,8 +21,9 @@ uint8 array in numpy's format, lossless and nothing to decode, at about 1.5x the
 manifest.json:
     {"format": FORMAT_VERSION, "image_size": 512, "image_format": "png" | "jpg" | "npy",
      "created_utc": "...", "source_csv": "...", "split_seed": 42, "split_fractions": [0.7, 0.15, 0.15],
-     "has_ahf_labels": bool,
+     "has_ahf_labels": bool, "metadata_columns": ["site", "sex"],
      "splits": {"train": {"count": N, "label_histogram": {"right_sup": [n0, n1, n2, n3, n4], ...},
+                          "metadata": {"site": {"values": {"A": 40, "B": 12}, "missing": 3}, ...} (with columns),
                           "shards": [{"path": "train/shard-000000.tar", "count": 128, "bytes": 123456,
                                       "sha256": "...", "samples": [...]}, ...]},
                 "val": {...}, "test": {...}},
@@ -42,4 +45,4 @@ SPLIT_NAMES = ("train", "val", "test")
 SHARD_PATTERN = "shard-%06d.tar"
 LABEL_EXTENSION = "json"
 IMAGE_EXTENSIONS = ("png", "jpg", "npy")  # npy: raw uint8 arrays, nothing to decode
-LABEL_KEYS = ("file_id", "zones", "csi", "ahf", "patient_id")
+LABEL_KEYS = ("file_id", "zones", "csi", "ahf", "patient_id", "metadata")

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, ImageError, IMAGE_SUFFIXES, build_image_index,
                                   encode_image_file, image_for)
-from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
+from csi_dist.data.labels import LINE_COLUMN, METADATA_COLUMN, LabelError, read_label_csv
+from csi_dist.data.metadata import COLUMNS_KEY, METADATA_KEY, metadata_counts
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import (
     FORMAT_VERSION,
@@ -114,15 +115,20 @@ def ordered_parallel_map(function: Callable, items: Sequence, workers: int, chun
 
 
 def label_record(row: pd.Series) -> dict:
-    """The "<key>.json" payload of one CSV row (see shard_format.LABEL_KEYS)."""
+    """The "<key>.json" payload of one CSV row (see shard_format.LABEL_KEYS; "metadata" only when the CSV has extra
+    columns, so shards of CSVs without stay byte-identical to earlier ones)."""
     csi = float(row[CSI_COLUMN])
     ahf = row.get(AHF_COLUMN, math.nan)
     patient = row.get(PATIENT_COLUMN, None)
-    return {"file_id": str(row[FILE_ID_COLUMN]),
-            "zones": [int(row[zone]) for zone in ZONE_NAMES],
-            "csi": None if math.isnan(csi) else csi,
-            "ahf": None if pd.isna(ahf) else int(ahf),
-            "patient_id": None if pd.isna(patient) else str(patient)}
+    record = {"file_id": str(row[FILE_ID_COLUMN]),
+              "zones": [int(row[zone]) for zone in ZONE_NAMES],
+              "csi": None if math.isnan(csi) else csi,
+              "ahf": None if pd.isna(ahf) else int(ahf),
+              "patient_id": None if pd.isna(patient) else str(patient)}
+    metadata = row.get(METADATA_COLUMN, None)
+    if isinstance(metadata, dict):
+        record[METADATA_KEY] = metadata
+    return record
 
 
 def shard_entry(out_dir: Path, shard_path: Path) -> dict:
@@ -252,6 +258,7 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
             records_by_split[split_name].append(record)
             yield row["key"], image_bytes, record
 
+    extra_columns = list(labels[METADATA_COLUMN].iloc[0]) if METADATA_COLUMN in labels else []
     max_count = samples_per_shard or sys.maxsize
     max_bytes = float("inf") if samples_per_shard else shard_max_mb * 1e6
     with progress:
@@ -269,8 +276,10 @@ def write_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
         "split_seed": split_seed, "split_fractions": [float(fraction) for fraction in split_fractions],
         "split_file": str(Path(split_file).resolve()) if split_file else None,
         "has_ahf_labels": bool(AHF_COLUMN in labels and labels[AHF_COLUMN].notna().any()),
-        "excluded_file_ids": sorted(exclude_ids or []),
+        "excluded_file_ids": sorted(exclude_ids or []), COLUMNS_KEY: extra_columns,
         "splits": {name: {"count": len(records_by_split[name]), "label_histogram": _histogram(records_by_split[name]),
+                          **({METADATA_KEY: metadata_counts(records_by_split[name], extra_columns)}
+                             if extra_columns else {}),
                           "shards": [shard_entry(out_dir, path) for path in shards_by_split[name]]}
                    for name in SPLIT_NAMES},
         "skipped": {"count": len(skipped), "samples": sorted(skipped, key=lambda sample: sample["row"])},

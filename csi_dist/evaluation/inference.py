@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ class SplitPredictions:
     ahf_truth: np.ndarray  # (N,) NaN where the CSV had none
     loss: float  # weighted CE over all real, decodable samples
     decode_failures: int
+    # the label CSV's extra columns (site, sex, ...): {column: one text or None per image}; {} for shards without
+    metadata: dict[str, list[str | None]] = field(default_factory=dict)
 
 
 def move_batch(batch: dict, device: torch.device, channels_last: bool,
@@ -74,7 +76,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     (the same answer on every rank, e.g. PreemptionWatcher.should_stop): True raises StopRequested, so a notice
     that arrives during a long validation is not lost."""
     model.eval()
-    probs, targets, csi, ahf, index, padding, failed, file_ids = [], [], [], [], [], [], [], []
+    probs, targets, csi, ahf, index, padding, failed, file_ids, metadata = [], [], [], [], [], [], [], [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for batch in loader:
@@ -92,6 +94,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         padding.append(batch["is_padding"].to(accelerator.device))
         failed.append(batch["decode_failed"].to(accelerator.device))
         file_ids.extend(batch["file_id"])
+        metadata.extend(batch.get("metadata") or [{} for _ in batch["file_id"]])
         if should_stop is not None and should_stop(len(probs)):
             raise StopRequested
     if not probs:  # an empty split: every rank has zero steps
@@ -102,12 +105,18 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     gathered = {name: accelerator.gather(torch.cat(parts)).cpu() for name, parts in
                 (("probs", probs), ("targets", targets), ("csi", csi), ("ahf", ahf), ("index", index),
                  ("padding", padding), ("failed", failed))}
-    all_file_ids = [file_id for part in _gather_objects(accelerator, file_ids) for file_id in part]
+    # the metadata travels with its sample like the file ids (not looked up afterwards by FileID): what was
+    # predicted is what is described, with no second read of the shards
+    gathered_objects = [pair for part in _gather_objects(accelerator, list(zip(file_ids, metadata))) for pair in part]
+    all_file_ids = [file_id for file_id, _ in gathered_objects]
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     weight_sum = accelerator.reduce(weight_sum, reduction="sum")
     keep = ~(gathered["padding"] | gathered["failed"])
     order = torch.argsort(gathered["index"][keep])
     kept_ids = [file_id for file_id, flag in zip(all_file_ids, keep.tolist()) if flag]
+    kept_metadata = [sample for (_, sample), flag in zip(gathered_objects, keep.tolist()) if flag]
+    ordered_metadata = [kept_metadata[i] for i in order.tolist()]
+    columns = list(dict.fromkeys(name for sample in ordered_metadata for name in sample))
     return SplitPredictions(
         file_ids=[kept_ids[i] for i in order.tolist()],
         zone_probs=gathered["probs"][keep][order].numpy(),
@@ -116,13 +125,14 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         ahf_truth=gathered["ahf"][keep][order].numpy(),
         loss=float(loss_sum / weight_sum.clamp_min(1e-12)),
         decode_failures=int((gathered["failed"] & ~gathered["padding"]).sum()),  # padding copies not counted
+        metadata={name: [sample.get(name) for sample in ordered_metadata] for name in columns},
     )
 
 
-def _gather_objects(accelerator, local: list[str]) -> list[list[str]]:
+def _gather_objects(accelerator, local: list) -> list[list]:
     """Per-rank lists in rank order (torch.distributed.all_gather_object keeps ranks apart)."""
     if accelerator.num_processes == 1:
         return [local]
-    gathered: list[list[str] | None] = [None] * accelerator.num_processes
+    gathered: list[list | None] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, local)
     return gathered
