@@ -12,7 +12,7 @@ from csi_dist.data.labels import read_label_csv
 from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 from csi_dist.data.shards import main, write_demo
-from csi_dist.data.show import csv_tiles, grid_layout, shard_tiles, zone_anchors
+from csi_dist.data.show import csv_tiles, grid_layout, shard_tiles, title_height, zone_anchors
 from csi_dist.domain import ZONE_NAMES
 
 SIZE = 64
@@ -42,6 +42,13 @@ def grid_tile(path, layout, index: int, size: int) -> np.ndarray:
     return np.asarray(region, dtype=np.float64)
 
 
+def layout_of(png: Path, count: int, tile_px: int):
+    """The grid layout of a written PNG: its heading is as many lines as the heading and legend needed."""
+    extra_height = Image.open(png).size[1] - grid_layout(count, tile_px, heading_lines=0).size[1]
+    assert extra_height % title_height(tile_px) == 0
+    return grid_layout(count, tile_px, heading_lines=extra_height // title_height(tile_px))
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
@@ -53,7 +60,7 @@ def show(shards, out, *extra: str) -> int:
 def test_grid_holds_the_reader_samples(shards, tmp_path):
     out = tmp_path / "grid.png"
     assert show(shards, out) == 0
-    layout = grid_layout(N, TILE)
+    layout = layout_of(out, N, TILE)
     columns, rows = 2, 2
     assert Image.open(out).size == layout.size
     assert columns * TILE < layout.size[0] < (columns + 1) * TILE and rows * TILE < layout.size[1] < (rows + 1) * TILE
@@ -72,19 +79,24 @@ def test_augment_changes_pixels_not_labels(shards, tmp_path):
     plain, augmented = tmp_path / "plain.png", tmp_path / "augmented.png"
     assert show(shards, plain, "--seed", "7") == 0
     assert show(shards, augmented, "--seed", "7", "--augment") == 0
-    layout = grid_layout(N, TILE)
+    layout, augmented_layout = layout_of(plain, N, TILE), layout_of(augmented, N, TILE)  # headings differ
     plain_grid, augmented_grid = (np.asarray(Image.open(path).convert("RGB")) for path in (plain, augmented))
-    for title, image in zip(layout.title_boxes, layout.image_boxes):
-        left, top, right, bottom = title
-        assert np.array_equal(plain_grid[top:bottom, left:right], augmented_grid[top:bottom, left:right])
-        left, top, right, bottom = image
-        assert np.abs(plain_grid[top:bottom, left:right].astype(int)
-                      - augmented_grid[top:bottom, left:right].astype(int)).mean() > 2.0
+
+    def crops(box, other_box):
+        (left, top, right, bottom), (other_left, other_top, other_right, other_bottom) = box, other_box
+        return (plain_grid[top:bottom, left:right].astype(int),
+                augmented_grid[other_top:other_bottom, other_left:other_right].astype(int))
+
+    for index in range(N):
+        plain_title, augmented_title = crops(layout.title_boxes[index], augmented_layout.title_boxes[index])
+        assert np.array_equal(plain_title, augmented_title)
+        plain_image, augmented_image = crops(layout.image_boxes[index], augmented_layout.image_boxes[index])
+        assert np.abs(plain_image - augmented_image).mean() > 2.0
     # The augmented tiles are the augmented samples the training reader gives, not the plain ones.
     augmented_images, batch = reader_images(shards, augment=True, seed=7)
     plain_images, _ = reader_images(shards, augment=False)
     for index in range(N):
-        tile = grid_tile(augmented, layout, index, SIZE)
+        tile = grid_tile(augmented, augmented_layout, index, SIZE)
         assert np.abs(tile - augmented_images[index]).mean() < np.abs(tile - plain_images[index]).mean()
     # Same FileIDs and grades as drawn, equal to what the reader labels them.
     plain_tiles = shard_tiles(shards, "train", N, seed=7)
@@ -104,7 +116,7 @@ def test_csv_variant_skips_a_corrupt_image(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["show", "--csv", str(csv_path), "--images", str(images_dir), "--n", "3", "--size", "32",
                      "--tile", "96", "--out", str(out)]) == 0
-    layout = grid_layout(3, 96)
+    layout = layout_of(out, 3, 96)
     assert Image.open(out).size == layout.size
     assert "skipped 1 unreadable image(s) of 4 row(s) read (CorruptImageError 1)" in caplog.text
     assert file_ids[0] in caplog.text
@@ -137,3 +149,17 @@ def test_zone_labels_sit_in_radiological_convention():
         assert anchors[f"right_{level}"][0] < 100 < anchors[f"left_{level}"][0]
     for side in ("right", "left"):
         assert anchors[f"{side}_sup"][1] < anchors[f"{side}_mid"][1] < anchors[f"{side}_inf"][1]
+
+
+def test_a_small_grid_draws_every_title_and_the_legend_whole(tmp_path):
+    """At --tile 128 titles were cut ("#1 2020010...") and the legend ended in "..." on a narrow grid."""
+    from csi_dist.data.show import LEGEND, Tile, render_grid
+    pixels = np.full((32, 32), 128, dtype=np.uint8)
+    tiles = [Tile("20200101.00", [0, 1, 2, 3, 4, 0], pixels), Tile("20200101.01", [4] * 6, pixels * 0, "decode failed")]
+    heading = "phantom_shards | train | first 2 | 32 px | augment seed 42"
+    layout = render_grid(tiles, tmp_path / "grid.png", tile_px=128, heading=heading)
+    assert Image.open(tmp_path / "grid.png").size == layout.size
+    assert "#0 20200101.00" in layout.texts and "#1 20200101.01" in layout.texts
+    assert not any(text.endswith("...") for text in layout.texts), layout.texts
+    drawn = " ".join(layout.texts)
+    assert heading in drawn and LEGEND in drawn and "decode failed" in drawn

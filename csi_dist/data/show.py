@@ -40,6 +40,7 @@ MARGIN = 6
 BACKGROUND = (24, 24, 24)
 TITLE_BACKGROUND = (48, 48, 56)
 TITLE_COLOR = (235, 235, 235)
+MIN_TEXT_PX = 8  # a title is drawn smaller, down to this size, rather than cut
 FAILED_COLOR = (255, 110, 110)
 # Grade colours (0 normal .. 3 severe, then unknown), drawn with a black outline so they read on any grey.
 GRADE_COLORS = ((110, 230, 110), (250, 230, 70), (255, 150, 40), (255, 60, 60), (90, 200, 255))
@@ -69,6 +70,7 @@ class GridLayout:
     columns: int
     title_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     image_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # every line of text render_grid drew, in order
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -82,12 +84,13 @@ def title_height(tile_px: int) -> int:
     return max(14, tile_px // 12) + 6
 
 
-def grid_layout(count: int, tile_px: int = DEFAULT_TILE_PX) -> GridLayout:
-    """A near-square grid of `count` tiles of tile_px x tile_px under two heading lines, each with a title strip."""
+def grid_layout(count: int, tile_px: int = DEFAULT_TILE_PX, heading_lines: int = 2) -> GridLayout:
+    """A near-square grid of `count` tiles of tile_px x tile_px under `heading_lines` lines of heading (the heading
+    and the legend, wrapped to the grid's width), each tile with a title strip."""
     columns = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / columns))
     title = title_height(tile_px)
-    heading = 2 * title
+    heading = heading_lines * title
     cell_width, cell_height = tile_px + MARGIN, title + tile_px + MARGIN
     size = (MARGIN + columns * cell_width, heading + MARGIN + rows * cell_height)
     title_boxes, image_boxes = [], []
@@ -117,7 +120,7 @@ def to_display(image: torch.Tensor, normalization: str = "medical") -> np.ndarra
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """`text`, cut with an ellipsis to fit `width` pixels."""
+    """`text`, cut with an ellipsis to fit `width` pixels (the last resort: see `_shrunk_font` and `_wrapped`)."""
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:
@@ -125,20 +128,44 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "..."
 
 
+def _shrunk_font(draw: ImageDraw.ImageDraw, text: str, width: int, largest_px: int):
+    """The largest font, from `largest_px` down to MIN_TEXT_PX, that fits `text` on one line of `width` pixels (the
+    smallest when none does)."""
+    for size in range(largest_px, MIN_TEXT_PX - 1, -1):
+        font = _font(size)
+        if draw.textlength(text, font=font) <= width:
+            return font
+    return _font(MIN_TEXT_PX)
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken between words (a word too long alone is cut)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, word, font, width))
+    return lines or [""]
+
+
 def render_grid(tiles: list[Tile], out: str | Path, *, tile_px: int = DEFAULT_TILE_PX, heading: str = "") -> GridLayout:
     """Draw the tiles (image scaled to tile_px, grades at their zones, "#i FileID" above) into the PNG `out`, under
-    `heading` and the legend."""
+    `heading` and the legend, wrapped to the grid's width; a title too long for its tile is drawn smaller."""
     if not tiles:
         raise ShowError("no samples to draw")
-    layout = grid_layout(len(tiles), tile_px)
-    canvas = Image.new("RGB", layout.size, BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
     title_px = title_height(tile_px)
     title_font, grade_font = _font(title_px - 6), _font(max(12, tile_px // 9))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = grid_layout(len(tiles), tile_px).size[0] - 2 * MARGIN
+    heading_lines = [line for text in (heading, LEGEND) for line in _wrapped(measure, text, title_font, text_width)]
+    layout = grid_layout(len(tiles), tile_px, len(heading_lines))
+    canvas = Image.new("RGB", layout.size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
     stroke = max(1, tile_px // 64)
-    for line, text in enumerate((heading, LEGEND)):
-        draw.text((MARGIN, line * title_px + title_px // 2 + MARGIN // 2),
-                  _fit(draw, text, title_font, layout.size[0] - 2 * MARGIN), font=title_font, fill=TITLE_COLOR,
+    layout.texts.extend(heading_lines)
+    for line, text in enumerate(heading_lines):
+        draw.text((MARGIN, line * title_px + title_px // 2 + MARGIN // 2), text, font=title_font, fill=TITLE_COLOR,
                   anchor="lm")
     anchors = zone_anchors(tile_px)
     for index, (tile, title_box, image_box) in enumerate(zip(tiles, layout.title_boxes, layout.image_boxes)):
@@ -147,9 +174,18 @@ def render_grid(tiles: list[Tile], out: str | Path, *, tile_px: int = DEFAULT_TI
         resample = Image.Resampling.NEAREST if tile_px >= max(pixels.size) else Image.Resampling.LANCZOS
         canvas.paste(pixels.resize((tile_px, tile_px), resample).convert("RGB"), image_box[:2])
         draw.rectangle(title_box, fill=TITLE_BACKGROUND)
-        title = f"#{index} {tile.file_id}" + (f" ({tile.note})" if tile.note else "")
-        draw.text((title_box[0] + 4, (title_box[1] + title_box[3]) // 2), _fit(draw, title, title_font, tile_px - 8),
-                  font=title_font, fill=FAILED_COLOR if tile.note else TITLE_COLOR, anchor="lm")
+        title = f"#{index} {tile.file_id}"
+        font = _shrunk_font(draw, title, tile_px - 8, title_px - 6)
+        layout.texts.append(_fit(draw, title, font, tile_px - 8))
+        draw.text((title_box[0] + 4, (title_box[1] + title_box[3]) // 2), layout.texts[-1],
+                  font=font, fill=FAILED_COLOR if tile.note else TITLE_COLOR, anchor="lm")
+        if tile.note:  # on the tile itself (black when the image failed), where there is room for it
+            note_lines = _wrapped(draw, tile.note, title_font, tile_px - 8)
+            layout.texts.extend(note_lines)
+            draw.multiline_text(((image_box[0] + image_box[2]) // 2, (image_box[1] + image_box[3]) // 2),
+                                "\n".join(note_lines), font=title_font, fill=FAILED_COLOR, anchor="mm",
+                                align="center")
+            continue
         for zone, grade in zip(ZONE_NAMES, tile.zones):
             x, y = anchors[zone]
             draw.text((image_box[0] + x, image_box[1] + y), grade_text(grade), font=grade_font, anchor="mm",
