@@ -11,7 +11,7 @@ A custom loop on the phantom data (`python -m csi_dist.data.shards --demo 600`):
     import torch
     from csi_dist import api
 
-    config = api.load_config("configs/demo.ini")
+    config = api.load_config(api.DEMO_CONFIG)  # the repository's configs/demo.ini, from any directory
     torch.manual_seed(config.training.seed)
     model = api.build_model(config)
     train_loader, val_loader = api.make_loaders(config)
@@ -23,7 +23,7 @@ A custom loop on the phantom data (`python -m csi_dist.data.shards --demo 600`):
         val = api.validate_epoch(model, val_loader, criterion)  # {"loss": ..., "f1_weighted": ..., ...}
         scheduler.after_evaluation(val["loss"])
 
-Or the whole trainer in this process: `result = api.train_model("configs/demo.ini", "checkpoints/demo")`, then
+Or the whole trainer in this process: `result = api.train_model(api.DEMO_CONFIG, "checkpoints/demo")`, then
 `api.load_checkpoint(model, result.run_dir)` loads its best weights.
 """
 from __future__ import annotations
@@ -40,12 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csi_dist.config import (CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
+from csi_dist.config import (DEMO_CONFIG, CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
                              load_config)
 from csi_dist.data.reader import LoaderSettings, ShardSet, build_loader, open_split
-from csi_dist.domain import metric_direction
+from csi_dist.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import SplitPredictions, device_batches, predict_split
 from csi_dist.evaluation.metrics import compute_metrics
+from csi_dist.exit_codes import describe
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model as _build_model
@@ -89,6 +90,21 @@ class TrainResult:
     run_dir: Path
     status: int
     history: list[dict] = field(default_factory=list)
+    monitor: str = "val_loss"  # callbacks.monitor: what "best" means
+
+    def __repr__(self) -> str:
+        """One line a reader can act on: TrainResult(checkpoints/demo, finished (exit 0), 4 evaluations,
+        best val_loss 0.6123 at epoch 3, best weights ..., last weights ...); the history stays in .history."""
+        parts = [str(self.run_dir), describe(self.status), f"{len(self.history)} evaluation(s)"]
+        key = f"val_{monitored_metric(self.monitor)}"
+        scored = [record for record in self.history if isinstance(record.get(key), (int, float))
+                  and math.isfinite(record[key])]
+        if scored:
+            pick = min if metric_direction(self.monitor) == "min" else max
+            best = pick(scored, key=lambda record: record[key])
+            parts.append(f"best {key} {best[key]:.4g} at epoch {best.get('epoch')}")
+        parts += [f"best weights {self.best_weights or 'none'}", f"last weights {self.last_weights or 'none'}"]
+        return f"TrainResult({', '.join(parts)})"
 
     @property
     def best_weights(self) -> Path | None:
@@ -122,7 +138,7 @@ def train_model(config: ConfigLike, run_dir: str | Path | None = None, overrides
     status = train(resolved, directory, resume, epoch_end_hook)
     history_path = directory / "training_history.json"
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
-    return TrainResult(directory, status, history)
+    return TrainResult(directory, status, history, resolved.callbacks.monitor)
 
 
 # --- the parts of a loop -------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from csi_dist import USER_COMPILE_CACHE_DIR
 from csi_dist.command import run_command
-from csi_dist.config import ConfigError, ModelConfig, OptimizationConfig, load_config
+from csi_dist.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("csi_dist.bench")
 
 DEFAULT_CASES = ("resnet50@224x256", "densenet121@512x64")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.ini"
 TRAIN_FRACTION = 0.7  # of the phantom's images (the shard writer's default split)
 
 

@@ -20,6 +20,11 @@ from csi_dist.redaction import redact
 
 log = logging.getLogger(__name__)
 
+# the repository's example configs, found from the package (launch/setup.sh installs it editable from the clone), so
+# `api.load_config(DEMO_CONFIG)` works from any directory
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.ini"
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file, section and key."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from csi_dist import evaluate, train
 from csi_dist.command import run_command
+from csi_dist.config import DEMO_CONFIG
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             return status
     overrides = [f"data.shard_dir={args.shard_dir}", *args.overrides]
-    status = train.main(["--config", "configs/demo.ini", "--run-dir", str(args.run_dir),
+    status = train.main(["--config", str(DEMO_CONFIG), "--run-dir", str(args.run_dir),
                          *[token for item in overrides for token in ("--set", item)]])
     if status:
         return status

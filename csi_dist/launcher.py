@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 
-from csi_dist.cluster.slurm import EXIT_PREEMPTED
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.command import run_command
 from csi_dist.data.workers import STOP_NOTICES
 

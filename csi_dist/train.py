@@ -14,15 +14,10 @@ from pathlib import Path
 from csi_dist.cluster.slurm import requeue_after_failure
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, config_reference, load_config, section_of
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
 from csi_dist.redaction import install_secret_filter
 
 log = logging.getLogger("csi_dist.train")
-
-EXIT_CONFIG_ERROR = 2
-EXIT_RANK_LOST = 3
-EXIT_TOO_MANY_BAD_STEPS = 4
-EXIT_TOO_MANY_BAD_SAMPLES = 5
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="csi_dist.train", description=" ".join(__doc__.split("\n\n")[0].split()),

@@ -29,8 +29,8 @@ SMALL = ["data.image_size=32", "training.num_workers=0", "training.batch_size=16
 
 
 @pytest.fixture
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)  # the example names configs/demo.ini relative to the repository
+def elsewhere(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a user's own directory: the example named configs/demo.ini relative to the clone
 
 
 def run_example(shard_dir: Path, overrides: list[str]) -> tuple[torch.nn.Module, api.MetricsTracker]:
@@ -39,9 +39,9 @@ def run_example(shard_dir: Path, overrides: list[str]) -> tuple[torch.nn.Module,
     return namespace["main"](shard_dir=str(shard_dir), overrides=overrides)
 
 
-def test_readme_example_learns(phantom_shards, in_repo, capsys):
+def test_readme_example_learns(phantom_shards, elsewhere, capsys):
     overrides = [*SMALL, "training.n_epochs=3"]
-    config = api.load_config("configs/demo.ini", [f"data.shard_dir={phantom_shards}", *overrides])
+    config = api.load_config(api.DEMO_CONFIG, [f"data.shard_dir={phantom_shards}", *overrides])
     torch.manual_seed(config.training.seed)
     untrained = api.build_model(config)
     _, val_loader = api.make_loaders(config)
@@ -93,14 +93,18 @@ def test_seed_metric_functions_are_compute_metrics_split_by_key(seed):
     assert "csi_csv_mae" not in api.compute_csi_average_metrics(zone_probs, zone_targets)
 
 
-def test_train_model_and_load_checkpoint_of_its_run_directory(phantom_shards, in_repo, tmp_path: Path):
-    config = api.load_config("configs/demo.ini")  # a Config plus overrides, as a user holding one would call it
+def test_train_model_and_load_checkpoint_of_its_run_directory(phantom_shards, elsewhere, tmp_path: Path):
+    config = api.load_config(api.DEMO_CONFIG)  # a Config plus overrides, as a user holding one would call it
     result = api.train_model(config, tmp_path / "run", overrides=[f"data.shard_dir={phantom_shards}", *SMALL,
                                                                   "training.n_epochs=1"])
     assert result.status == 0 and result.run_dir == tmp_path / "run"
     assert [record["epoch"] for record in result.history] == [0]
     assert math.isfinite(result.history[0]["val_loss"])
     assert result.best_weights is not None and result.last_weights is not None
+    # printed, it says what a user acts on (it printed the whole history and a bare status integer)
+    assert repr(result) == (f"TrainResult({tmp_path / 'run'}, finished (exit 0), 1 evaluation(s), best val_loss "
+                            f"{result.history[0]['val_loss']:.4g} at epoch 0, best weights {result.best_weights}, "
+                            f"last weights {result.last_weights})")
 
     model = api.build_model(result.run_dir / "resolved_config.ini")
     saved = load_file(str(result.best_weights))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.cluster.slurm import EXIT_PREEMPTED
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.launcher import parse_launch, rank_environments
 
 STRATEGY_CONFIGS = sorted(path.name for path in (REPO_ROOT / "launch" / "accelerate").glob("*.yaml")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-from csi_dist.cluster.slurm import EXIT_PREEMPTED
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from shard_factory import write_shards
 
 pytestmark = [pytest.mark.slow]

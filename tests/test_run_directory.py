@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from csi_dist.files import atomic_write_json
 from csi_dist.provenance import PROVENANCE_NAME
-from csi_dist.train import EXIT_CONFIG_ERROR, main
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.train import main
 from csi_dist.training.checkpoint import latest_checkpoint, save_weights
 
 TINY = ["--set", "model.model_arch=Tiny_CNN", "--set", "data.image_size=32", "--set", "training.batch_size=8",

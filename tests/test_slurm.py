@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.cluster.slurm import EXIT_PREEMPTED, FAILURE_REQUEUE_DIR
+from csi_dist.cluster.slurm import FAILURE_REQUEUE_DIR
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.faults import SLOW_BATCH_VARIABLE
 from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
                            wait_until)

@@ -23,7 +23,7 @@ that file as stale and ignores it instead of stopping again at once. An empty fi
 request and always counts.
 
 A rank that dies or hangs gives no notice: the survivors' next collective fails (at once, or after
-``training.collective_timeout_s``), they exit with status 3 (``train.EXIT_RANK_LOST``) and the job is requeued
+``training.collective_timeout_s``), they exit with status 3 (``exit_codes.EXIT_RANK_LOST``) and the job is requeued
 after a failure (``csi_dist.cluster.slurm``); the requeued job resumes from the newest periodic checkpoint.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ import signal
 from pathlib import Path
 from typing import NoReturn
 
-from csi_dist.cluster.slurm import EXIT_PREEMPTED, current_segment_id, requeue, slurm_job_to_requeue
+from csi_dist.cluster.slurm import current_segment_id, requeue, slurm_job_to_requeue
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.data.workers import STOP_NOTICES
 
 log = logging.getLogger(__name__)

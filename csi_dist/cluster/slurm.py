@@ -18,14 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from csi_dist.exit_codes import EXIT_PREEMPTED, NOT_REQUEUED_AFTER
+
 log = logging.getLogger(__name__)
 
-# Exit status of every rank after a preemption checkpoint: 75 is EX_TEMPFAIL from sysexits.h ("try again later").
-# Inside SLURM the job has been requeued by then; outside, rerunning the same command line resumes the run.
-EXIT_PREEMPTED = 75
-# A step that ended with one of these is not requeued after the fact: done (0), a bad config, data or checkpoint
-# (2), only non-finite steps (4), too many undecodable samples (5), or stopped by a notice and requeued already (75).
-NOT_REQUEUED_AFTER = frozenset({0, 2, 4, 5, EXIT_PREEMPTED})
 # <run_dir>/failure_requeues/<segment id>: one file per job segment that ended in a requeue after a lost rank
 FAILURE_REQUEUE_DIR = "failure_requeues"
 # states in which a job still exists and may (again) run; a requeued job is PENDING

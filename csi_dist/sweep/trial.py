@@ -16,7 +16,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from csi_dist.cluster.slurm import EXIT_PREEMPTED, export_rendezvous_port
+from csi_dist.cluster.slurm import export_rendezvous_port
+from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.command import skip_final_collections
 from csi_dist.config import load_config
 from csi_dist.files import atomic_write_json
