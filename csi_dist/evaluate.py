@@ -1,8 +1,9 @@
 """Evaluate a trained run: `python -m csi_dist.evaluate --run-dir checkpoints/demo [--weights best] [--splits val test]`.
 
 Runs on 1..N processes like training (each rank predicts its share, the predictions are gathered once, padding
-dropped) and writes, per split: predictions CSV with FileID, metrics JSON, confusion/ROC/PR figures, the AHF table
-and a Markdown report, under `<run_dir>/evaluation/` (or --out).
+dropped) and writes, per split: predictions CSV with FileID, metrics JSON and CSV with a bootstrap interval for every
+metric (computed once on the gathered predictions), confusion/ROC/PR figures, the AHF table and a Markdown report,
+under `<run_dir>/evaluation/` (or --out).
 """
 from __future__ import annotations
 
@@ -36,7 +37,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where the reports go (default: <run dir>/evaluation)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="Grad-CAM maps of each zone for the first N images of each split (default: 0, none)")
-    return parser.parse_args(argv)
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the 95%% interval of every metric, resampling patients when the "
+                             "shards know them, else images (default: 1000; 0: no intervals)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
+                        help="seed of the bootstrap resamples (default: 0)")
+    args = parser.parse_args(argv)
+    if args.bootstrap_resamples < 0:
+        parser.error(f"--bootstrap-resamples: expected 0 (off) or a positive count, got {args.bootstrap_resamples}")
+    return args
 
 
 def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tuple[torch.nn.Module, Path, bool, int]:
@@ -73,11 +82,13 @@ def run_config(run_dir: Path, shard_dir: str | None) -> Config:
     return load_config(run_dir / "resolved_config.ini", [f"data.shard_dir={shard_dir}"] if shard_dir else [])
 
 
-def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0) -> dict:
+def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0,
+             bootstrap_resamples: int = 1000, bootstrap_seed: int = 0) -> dict:
     from csi_dist.cluster.preemption import PreemptionWatcher
     from csi_dist.data.reader import LoaderSettings, build_loader, open_split
     from csi_dist.distributed import build_accelerator, configure_logging
     from csi_dist.evaluation.inference import StopRequested, predict_split
+    from csi_dist.evaluation.intervals import split_bootstrap
     from csi_dist.evaluation.metrics import compute_metrics
     from csi_dist.evaluation.report import write_evaluation
     from csi_dist.files import atomic_write_json
@@ -121,8 +132,10 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth)
         metrics.update(loss=predictions.loss, decode_failures=predictions.decode_failures)
+        # once, on rank 0's gathered predictions: the same intervals for any number of processes
+        intervals = split_bootstrap(predictions, bootstrap_resamples, bootstrap_seed)
         write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
-                         predictions.csi_truth, predictions.ahf_truth, metrics)
+                         predictions.csi_truth, predictions.ahf_truth, metrics, intervals, predictions.patient_ids)
         results[split] = metrics
         if heatmaps:  # rank 0 alone, on the first images of the split in manifest order
             from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.training.checkpoint import CheckpointError
     try:
         evaluate(config, args.run_dir, args.weights, args.splits, args.out or args.run_dir / "evaluation",
-                 args.heatmaps)
+                 args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return 2

@@ -170,3 +170,58 @@ def test_images_without_a_patient_are_their_own_group():
     assert units[0] == units[2] and len({units[1], units[3], units[4], units[5], units[0]}) == 5
     with pytest.raises(ValueError, match="expected 3 labels"):
         group_codes(["A"], 3)
+
+
+def test_every_metric_in_the_json_csv_and_report_carries_its_interval(tmp_path):
+    """write_evaluation with a bootstrap: the JSON keeps its point estimates and gains an interval per non-count
+    key with the settings, the CSV lists estimate and bounds, the report shows "estimate (low-high)"."""
+    import json
+
+    import pandas as pd
+
+    from csi_dist.domain import CSV_SEPARATOR
+    from csi_dist.evaluation.report import write_evaluation
+    rng = np.random.default_rng(21)
+    probs, targets, csi, ahf = random_dataset(rng, 40)
+    patients = [f"P{image // 2}" if image % 5 else None for image in range(40)]
+    result = bootstrap(probs, targets, csi, ahf, groups=patients, n_resamples=300, seed=9)
+    metrics = compute_metrics(probs, targets, csi, ahf)
+    paths = write_evaluation(tmp_path, "test", [f"{i:04d}" for i in range(40)], probs, targets, csi, ahf,
+                             bootstrap=result, patient_ids=patients)
+    stored = json.loads(paths["metrics"].read_text())
+    assert stored["accuracy"] == pytest.approx(metrics["accuracy"])  # point estimates where they were
+    assert set(stored["intervals"]) == {key for key in metrics if not is_count_key(key)}
+    assert stored["intervals"]["accuracy"] == pytest.approx(list(result.intervals["accuracy"]))
+    assert stored["bootstrap"] | {"defined_resamples": None} == {
+        "method": "percentile", "level": 0.95, "n_resamples": 300, "seed": 9, "resampled": "patients",
+        "clustered_by": "patient_id", "n_resampled_units": 20 + 8, "defined_resamples": None}
+    table = pd.read_csv(paths["metrics_csv"], sep=CSV_SEPARATOR).set_index("metric")
+    assert list(table.columns) == ["estimate", "ci_low", "ci_high"]
+    assert table.loc["csi_mae", "ci_low"] == pytest.approx(result.intervals["csi_mae"][0], rel=1e-5)
+    assert math.isnan(table.loc["n_images", "ci_low"])
+    report = paths["report"].read_text()
+    low, high = result.intervals["f1_weighted"]
+    assert f"| f1_weighted | {metrics['f1_weighted']:.3f} ({low:.3f}-{high:.3f}) |" in report
+    assert "95% percentile bootstrap interval over 300 resamples of the 28 patients" in report
+    predictions = pd.read_csv(paths["predictions"], sep=CSV_SEPARATOR, dtype=str, keep_default_na=False)
+    assert predictions["patient_id"].tolist() == [patient or "" for patient in patients]
+
+
+def test_one_and_three_processes_give_identical_intervals(trained_run, tmp_path):
+    """The fixture's evaluation ran on 1 process (default 1000 resamples, seed 0); evaluate on 3 ranks gathers the
+    predictions and bootstraps once on rank 0: the same intervals, resampling the phantom's patients."""
+    import json
+    import subprocess
+
+    from conftest import REPO_ROOT, subprocess_env, torchrun_command
+    out = tmp_path / "three"
+    result = subprocess.run(torchrun_command(3, "-m", "csi_dist.evaluate", "--run-dir", str(trained_run),
+                                             "--splits", "test", "--out", str(out)),
+                            env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((trained_run / "evaluation" / "test_metrics.json").read_text())
+    three = json.loads((out / "test_metrics.json").read_text())
+    assert one["bootstrap"] == three["bootstrap"]
+    assert one["bootstrap"]["clustered_by"] == "patient_id"
+    assert one["bootstrap"]["n_resampled_units"] < one["n_images"]  # some phantom patients have two images
+    assert len(one["intervals"]) > 20 and three["intervals"] == one["intervals"]

@@ -34,8 +34,8 @@ def written(tmp_path_factory):
 
 def test_all_files_exist_with_expected_names(written):
     out_dir, paths, *_ = written
-    expected = {"test_predictions.csv", "test_metrics.json", "test_roc.png", "test_pr.png", "test_ahf.csv",
-                "test_ahf.md", "test_report.md"} | {f"test_confusion_{name}.png" for name in (*ZONE_NAMES, "pooled")}
+    expected = {"test_predictions.csv", "test_metrics.json", "test_metrics.csv", "test_roc.png", "test_pr.png",
+                "test_ahf.csv", "test_ahf.md", "test_report.md"} | {f"test_confusion_{name}.png" for name in (*ZONE_NAMES, "pooled")}
     assert {path.name for path in paths.values()} == expected
     assert {path.name for path in out_dir.iterdir()} == expected
     for path in paths.values():

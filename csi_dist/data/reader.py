@@ -188,7 +188,7 @@ class ShardStream(IterableDataset):
         shard, index, is_padding = self.plan.sample_at(position)
         sample = {"sample_index": self.shard_starts[shard] + index, "is_padding": is_padding, "file_id": "",
                   "zones": [UNKNOWN_CLASS] * NUM_ZONES, "csi": float("nan"), "ahf": float("nan"),
-                  "decode_failed": False, "draws": None, "metadata": {}}
+                  "decode_failed": False, "draws": None, "metadata": {}, "patient_id": None}
         where = f"sample {index} of {self.shard_set.shards[shard].path}"
         try:
             where = f"sample {reader.key(shard, index)!r} of {self.shard_set.shards[shard].path}"
@@ -203,6 +203,7 @@ class ShardStream(IterableDataset):
                           csi=float("nan") if labels.get("csi") is None else float(labels["csi"]),
                           ahf=float("nan") if labels.get("ahf") is None else float(labels["ahf"]), pixels=pixels,
                           metadata=record_metadata(labels),
+                          patient_id=None if labels.get("patient_id") is None else str(labels["patient_id"]),
                           draws=augment_draws(settings.seed, self.epoch, position) if settings.augment else None)
         except (ShardError, DecodeError, KeyError, ValueError, TypeError, StopIteration) as error:
             if not isinstance(error, ShardError):  # an unreadable shard was logged once already
@@ -246,7 +247,8 @@ def collate(samples: list[dict], settings: LoaderSettings) -> dict:
         "is_padding": torch.tensor([sample["is_padding"] for sample in samples], dtype=torch.bool),
         "decode_failed": torch.tensor([sample["decode_failed"] for sample in samples], dtype=torch.bool),
         "file_id": [sample["file_id"] for sample in samples],
-        "metadata": [sample["metadata"] for sample in samples],  # {column: text or None} of the label CSV's extras
+        "metadata": [sample["metadata"] for sample in samples],
+        "patient_id": [sample["patient_id"] for sample in samples],  # None where the label CSV had no patient  # {column: text or None} of the label CSV's extras
     }
 
 

@@ -24,6 +24,7 @@ class SplitPredictions:
     decode_failures: int
     # the label CSV's extra columns (site, sex, ...): {column: one text or None per image}; {} for shards without
     metadata: dict[str, list[str | None]] = field(default_factory=dict)
+    patient_ids: list[str | None] = field(default_factory=list)  # None where the shards know no patient
 
 
 def move_batch(batch: dict, device: torch.device, channels_last: bool,
@@ -76,7 +77,8 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     (the same answer on every rank, e.g. PreemptionWatcher.should_stop): True raises StopRequested, so a notice
     that arrives during a long validation is not lost."""
     model.eval()
-    probs, targets, csi, ahf, index, padding, failed, file_ids, metadata = [], [], [], [], [], [], [], [], []
+    probs, targets, csi, ahf, index, padding, failed = [], [], [], [], [], [], []
+    file_ids, metadata, patients = [], [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for batch in loader:
@@ -95,6 +97,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         failed.append(batch["decode_failed"].to(accelerator.device))
         file_ids.extend(batch["file_id"])
         metadata.extend(batch.get("metadata") or [{} for _ in batch["file_id"]])
+        patients.extend(batch.get("patient_id") or [None for _ in batch["file_id"]])
         if should_stop is not None and should_stop(len(probs)):
             raise StopRequested
     if not probs:  # an empty split: every rank has zero steps
@@ -107,14 +110,16 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
                  ("padding", padding), ("failed", failed))}
     # the metadata travels with its sample like the file ids (not looked up afterwards by FileID): what was
     # predicted is what is described, with no second read of the shards
-    gathered_objects = [pair for part in _gather_objects(accelerator, list(zip(file_ids, metadata))) for pair in part]
-    all_file_ids = [file_id for file_id, _ in gathered_objects]
+    gathered_objects = [item for part in _gather_objects(accelerator, list(zip(file_ids, metadata, patients)))
+                        for item in part]
+    all_file_ids = [file_id for file_id, _, _ in gathered_objects]
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     weight_sum = accelerator.reduce(weight_sum, reduction="sum")
     keep = ~(gathered["padding"] | gathered["failed"])
     order = torch.argsort(gathered["index"][keep])
     kept_ids = [file_id for file_id, flag in zip(all_file_ids, keep.tolist()) if flag]
-    kept_metadata = [sample for (_, sample), flag in zip(gathered_objects, keep.tolist()) if flag]
+    kept_metadata = [sample for (_, sample, _), flag in zip(gathered_objects, keep.tolist()) if flag]
+    kept_patients = [patient for (_, _, patient), flag in zip(gathered_objects, keep.tolist()) if flag]
     ordered_metadata = [kept_metadata[i] for i in order.tolist()]
     columns = list(dict.fromkeys(name for sample in ordered_metadata for name in sample))
     return SplitPredictions(
@@ -126,6 +131,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         loss=float(loss_sum / weight_sum.clamp_min(1e-12)),
         decode_failures=int((gathered["failed"] & ~gathered["padding"]).sum()),  # padding copies not counted
         metadata={name: [sample.get(name) for sample in ordered_metadata] for name in columns},
+        patient_ids=[kept_patients[i] for i in order.tolist()],
     )
 
 

@@ -51,6 +51,14 @@ class BootstrapResult:
     method: str = METHOD
     distributions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    def description(self) -> str:
+        """One sentence for a report saying what the intervals in brackets are."""
+        units = (f"{self.n_units} patients (images without a patient id count as their own)" if self.clustered_by
+                 else f"{self.n_units} images")
+        return (f"In brackets: the {self.level:.0%} {self.method} bootstrap interval over {self.n_resamples} "
+                f"resamples of the {units}, seed {self.seed}; (n/a) where fewer than "
+                f"{MIN_DEFINED_FRACTION:.0%} of the resamples define the metric.")
+
     def summary(self) -> dict:
         """The JSON block written beside the point estimates (intervals as [low, high], NaN left for the writer)."""
         return {"method": self.method, "level": self.level, "n_resamples": self.n_resamples, "seed": self.seed,
@@ -304,3 +312,40 @@ class _Auroc:
         wins = (positive * (negatives_below + 0.5 * negative)).sum(axis=1)
         total = positive.sum(axis=1) * negative.sum(axis=1)
         return _ratio(wins, total)
+
+
+# ------------------------------------------------------------------------------------------- tables of the report
+
+
+def format_estimate(value, interval: tuple[float, float] | None = None, is_count: bool = False) -> str:
+    """A metric as the report shows it: "n/a" when undefined, a count as a whole number, "0.812 (0.781-0.840)"
+    with its interval (" to " between the bounds when one is negative), else 4 decimals."""
+    if value is None or math.isnan(float(value)):
+        return "n/a"
+    if is_count:
+        return str(int(value))
+    if interval is None:
+        return f"{float(value):.4f}"
+    low, high = interval
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{float(value):.3f} (n/a)"
+    between = " to " if min(low, high) < 0 else "-"
+    return f"{float(value):.3f} ({low:.3f}{between}{high:.3f})"
+
+
+def metrics_rows(metrics: dict, intervals: dict[str, tuple[float, float]] | None) -> list[dict]:
+    """Rows metric, estimate, ci_low, ci_high of every metric (NaN bounds for counts and without intervals)."""
+    intervals = intervals or {}
+    return [{"metric": key, "estimate": value, "ci_low": intervals.get(key, (math.nan, math.nan))[0],
+             "ci_high": intervals.get(key, (math.nan, math.nan))[1]} for key, value in metrics.items()]
+
+
+def split_bootstrap(predictions, n_resamples: int, seed: int, level: float = 0.95) -> BootstrapResult | None:
+    """The intervals of one split's gathered predictions (inference.SplitPredictions), resampling patients when
+    the shards know any (an image without one is its own patient), else images; None when n_resamples is 0."""
+    if not n_resamples:
+        return None
+    patient_ids = list(getattr(predictions, "patient_ids", None) or [])
+    groups = patient_ids if any(patient is not None for patient in patient_ids) else None
+    return bootstrap(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth, predictions.ahf_truth,
+                     groups=groups, n_resamples=n_resamples, seed=seed, level=level)

@@ -5,8 +5,12 @@ Files written by write_evaluation under out_dir (returned as {key: path}):
                                   zone <zone>_true, <zone>_pred and <zone>_p_<class name> for the 5 classes;
                                   csi_avg_true, csi_avg_pred (NaN when no graded zone), csi_expected_pred (the
                                   continuous score of metrics.expected_csi), ahf_class_true/pred (-1 when the
-                                  average is undefined), and the CSV csi / real ahf columns when given
-    <split>_metrics.json          key "metrics": compute_metrics (or the dict given); NaN written as null
+                                  average is undefined), and the CSV csi / real ahf / patient_id columns when given
+    <split>_metrics.json          key "metrics": compute_metrics (or the dict given); NaN written as null; with a
+                                  bootstrap, also "intervals" {key: [low, high]} and "bootstrap" (method, level,
+                                  resamples, seed, what was resampled, resamples defining each metric)
+    <split>_metrics.csv           key "metrics_csv": metric;estimate;ci_low;ci_high (bounds empty for counts or
+                                  without a bootstrap)
     <split>_confusion_<zone>.png  keys "confusion_<zone>", one per zone and "pooled": 5x5 counts, rows = true
     <split>_roc.png, <split>_pr.png  keys "roc", "pr": one-vs-rest per grade on graded targets, pooled over
                                   zones, with sklearn's micro-average; a grade with no positive (or no
@@ -30,7 +34,9 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from sklearn.preprocessing import label_binarize
 
 from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_FLOAT_FORMAT,
-                             CSV_SEPARATOR, FILE_ID_COLUMN, GRADES, NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES)
+                             CSV_SEPARATOR, FILE_ID_COLUMN, GRADES, NUM_CLASSES, PATIENT_COLUMN, UNKNOWN_CLASS,
+                             ZONE_NAMES)
+from csi_dist.evaluation.intervals import BootstrapResult, format_estimate, metrics_rows
 from csi_dist.files import strict_json_value
 from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
                               zone_predictions)
@@ -47,8 +53,11 @@ ZONE_METRICS = ("support", "f1_macro", "f1_weighted", "precision_macro", "recall
 
 def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs: np.ndarray,
                      zone_targets: np.ndarray, csi_truth: np.ndarray | None = None,
-                     ahf_truth: np.ndarray | None = None, metrics: dict | None = None) -> dict[str, Path]:
-    """Write the evaluation files of one split (listed in the module docstring) and return their paths by key."""
+                     ahf_truth: np.ndarray | None = None, metrics: dict | None = None,
+                     bootstrap: BootstrapResult | None = None,
+                     patient_ids: list[str | None] | None = None) -> dict[str, Path]:
+    """Write the evaluation files of one split (listed in the module docstring) and return their paths by key;
+    `bootstrap` (intervals.bootstrap of these predictions) adds every metric's interval."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zone_probs = np.asarray(zone_probs, dtype=float)
@@ -63,13 +72,24 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
     predictions = zone_predictions(zone_probs)
     true_average, pred_average = csi_average(zone_targets), csi_average(predictions)
     paths["predictions"] = out_dir / f"{split}_predictions.csv"
-    _predictions_table(file_ids, zone_probs, zone_targets, predictions, true_average, pred_average, csi_truth,
-                       ahf_truth).to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False,
+    table = _predictions_table(file_ids, zone_probs, zone_targets, predictions, true_average, pred_average,
+                               csi_truth, ahf_truth)
+    if patient_ids is not None and any(patient is not None for patient in patient_ids):
+        table[PATIENT_COLUMN] = patient_ids  # compare resamples the same patients
+    table.to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False,
                                          float_format=CSV_FLOAT_FORMAT)
 
     paths["metrics"] = out_dir / f"{split}_metrics.json"
     # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers); counts stay integers
-    paths["metrics"].write_text(json.dumps(strict_json_value(metrics), indent=2, allow_nan=False) + "\n")
+    document = dict(metrics)
+    if bootstrap is not None:
+        summary = bootstrap.summary()
+        document.update(intervals=summary.pop("intervals"), bootstrap=summary)
+    paths["metrics"].write_text(json.dumps(strict_json_value(document), indent=2, allow_nan=False) + "\n")
+    paths["metrics_csv"] = out_dir / f"{split}_metrics.csv"
+    pd.DataFrame(metrics_rows(metrics, bootstrap and bootstrap.intervals),
+                 columns=["metric", "estimate", "ci_low", "ci_high"]).to_csv(
+        paths["metrics_csv"], sep=CSV_SEPARATOR, index=False, float_format=CSV_FLOAT_FORMAT)
 
     for name, matrix in confusion_matrices(zone_probs, zone_targets).items():
         paths[f"confusion_{name}"] = out_dir / f"{split}_confusion_{name}.png"
@@ -92,7 +112,7 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
     paths["ahf_md"].write_text(ahf_markdown)
 
     paths["report"] = out_dir / f"{split}_report.md"
-    paths["report"].write_text(_report_markdown(split, metrics, ahf_markdown, curve_rows, paths))
+    paths["report"].write_text(_report_markdown(split, metrics, ahf_markdown, curve_rows, paths, bootstrap))
     logger.info("wrote %d evaluation files of split %s to %s", len(paths), split, out_dir)
     return paths
 
@@ -225,16 +245,20 @@ def _is_count(key: str) -> bool:
 
 
 def _report_markdown(split: str, metrics: dict, ahf_markdown: str, curve_rows: list[tuple],
-                     paths: dict[str, Path]) -> str:
+                     paths: dict[str, Path], bootstrap: BootstrapResult | None = None) -> str:
+    intervals = bootstrap.intervals if bootstrap is not None else {}
     lines = [f"# Evaluation of split `{split}`", "",
              "Grade metrics use graded zones only (a predicted unknown on a graded zone is an error); CSI and AHF "
-             "use images whose true and predicted CSI averages are both defined. n/a = undefined on this data.", "",
-             "## Key metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_format(metrics[key], _is_count(key))} |" for key in KEY_METRICS if key in metrics]
+             "use images whose true and predicted CSI averages are both defined. n/a = undefined on this data.", ""]
+    lines += [bootstrap.description(), ""] if bootstrap is not None else []
+    lines += ["## Key metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {format_estimate(metrics[key], intervals.get(key), _is_count(key))} |"
+              for key in KEY_METRICS if key in metrics]
     lines += ["", "## Per zone (graded targets)", "", "| zone | " + " | ".join(ZONE_METRICS) + " |",
               "|" + "---|" * (len(ZONE_METRICS) + 1)]
     for zone in ZONE_NAMES:
-        values = " | ".join(_format(metrics.get(f"{zone}/{key}"), _is_count(key)) for key in ZONE_METRICS)
+        values = " | ".join(format_estimate(metrics.get(f"{zone}/{key}"), intervals.get(f"{zone}/{key}"),
+                                            _is_count(key)) for key in ZONE_METRICS)
         lines.append(f"| {zone} | {values} |")
     low, medium = AHF_THRESHOLDS
     lines += ["", f"## AHF risk class (from the CSI average: low <= {low} < medium <= {medium} < high)", "",
