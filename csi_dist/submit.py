@@ -24,6 +24,7 @@ import submitit
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
 from csi_dist.cluster.slurm import export_rendezvous_port
 from csi_dist.command import skip_final_collections
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("csi_dist.submit")
 
@@ -151,10 +152,28 @@ def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor
     return executor
 
 
+def trainer_config_error(trainer_argv: list[str]) -> str | None:
+    """What the trainer would refuse in its arguments or config (the message naming file, key and line), checked
+    here so that a typo costs a second, not a place in the queue; None when they are valid."""
+    from csi_dist.config import ConfigError
+    from csi_dist.train import config_and_run_dir, parse_args as parse_trainer_args
+    try:
+        config_and_run_dir(parse_trainer_args(trainer_argv))
+    except ConfigError as error:
+        return str(error)
+    except SystemExit:  # argparse has printed the trainer's usage error
+        return "the trainer's arguments are not valid (see above)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args, trainer_argv = parse_args(argv)
     trainer_argv = with_fixed_run_dir(trainer_argv, args.job_name)
+    refused = trainer_config_error(trainer_argv)
+    if refused:
+        log.error("nothing submitted: %s", refused)
+        return EXIT_CONFIG_ERROR
     executor = build_executor(args, run_dir_of(trainer_argv))
     job = executor.submit(TrainingTask(trainer_argv, use_gpus=args.gpus_per_node > 0))
     print(f"submitted job {job.job_id}")

@@ -76,19 +76,26 @@ def main(argv: list[str] | None = None) -> int:
         print(config_reference())
         return 0
     try:
-        if args.config is None:
-            raise ConfigError("no --config given: name an INI file, e.g. --config configs/demo.ini (the seed "
-                              "project's files load unchanged); `python -m csi_dist.train --help-config` lists "
-                              "every key")
-        overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
-        config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
-        run_dir = resolve_run_dir(config, args.run_dir)
+        config, run_dir = config_and_run_dir(args)
     except ConfigError as error:  # answered before torch and the trainer load (a second or so)
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
+    return run_training(config, run_dir, args.resume)
+
+
+def config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The validated config and the run directory of the trainer's arguments (ConfigError naming the key), without
+    torch: what `main` trains and what `csi_dist.submit` checks before it submits."""
+    if args.config is None:
+        raise ConfigError("no --config given: name an INI file, e.g. --config configs/demo.ini (the seed "
+                          "project's files load unchanged); `python -m csi_dist.train --help-config` lists "
+                          "every key")
+    overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
+    config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
+    run_dir = resolve_run_dir(config, args.run_dir)
     if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
         run_dir = run_dir.with_name(f"{run_dir.name}-debug")
-    return run_training(config, run_dir, args.resume)
+    return config, run_dir
 
 
 def run_training(config: Config, run_dir: Path, resume: str) -> int:

@@ -123,13 +123,18 @@ def config_error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "convert": (["csi_dist.convert", str(run_dir / "checkpoints" / "step-00000004"), str(tmp_path / "w.st")],
                     bad),
         "bench": (["csi_dist.bench", "--set", "training.batch_sise=8", "--work-dir", str(tmp_path / "bench")], bad),
+        # checked before the job is queued (it was found only when the job ran, after its wait in the queue)
+        "submit": (["csi_dist.submit", "--local", "--log-dir", str(tmp_path / "submitit"), "--config", demo,
+                    "--set", "training.batch_sise=8"], f"nothing submitted: override 'training.batch_sise=8': {bad}"),
     }
 
 
-@pytest.mark.parametrize("case", ["train unknown key", "train bad value", "evaluate", "predict", "convert", "bench"])
+@pytest.mark.parametrize("case", ["train unknown key", "train bad value", "evaluate", "predict", "convert", "bench",
+                                  "submit"])
 def test_a_config_error_is_exit_2_naming_the_key_before_torch(tmp_path: Path, case: str):
     args, message = config_error_cases(tmp_path)[case]
     status, output = run(*args)
     assert status == 2, output
     assert message in output, output
     assert "Traceback" not in output, output
+    assert not (tmp_path / "submitit").exists()  # submit: no job

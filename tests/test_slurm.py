@@ -264,17 +264,20 @@ def test_submitit_job_whose_rank_is_killed_requeues_itself_and_ends_bit_identica
 
 
 def test_submitit_job_with_a_bad_config_fails_once_with_the_trainers_exit_code(tmp_path, demo_shards):
-    """The batch script requeues after a failure, never after a bad config: the task leaves with the trainer's 2."""
+    """The batch script requeues after a failure, never after a bad config: the task leaves with the trainer's 2.
+    (A config error submit can see is refused before submitting: tests/test_command_line.py; shards that are not
+    there on the nodes only the job finds.)"""
+    missing = tmp_path / "no_shards_here"
     submitted = subprocess.run(
         [sys.executable, "-m", "csi_dist.submit", "--nodes", "2", "--timeout-min", "10", "--job-name", "bad-config",
          "--log-dir", str(tmp_path / "submitit"), *trainer_args(demo_shards, tmp_path / "run"),
-         "--set", "training.batch_size=0"],
+         "--set", f"data.shard_dir={missing}"],
         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=job_env())
     job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
     state = wait_for_job_end(job_id, JOB_TIMEOUT_S)
     logs = "".join(path.read_text() for path in sorted((tmp_path / "submitit").glob(f"{job_id}_*_log.*")))
     assert state == "FAILED" and job_field(job_id, "ExitCode") == "2:0", f"{state}\n{logs[-3000:]}"
-    assert job_field(job_id, "Restarts") == "0" and "training.batch_size" in logs
+    assert job_field(job_id, "Restarts") == "0" and str(missing) in logs
 
 
 @pytest.mark.parametrize("how", ["preemption notice", "scancel"])
