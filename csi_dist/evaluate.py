@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
+from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
+                                           check_shard_columns)
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +39,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where the reports go (default: <run dir>/evaluation)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="Grad-CAM maps of each zone for the first N images of each split (default: 0, none)")
+    parser.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                        help="metrics per subgroup of this metadata column of the shards (an extra column of the "
+                             "label CSV: site, sex, ...), with intervals and a flag where a subgroup does worse than "
+                             "the whole split; repeat for several columns (default: none)")
+    parser.add_argument("--min-subgroup-images", type=int, default=DEFAULT_MIN_IMAGES, metavar="N",
+                        help=f"a subgroup with fewer images is named as too small to estimate "
+                             f"(default {DEFAULT_MIN_IMAGES})")
+    parser.add_argument("--min-subgroup-patients", type=int, default=DEFAULT_MIN_PATIENTS, metavar="N",
+                        help=f"a subgroup with fewer patients is named as too small to estimate "
+                             f"(default {DEFAULT_MIN_PATIENTS})")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for the 95%% interval of every metric, resampling patients when the "
                              "shards know them, else images (default: 1000; 0: no intervals)")
@@ -83,7 +95,8 @@ def run_config(run_dir: Path, shard_dir: str | None) -> Config:
 
 
 def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0,
-             bootstrap_resamples: int = 1000, bootstrap_seed: int = 0) -> dict:
+             bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
+             subgroups: SubgroupOptions = SubgroupOptions()) -> dict:
     from csi_dist.cluster.preemption import PreemptionWatcher
     from csi_dist.data.reader import LoaderSettings, build_loader, open_split
     from csi_dist.distributed import build_accelerator, configure_logging
@@ -136,6 +149,9 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         intervals = split_bootstrap(predictions, bootstrap_resamples, bootstrap_seed)
         write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
                          predictions.csi_truth, predictions.ahf_truth, metrics, intervals, predictions.patient_ids)
+        if subgroups.columns:
+            from csi_dist.evaluation.subgroups import write_subgroups
+            write_subgroups(out_dir, split, predictions, metrics, subgroups)
         results[split] = metrics
         if heatmaps:  # rank 0 alone, on the first images of the split in manifest order
             from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
@@ -157,9 +173,12 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    subgroups = SubgroupOptions(tuple(dict.fromkeys(args.by)), args.min_subgroup_images, args.min_subgroup_patients,
+                                args.bootstrap_resamples, args.bootstrap_seed)
     try:
         config = run_config(args.run_dir, args.shard_dir)
-    except ConfigError as error:  # answered before torch loads
+        check_shard_columns(config.data.shard_dir, subgroups.columns)
+    except (ConfigError, SubgroupError) as error:  # answered before torch loads
         log.error("%s", error)
         return 2
     from csi_dist.data.reader import ShardError
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.training.checkpoint import CheckpointError
     try:
         evaluate(config, args.run_dir, args.weights, args.splits, args.out or args.run_dir / "evaluation",
-                 args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed)
+                 args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed, subgroups)
     except (ConfigError, ShardError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return 2

@@ -54,6 +54,32 @@ def check_columns(requested: Sequence[str], available: Sequence[str], where: str
         raise SubgroupError(f"--by {', '.join(unknown)}: no such metadata column in {where}; its columns: {have}")
 
 
+@dataclass(frozen=True)
+class SubgroupOptions:
+    """What `evaluate --by` asks: the columns, and the smallest subgroup that is estimated."""
+
+    columns: tuple[str, ...] = ()
+    min_images: int = DEFAULT_MIN_IMAGES
+    min_patients: int = DEFAULT_MIN_PATIENTS
+    n_resamples: int = 1000
+    seed: int = 0
+
+
+def check_shard_columns(shard_dir: str | Path, columns: Sequence[str]) -> None:
+    """SubgroupError when the shards' manifest lacks one of `columns` (read as JSON: answered before torch loads;
+    a missing or unreadable manifest is left to the reader, which names it)."""
+    import json
+
+    from csi_dist.data.metadata import manifest_metadata_columns
+    from csi_dist.data.shard_format import MANIFEST_NAME
+    manifest_path = Path(shard_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    check_columns(columns, manifest_metadata_columns(manifest), str(manifest_path))
+
+
 def metric_direction(key: str) -> str | None:
     """"max", "min" or None for a compute_metrics key ("right_sup/f1_macro" takes f1_macro's)."""
     return METRIC_DIRECTIONS.get(key.rsplit("/", 1)[-1])
@@ -116,8 +142,9 @@ def subgroup_results(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth
                     None if ahf_truth is None else np.asarray(ahf_truth)[rows])
             group.metrics = compute_metrics(zone_probs[rows], zone_targets[rows], *pick)
             groups = None if patient_ids is None else [patient_ids[row] for row in rows.tolist()]
-            group.intervals = bootstrap_intervals(zone_probs[rows], zone_targets[rows], *pick, groups=groups,
-                                                  n_resamples=n_resamples, seed=seed)
+            if n_resamples > 0:  # 0: estimates without intervals, so nothing can be flagged
+                group.intervals = bootstrap_intervals(zone_probs[rows], zone_targets[rows], *pick, groups=groups,
+                                                      n_resamples=n_resamples, seed=seed)
             group.flags = [key for key, interval in group.intervals.items()
                            if key in overall and is_flagged(key, interval, overall[key])]
     return results
@@ -153,8 +180,10 @@ def subgroups_markdown(results: list[Subgroup], overall: dict, split: str, *, mi
     """The report's "## Subgroups" section: per column a table of the key metrics with intervals and the flags."""
     keys = [key for key in REPORT_METRICS if key in overall]
     lines = ["## Subgroups", "",
-             f"Key metrics of each subgroup with their 95 % bootstrap interval (percentile, {n_resamples} resamples, "
-             "whole patients resampled where the shards know them). **FLAG**: the subgroup's interval lies wholly on "
+             (f"Key metrics of each subgroup with their 95 % bootstrap interval (percentile, {n_resamples} resamples, "
+              "whole patients resampled where the shards know them)." if n_resamples > 0 else
+              "Key metrics of each subgroup, without intervals (--bootstrap-resamples 0): nothing can be flagged.")
+             + " **FLAG**: the subgroup's interval lies wholly on "
              "the worse side of the overall estimate of the split: below it for metrics where higher is better "
              "(F1, accuracy, AUROC), above it for error metrics (csi_mae). Flags here are read on the metrics "
              "shown; the CSV flags every metric (among many metrics, some flags arise by chance). A subgroup with "
@@ -180,26 +209,25 @@ def subgroups_markdown(results: list[Subgroup], overall: dict, split: str, *, mi
     return "\n".join(lines)
 
 
-def write_subgroups(out_dir: Path, split: str, predictions, columns: Sequence[str], overall: dict, *,
-                    min_images: int = DEFAULT_MIN_IMAGES, min_patients: int = DEFAULT_MIN_PATIENTS,
-                    n_resamples: int = 1000, seed: int = 0) -> list[Subgroup]:
+def write_subgroups(out_dir: Path, split: str, predictions, overall: dict, options: SubgroupOptions) -> list[Subgroup]:
     """<split>_subgroups.csv and the report's section (appended to <split>_report.md) of a split's predictions
     (evaluation.inference.SplitPredictions, with metadata and, when known, patient ids)."""
     import pandas as pd
 
     from csi_dist.files import atomic_write
     results = subgroup_results(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
-                               predictions.ahf_truth, getattr(predictions, "patient_ids", None), predictions.metadata,
-                               columns, overall, min_images=min_images, min_patients=min_patients,
-                               n_resamples=n_resamples, seed=seed)
+                               predictions.ahf_truth, predictions.patient_ids or None, predictions.metadata,
+                               options.columns, overall, min_images=options.min_images,
+                               min_patients=options.min_patients, n_resamples=options.n_resamples, seed=options.seed)
     csv_path = Path(out_dir) / f"{split}_subgroups.csv"
     table = pd.DataFrame(subgroup_rows(results, overall), columns=list(CSV_COLUMNS))
     atomic_write(csv_path, lambda path: table.to_csv(path, sep=CSV_SEPARATOR, index=False,
                                                       float_format=CSV_FLOAT_FORMAT))
     report = Path(out_dir) / f"{split}_report.md"
-    section = subgroups_markdown(results, overall, split, min_images=min_images, min_patients=min_patients,
-                                 n_resamples=n_resamples, csv_name=csv_path.name,
-                                 total_patients=patient_count(getattr(predictions, "patient_ids", None),
+    section = subgroups_markdown(results, overall, split, min_images=options.min_images,
+                                 min_patients=options.min_patients, n_resamples=options.n_resamples,
+                                 csv_name=csv_path.name,
+                                 total_patients=patient_count(predictions.patient_ids or None,
                                                               np.arange(len(predictions.zone_targets))))
     report.write_text(report.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + section, encoding="utf-8")
     for group in results:
