@@ -3,7 +3,7 @@
 Runs on 1..N processes like training (each rank predicts its share, the predictions are gathered once, padding
 dropped) and writes, per split: predictions CSV with FileID, metrics JSON and CSV with a bootstrap interval for every
 metric (computed once on the gathered predictions), confusion/ROC/PR figures, the AHF table and a Markdown report,
-under `<run_dir>/evaluation/` (or --out).
+and once for the run a model card (model_card.md), under `<run_dir>/evaluation/` (or --out).
 """
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         atomic_write_json(out_dir / "provenance.json", {"run": provenance, "evaluated": {
             "weights": str(path.resolve()), "weights_sha256": sha256_of(path), "shard_dir": str(config.data.shard_dir),
             "manifest_sha256": manifest_sha256, "splits": list(results), "utc": now_utc()}})
+        from csi_dist.evaluation.model_card import write_model_card
+        write_model_card(out_dir, run_dir)
     accelerator.end_training()
     return results
 
