@@ -65,7 +65,18 @@ def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tupl
     both run."""
     import torch
 
-    from csi_dist.models import build_model, model_input_size, uses_channels_last
+    from csi_dist.models import uses_channels_last
+    model, path, image_size = trained_model(config, run_dir, weights)
+    channels_last = uses_channels_last(config.model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return accelerator.prepare_model(model, evaluation_mode=True), path, channels_last, image_size
+
+
+def trained_model(config, run_dir: Path, weights: str) -> tuple[torch.nn.Module, Path, int]:
+    """(the run's model on the CPU with its weights loaded, weights file, input size): what evaluate, predict and
+    export start from."""
+    from csi_dist.models import build_model, model_input_size
     from csi_dist.training.checkpoint import CheckpointError, load_weights
     image_size = model_input_size(config.model, config.data.image_size)
     model = build_model(config.model, image_size)
@@ -74,10 +85,7 @@ def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tupl
         model.load_state_dict(load_weights(path))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
-    channels_last = uses_channels_last(config.model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return accelerator.prepare_model(model, evaluation_mode=True), path, channels_last, image_size
+    return model, path, image_size
 
 
 def weights_path(run_dir: Path, weights: str) -> Path:

@@ -55,6 +55,8 @@ HELP_DEFAULTS = [
     ("csi_dist.predict", ["(default: best", "(default: predictions.csv)", "(default: the run's training.batch_size)",
                           "(default: 0", "empty when every zone"]),
     ("csi_dist.convert", ["checkpoints/step-", ".safetensors"]),
+    ("csi_dist.export", ["(default: best", "(default: <run dir>/export/", "(default: off", "B x 6 x 5",
+                         "calibration.json"]),
     ("csi_dist.bench", ["(default: resnet50@224x256 and densenet121@512x64)", "(default: 40)", "(default: 10)",
                         "(default: 60)", "(default: ddp)", "(default: auto", "(default: png)",
                         "(default: data/bench)", "(default: one per CPU core, at most 16"]),
@@ -95,6 +97,7 @@ USAGE_ERRORS = [
     ("csi_dist.evaluate", ["--splits", "test"], 2, "--run-dir"),
     ("csi_dist.predict", ["--run-dir", "run"], 2, "give --images DIR or --list CSV"),
     ("csi_dist.convert", [], 2, "checkpoint"),
+    ("csi_dist.export", ["--run-dir", "run"], 2, "--format"),
     ("csi_dist.bench", ["--case", "resnet50"], 2, "ARCH@SIZExBATCH"),
     ("csi_dist.inspect", [], 2, "RUN_DIR"),
     ("csi_dist.compare", ["run_a"], 2, "RUN_B"),
@@ -129,11 +132,12 @@ def config_error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         # checked before the job is queued (it was found only when the job ran, after its wait in the queue)
         "submit": (["csi_dist.submit", "--local", "--log-dir", str(tmp_path / "submitit"), "--config", demo,
                     "--set", "training.batch_sise=8"], f"nothing submitted: override 'training.batch_sise=8': {bad}"),
+        "export": (["csi_dist.export", "--run-dir", str(run_dir), "--format", "onnx"], bad),
     }
 
 
 @pytest.mark.parametrize("case", ["train unknown key", "train bad value", "evaluate", "predict", "convert", "bench",
-                                  "submit"])
+                                  "submit", "export"])
 def test_a_config_error_is_exit_2_naming_the_key_before_torch(tmp_path: Path, case: str):
     args, message = config_error_cases(tmp_path)[case]
     status, output = run(*args)
