@@ -225,3 +225,9 @@ def test_one_and_three_processes_give_identical_intervals(trained_run, tmp_path)
     assert one["bootstrap"]["clustered_by"] == "patient_id"
     assert one["bootstrap"]["n_resampled_units"] < one["n_images"]  # some phantom patients have two images
     assert len(one["intervals"]) > 20 and three["intervals"] == one["intervals"]
+
+
+def test_an_empty_split_has_no_interval_rather_than_an_error():
+    empty = bootstrap_intervals(np.zeros((0, NUM_ZONES, NUM_CLASSES)), np.zeros((0, NUM_ZONES), dtype=int),
+                                np.zeros(0), np.zeros(0), n_resamples=20)
+    assert empty and all(math.isnan(low) and math.isnan(high) for low, high in empty.values())

@@ -138,10 +138,13 @@ def resampled_metrics(statistics: list[SufficientStatistics], units: np.ndarray,
                       seed: int) -> list[dict[str, np.ndarray]]:
     """For each dataset of `statistics` (the same images, e.g. two runs' predictions: paired), every non-count
     metric in every resample, {key: (n_resamples,) array, NaN where undefined}."""
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
     blocks: list[list[dict[str, np.ndarray]]] = [[] for _ in statistics]
-    for weights in resample_weights(units, n_units, n_resamples, seed):
-        for parts, dataset in zip(blocks, statistics):
-            parts.append(dataset.metrics(weights))
+    # one BLAS thread: the products are small, and on a busy machine (CI's pytest workers) threads cost 5x the CPU
+    with threadpool_limits(limits=1, user_api="blas"):
+        for weights in resample_weights(units, n_units, n_resamples, seed):
+            for parts, dataset in zip(blocks, statistics):
+                parts.append(dataset.metrics(weights))
     return [{key: np.concatenate([part[key] for part in parts]) for key in parts[0]} for parts in blocks]
 
 
@@ -159,7 +162,7 @@ class SufficientStatistics:
         cells = np.zeros((n_images, NUM_ZONES, NUM_CLASSES * NUM_CLASSES))
         cell = zone_targets * NUM_CLASSES + predictions
         np.put_along_axis(cells, cell[..., None], 1.0, axis=-1)
-        columns = [cells.reshape(n_images, -1)]
+        columns = [cells.reshape(n_images, NUM_ZONES * NUM_CLASSES * NUM_CLASSES)]
         true_average, pred_average = csi_average(zone_targets), csi_average(predictions)
         self.regressions = {"csi": _Regression(true_average, pred_average)}
         if csi_truth is not None:
@@ -181,13 +184,13 @@ class SufficientStatistics:
         n_cells = NUM_ZONES * NUM_CLASSES * NUM_CLASSES
         confusion = sums[:, :n_cells].reshape(-1, NUM_ZONES, NUM_CLASSES, NUM_CLASSES)
         pooled = confusion.sum(axis=1)
-        result = grade_metrics(pooled)
-        zone_f1 = []
+        # the six zones and the pooled matrix in one call: (R * 7, 5, 5)
+        stacked = np.concatenate([confusion, pooled[:, None]], axis=1).reshape(-1, NUM_CLASSES, NUM_CLASSES)
+        per_matrix = {key: values.reshape(-1, NUM_ZONES + 1) for key, values in grade_metrics(stacked).items()}
+        result = {key: values[:, NUM_ZONES] for key, values in per_matrix.items()}
         for zone, name in enumerate(ZONE_NAMES):
-            for key, values in grade_metrics(confusion[:, zone]).items():
-                result[f"{name}/{key}"] = values
-            zone_f1.append(result[f"{name}/f1_macro"])
-        zone_f1 = np.stack(zone_f1, axis=1)
+            result.update({f"{name}/{key}": values[:, zone] for key, values in per_matrix.items()})
+        zone_f1 = per_matrix["f1_macro"][:, :NUM_ZONES]
         with np.errstate(invalid="ignore", divide="ignore"):
             finite = np.isfinite(zone_f1)
             result["f1_macro_zone_mean"] = np.where(finite, zone_f1, 0).sum(axis=1) / finite.sum(axis=1)
