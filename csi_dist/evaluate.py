@@ -108,6 +108,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     from csi_dist.cluster.preemption import PreemptionWatcher
     from csi_dist.data.reader import LoaderSettings, build_loader, open_split
     from csi_dist.distributed import build_accelerator, configure_logging
+    from csi_dist.evaluation.dataset_shift import training_shard_dir
     from csi_dist.evaluation.inference import StopRequested, predict_split
     from csi_dist.evaluation.intervals import split_bootstrap
     from csi_dist.evaluation.metrics import compute_metrics
@@ -130,7 +131,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     model, path, channels_last, image_size = load_trained_model(config, run_dir, weights, accelerator)
     criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
     settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
-    results = {}
+    results, evaluated = {}, {}  # rank 0: metrics and predictions per split
     batches_done = 0  # over all splits: the first batch is a check step, then every preemption_check_every_steps
     for split in splits:
         loader = build_loader(open_split(config.data.shard_dir, split), settings, epoch=0,
@@ -160,7 +161,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         if subgroups.columns:
             from csi_dist.evaluation.subgroups import write_subgroups
             write_subgroups(out_dir, split, predictions, metrics, subgroups)
-        results[split] = metrics
+        results[split], evaluated[split] = metrics, predictions
         if heatmaps:  # rank 0 alone, on the first images of the split in manifest order
             from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
             drawn = heatmaps_for_batches(model, build_loader(
@@ -170,6 +171,15 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         log.info("%s (%d images, weights %s): f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f, report %s", split,
                  len(predictions.file_ids), path.name, metrics["f1_weighted"], metrics["f1_macro"],
                  metrics["csi_mae"], out_dir / f"{split}_report.md")
+    training_dir = training_shard_dir(run_dir, config.data.shard_dir)  # None: these are the training shards
+    if training_dir is not None:  # other shards: every rank predicts the training val split, rank 0 compares
+        from csi_dist.evaluation.dataset_shift import REFERENCE_SPLIT, write_dataset_shift
+        reference = predict_split(model, build_loader(open_split(training_dir, REFERENCE_SPLIT), settings, epoch=0,
+                                                      rank=accelerator.process_index,
+                                                      world_size=accelerator.num_processes),
+                                  criterion, accelerator, channels_last)
+        for split, predictions in evaluated.items():
+            write_dataset_shift(out_dir, split, config.data.shard_dir, predictions, training_dir, reference)
     if accelerator.is_main_process and results:  # the report says which model, trained on what, saw which data
         atomic_write_json(out_dir / "provenance.json", {"run": provenance, "evaluated": {
             "weights": str(path.resolve()), "weights_sha256": sha256_of(path), "shard_dir": str(config.data.shard_dir),

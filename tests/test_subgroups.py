@@ -1,6 +1,7 @@
 """Subgroups: metrics per value of a metadata column with intervals; a worse subgroup is flagged, a tiny one named."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,10 @@ def test_evaluate_by_site_on_two_processes_gives_each_sites_own_metrics_and_name
                 assert f"| {name} | {n_images} | {n_patients} | too small to estimate" in report
     assert set(table["status"]) == {"estimated", "too small to estimate"}
     assert "## Subgroups" in report and "### site" in report and "### scanner" in report
+    # other shards to evaluate, so a dataset-shift summary: of the run's own test images, it finds no shift
+    shift = json.loads((tmp_path / "two" / "test_dataset_shift.json").read_text())
+    assert shift["warning"] is None and not [item for item in shift["comparisons"] if item["strong"]]
+    assert "No strong difference from the training data" in (tmp_path / "two" / "test_dataset_shift.md").read_text()
 
 
 def test_evaluate_by_an_unknown_column_exits_2_naming_it_and_the_columns_there_are(site_shards, trained_run):
