@@ -14,7 +14,9 @@ MIN_DEFINED_FRACTION of the resamples define the metric.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ import numpy as np
 from csi_dist.domain import AHF_CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
 from csi_dist.evaluation.metrics import (_check_inputs, _check_per_image, ahf_classes, csi_average, expected_csi,
                                          zone_predictions)
+
+log = logging.getLogger(__name__)
 
 METHOD = "percentile"
 MIN_DEFINED_FRACTION = 0.5
@@ -350,5 +354,9 @@ def split_bootstrap(predictions, n_resamples: int, seed: int, level: float = 0.9
         return None
     patient_ids = list(getattr(predictions, "patient_ids", None) or [])
     groups = patient_ids if any(patient is not None for patient in patient_ids) else None
-    return bootstrap(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth, predictions.ahf_truth,
-                     groups=groups, n_resamples=n_resamples, seed=seed, level=level)
+    started = time.perf_counter()
+    result = bootstrap(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth, predictions.ahf_truth,
+                       groups=groups, n_resamples=n_resamples, seed=seed, level=level)
+    log.info("bootstrap intervals: %d resamples of %d %s in %.1f s", n_resamples, result.n_units,
+             "patients" if groups is not None else "images", time.perf_counter() - started)
+    return result
