@@ -3,7 +3,9 @@
 Runs on 1..N processes like training (each rank predicts its share, the predictions are gathered once, padding
 dropped) and writes, per split: predictions CSV with FileID, metrics JSON and CSV with a bootstrap interval for every
 metric (computed once on the gathered predictions), confusion/ROC/PR figures, the AHF table and a Markdown report,
-and once for the run a model card (model_card.md), under `<run_dir>/evaluation/` (or --out).
+and once for the run a model card (model_card.md), under `<run_dir>/evaluation/` (or --out). With --by COLUMN, the
+metrics per subgroup (evaluation/subgroups.py); on shards other than the training ones, a dataset-shift summary
+(evaluation/dataset_shift.py).
 """
 from __future__ import annotations
 

@@ -98,6 +98,8 @@ def site_shards(phantom_shards: Path, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_evaluate_by_site_on_two_processes_gives_each_sites_own_metrics_and_names_small_ones(site_shards,
                                                                                              trained_run, tmp_path):
     options = ["--run-dir", str(trained_run), "--splits", "test", "--shard-dir", str(site_shards / "shards"),
@@ -136,6 +138,7 @@ def test_evaluate_by_site_on_two_processes_gives_each_sites_own_metrics_and_name
     assert "No strong difference from the training data" in (tmp_path / "two" / "test_dataset_shift.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_by_an_unknown_column_exits_2_naming_it_and_the_columns_there_are(site_shards, trained_run):
     result = run_evaluate("--run-dir", str(trained_run), "--shard-dir", str(site_shards / "shards"), "--by", "sex")
     assert result.returncode == 2
