@@ -209,6 +209,8 @@ def test_every_metric_in_the_json_csv_and_report_carries_its_interval(tmp_path):
     assert predictions["patient_id"].tolist() == [patient or "" for patient in patients]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_one_and_three_processes_give_identical_intervals(trained_run, tmp_path):
     """The fixture's evaluation ran on 1 process (default 1000 resamples, seed 0); evaluate on 3 ranks gathers the
     predictions and bootstraps once on rank 0: the same intervals, resampling the phantom's patients."""
