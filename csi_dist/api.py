@@ -28,7 +28,6 @@ Or the whole trainer in this process: `result = api.train_model(api.DEMO_CONFIG,
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -55,6 +54,8 @@ from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
+from csi_dist.training.step import SingleProcess, train_step
+from csi_dist.training.strategies import SingleProcessStrategy
 
 __all__ = [
     "Config", "load_config", "train_model", "TrainResult", "build_model", "create_criterion", "WeightedCSILoss",
@@ -241,28 +242,6 @@ def sample_mask(batch: dict) -> torch.Tensor:
     return ~batch["is_padding"] & ~batch["decode_failed"]
 
 
-class _SingleProcess:
-    """What predict_split asks of an Accelerator, for one process: a device, autocast, identity gather/reduce."""
-
-    num_processes = 1
-
-    def __init__(self, device: torch.device, autocast_dtype: torch.dtype | None):
-        self.device, self.autocast_dtype = device, autocast_dtype
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    @staticmethod
-    def gather(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    @staticmethod
-    def reduce(tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        return tensor
-
-
 def _device_of(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -284,30 +263,24 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
     """
     device = _device_of(model, device)
     criterion = criterion.to(device)
-    context = _SingleProcess(device, autocast_dtype)
+    process, strategy = SingleProcess(device, autocast_dtype), SingleProcessStrategy(grad_clip_norm)
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     meter = AverageMeter()
     buffers = BufferSnapshot(model)  # a skipped step leaves BatchNorm's statistics as they were, as in the trainer
-    for step, (_, images, zone_targets, mask) in enumerate(device_batches(loader, device, channels_last=False)):
-        buffers.take()
-        with context.autocast():
-            zone_logits = model(images)
-        loss_sum, weight_sum = criterion.weighted_sum(zone_logits, zone_targets, mask)
-        loss = loss_sum / weight_sum.clamp_min(1e-12)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or math.inf)
-        stepped = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-        if stepped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step, micro_batch in enumerate(device_batches(loader, device, channels_last=False)):
+        # the trainer's step (training/step.py) on a window of one batch: its loss is the batch's weighted mean
+        losses = []
+        stepped = train_step(model, [micro_batch], criterion=criterion, strategy=strategy, optimizer=optimizer,
+                             accelerator=process, buffers=buffers,
+                             after_micro_batch=lambda batch, images, loss, seconds: losses.append(loss.detach()))
         if not stepped:  # nothing of it counts: not the weights, the buffers, the schedule or the epoch's mean
-            buffers.restore()
             log.warning("non-finite loss or gradients at step %d: step skipped", step)
             continue
         if scheduler is not None:
             scheduler.after_optimizer_step()
-        meter.update(float(loss.detach()), n=float(weight_sum))
+        _, _, zone_targets, mask = micro_batch
+        meter.update(float(losses[0]), n=float(criterion.zone_weights(zone_targets, mask).sum()))
     if scheduler is not None:
         scheduler.after_epoch()
     return meter.avg
@@ -321,7 +294,7 @@ def predict(model: torch.nn.Module, loader, criterion: WeightedCSILoss | None = 
     weighted loss and the decode failures. The evaluation code of the trainer and `csi_dist.evaluate`."""
     device = _device_of(model, device)
     criterion = (criterion or WeightedCSILoss()).to(device)
-    return predict_split(model, loader, criterion, _SingleProcess(device, autocast_dtype), channels_last=False)
+    return predict_split(model, loader, criterion, SingleProcess(device, autocast_dtype), channels_last=False)
 
 
 def validate_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss,

@@ -82,24 +82,26 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
 
     from csi_dist.loss import WeightedCSILoss
     from csi_dist.models import build_model
+    from csi_dist.training.accumulation import BufferSnapshot
     from csi_dist.training.schedules import build_optimizer
+    from csi_dist.training.step import SingleProcess, train_step
+    from csi_dist.training.strategies import SingleProcessStrategy
     model = build_model(ModelConfig(model_arch=case.arch, dropout_rate=0.0)).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, OptimizationConfig(optimizer="adamw"), fused=device.type == "cuda")
     step_model = torch.compile(model) if compile_model else model
-    criterion = WeightedCSILoss()
     images = torch.randn(case.batch_size, 1, case.image_size, case.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 5, (case.batch_size, 6), device=device)
     mask = torch.ones(case.batch_size, dtype=torch.bool, device=device)
+    # the trainer's own step (training/step.py) on one process, minus the loader: the ceiling it can reach
+    window = [(None, images, targets, mask)]
+    process = SingleProcess(device, torch.bfloat16 if device.type == "cuda" else None)
+    criterion, strategy, buffers = WeightedCSILoss().to(device), SingleProcessStrategy(), BufferSnapshot(model)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            zone_logits = step_model(images)
-        loss_sum, weight_sum = criterion.weighted_sum(zone_logits, targets, mask)
-        (loss_sum / weight_sum).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(step_model, window, criterion=criterion, strategy=strategy, optimizer=optimizer,
+                   accelerator=process, buffers=buffers)
 
     for _ in range(warmup):
         step()

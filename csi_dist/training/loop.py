@@ -32,17 +32,17 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
-from csi_dist.training.accumulation import (BufferSnapshot, accumulation_windows, for_world_size,
-                                            window_loss_scale)
+from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, for_world_size
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
-from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors, with_nonfinite_image
+from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
+from csi_dist.training.step import StepFaults, train_step
 from csi_dist.training.strategies import (build_strategy, describe, hide_from_accelerate, resolve_strategy,
                                           shards_parameters)
 from csi_dist.training.tracking import Tracker
@@ -234,33 +234,24 @@ class Trainer:
         batches = window_log.timed(device_batches(loader, accelerator.device, self.channels_last))
         input_faults = nonfinite_input_values(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
         buffers = BufferSnapshot(self.model)  # a skipped update leaves BatchNorm's statistics as they were
+
+        def after_micro_batch(batch, images, loss, step_seconds: float) -> None:
+            nonlocal step_in_epoch
+            window_log.add_micro_batch(loss, batch, images)
+            window_log.add_device_wait(step_seconds)
+            progress.epoch_position += self.global_batch
+            step_in_epoch += 1
+            bar.update(1)
+
         for window in accumulation_windows(batches, config.training.gradient_accumulation_steps):
-            loss_scale = window_loss_scale(self.criterion, window, accelerator)
-            buffers.take()
-            for micro_index, (batch, images, zone_targets, sample_mask) in enumerate(window):
-                is_update_step = micro_index == len(window) - 1
-                with strategy.gradient_sync(self.model, enabled=is_update_step):
-                    if micro_index == 0 and progress.global_step in input_faults:
-                        images = with_nonfinite_image(images, input_faults[progress.global_step])
-                    with accelerator.autocast():
-                        zone_logits = self.model(images)
-                    loss_sum, _ = self.criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
-                    loss = loss_sum * loss_scale  # this micro-batch's share of the window's global mean
-                    if progress.global_step in self.loss_faults:
-                        loss = loss * self.loss_faults[progress.global_step]
-                    strategy.backward(loss)
-                window_log.add_micro_batch(loss, batch, images)
-                progress.epoch_position += self.global_batch
-                step_in_epoch += 1
-                bar.update(1)
-                step_started = time.perf_counter()
-                stepped = strategy.step(self.model, self.optimizer, is_update_step)
-                window_log.add_device_wait(time.perf_counter() - step_started)
+            faults = StepFaults(input_faults.get(progress.global_step), self.loss_faults.get(progress.global_step))
+            stepped = train_step(self.model, window, criterion=self.criterion, strategy=strategy,
+                                 optimizer=self.optimizer, accelerator=accelerator, buffers=buffers, faults=faults,
+                                 after_micro_batch=after_micro_batch)
             window_log.add_update()
             if stepped:
                 self.schedule.after_optimizer_step()
             else:
-                buffers.restore()
                 self.count_bad_step(epoch, step_in_epoch - 1)
             progress.global_step += 1
             if not self.startup_logged:  # the startup cost users wait for, after a requeue too (csi_dist.bench)

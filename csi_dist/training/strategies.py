@@ -142,6 +142,25 @@ class DDPStrategy:
         return live_sharding(self.name, None, model, sharded=0, shards=1)
 
 
+class SingleProcessStrategy(DDPStrategy):
+    """One process without accelerate (the Python API's loop, the bench's step on preloaded tensors): DDP's update
+    rule (clip, finite check, step or skip) with torch's own backward and clipping."""
+
+    name = "single"
+
+    def __init__(self, grad_clip_norm: float = 0.0):
+        self.accelerator, self.training, self.grad_clip_norm, self.precision = None, None, grad_clip_norm, "no"
+
+    def gradient_sync(self, model: nn.Module, enabled: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 class FSDP2Strategy(DDPStrategy):
     """Fully sharded data parallel (FSDP2): parameters, gradients and optimizer state sharded over ranks.
 
