@@ -62,6 +62,7 @@ def test_evaluating_on_brighter_sicker_shards_warns_of_the_shift(brighter_sicker
     report = (tmp_path / "external" / "test_dataset_shift.md").read_text()
     assert "**WARNING**: these data differ strongly from the data the model was trained on" in report
     assert "image brightness" in summary["warning"] and "dataset shift" in result.stderr
+    assert "## Dataset shift" in (tmp_path / "external" / "test_report.md").read_text()
     # the pixel statistics are those of the images in the shards (all of them: fewer than the sample size)
     external, training = shard_pixels(brighter_sicker_shards, "test"), shard_pixels(phantom_shards, "train")
     assert summary["pixel_values"]["evaluated"]["mean"] == pytest.approx(external.mean())

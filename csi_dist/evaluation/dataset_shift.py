@@ -244,7 +244,8 @@ def shift_markdown(split: str, shard_dir: Path, training_dir: Path, comparisons:
 
 def write_dataset_shift(out_dir: Path, split: str, shard_dir: str | Path, predictions, training_dir: Path,
                         reference) -> str | None:
-    """Write <split>_dataset_shift.md and .json (see the module docstring); returns the warning, or None."""
+    """Write <split>_dataset_shift.md and .json (see the module docstring), and a "Dataset shift" paragraph at the
+    end of <split>_report.md; returns the warning, or None."""
     from csi_dist.files import atomic_write_json
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     comparisons, intensity = shift_comparisons(shard_dir, split, predictions, training_dir, reference)
@@ -257,6 +258,13 @@ def write_dataset_shift(out_dir: Path, split: str, shard_dir: str | Path, predic
         "warning": warning})
     (out_dir / f"{split}_dataset_shift.md").write_text(
         shift_markdown(split, shard_dir, training_dir, comparisons, intensity, warning), encoding="utf-8")
+    report = out_dir / f"{split}_report.md"
+    if report.is_file():  # the split's report says it too, in one paragraph
+        name = f"{split}_dataset_shift.md"
+        verdict = f"**WARNING**: {warning}" if warning else "No strong difference from the training data was found."
+        report.write_text(report.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Dataset shift\n\n"
+                          f"Against the training data ({training_dir}): {verdict} Details: [{name}]({name}).\n",
+                          encoding="utf-8")
     if warning:
         logger.warning("%s: dataset shift: %s (%s)", split, warning, out_dir / f"{split}_dataset_shift.md")
     return warning
