@@ -153,6 +153,13 @@ def test_calibrated_without_a_calibration_file_is_exit_2_naming_it(trained_run: 
     assert not out.exists()
 
 
+def test_missing_weights_are_exit_2_naming_them_before_the_calibration(trained_run: Path, tmp_path: Path, caplog):
+    missing = tmp_path / "none.safetensors"
+    assert export_command.main(["--run-dir", str(trained_run), "--weights", str(missing), "--format", "onnx",
+                                "--calibrated", "--out", str(tmp_path / "model.onnx")]) == 2
+    assert f"weights file not found: {missing}" in caplog.text and "calibration" not in caplog.text
+
+
 def test_a_calibration_fitted_for_other_weights_is_refused(trained_run: Path, weights_copy: Path, tmp_path: Path):
     write_calibration(weights_copy, TEMPERATURES, weights_sha256="f" * 64)
     with pytest.raises(ExportError, match="fitted for other weights"):

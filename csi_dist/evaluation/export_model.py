@@ -18,6 +18,7 @@ from csi_dist.evaluate import trained_model, weights_path
 from csi_dist.files import atomic_path, atomic_write_json
 from csi_dist.models import INPUT_CHANNELS
 from csi_dist.provenance import now_utc, read_provenance, sha256_of
+from csi_dist.training.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ def export_run(config: Config, run_dir: Path, weights: str, export_format: str, 
     if export_format not in FORMATS:
         raise ExportError(f"format {export_format!r}: expected one of {', '.join(FORMATS)}")
     weights_file = weights_path(run_dir, weights)
+    if not weights_file.is_file():  # said before a missing calibration file beside it
+        raise CheckpointError(f"weights file not found: {weights_file}")
     weights_sha256 = sha256_of(weights_file)
     calibration_file = calibration_path(weights_file) if calibrated else None
     # a missing calibration is reported before the model is built (seconds for a ViT)
