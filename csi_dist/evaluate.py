@@ -6,6 +6,11 @@ metric (computed once on the gathered predictions), confusion/ROC/PR figures, th
 and once for the run a model card (model_card.md), under `<run_dir>/evaluation/` (or --out). With --by COLUMN, the
 metrics per subgroup (evaluation/subgroups.py); on shards other than the training ones, a dataset-shift summary
 (evaluation/dataset_shift.py).
+
+Calibration: evaluating the val split of the shards the model was trained on fits one temperature per zone and stores
+it beside the weights (`<weights stem>.calibration.json`); every split's report shows calibration before and after
+scaling once temperatures exist. `--calibrated` uses the temperature-scaled probabilities for every output (exit 2
+when no calibration of these weights exists).
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "shards know them, else images (default: 1000; 0: no intervals)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
                         help="seed of the bootstrap resamples (default: 0)")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="every output uses the temperature-scaled probabilities fitted on the val split "
+                             "(default: off, the raw probabilities; evaluating val fits the temperatures)")
     args = parser.parse_args(argv)
     if args.bootstrap_resamples < 0:
         parser.error(f"--bootstrap-resamples: expected 0 (off) or a positive count, got {args.bootstrap_resamples}")
@@ -106,10 +114,11 @@ def run_config(run_dir: Path, shard_dir: str | None) -> Config:
 
 def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0,
              bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
-             subgroups: SubgroupOptions = SubgroupOptions()) -> dict:
+             subgroups: SubgroupOptions = SubgroupOptions(), calibrated: bool = False) -> dict:
     from csi_dist.cluster.preemption import PreemptionWatcher
     from csi_dist.data.reader import LoaderSettings, build_loader, open_split
     from csi_dist.distributed import build_accelerator, configure_logging
+    from csi_dist.evaluation.calibration_report import EvaluationCalibration
     from csi_dist.evaluation.dataset_shift import training_shard_dir
     from csi_dist.evaluation.inference import StopRequested, predict_split
     from csi_dist.evaluation.intervals import split_bootstrap
@@ -119,11 +128,13 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     from csi_dist.loss import WeightedCSILoss
     from csi_dist.provenance import now_utc, read_provenance, sha256_of
 
-    accelerator = build_accelerator(config.training)
-    configure_logging(accelerator)
     provenance = read_provenance(run_dir)
     trained_on = provenance.get("origin", {}).get("data", {})
     manifest_sha256 = sha256_of(Path(config.data.shard_dir) / "manifest.json")
+    calibration = EvaluationCalibration(weights_path(run_dir, weights), calibrated, config.data.shard_dir,
+                                        manifest_sha256, trained_on.get("manifest_sha256") in (None, manifest_sha256))
+    accelerator = build_accelerator(config.training)
+    configure_logging(accelerator)
     if trained_on.get("manifest_sha256") and trained_on["manifest_sha256"] != manifest_sha256:
         log.warning("the shards in %s are not the ones this model was trained on (%s, manifest sha256 %s): "
                     "fine for an external test set, wrong if you meant the run's own splits", config.data.shard_dir,
@@ -135,7 +146,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
     results, evaluated = {}, {}  # rank 0: metrics and predictions per split
     batches_done = 0  # over all splits: the first batch is a check step, then every preemption_check_every_steps
-    for split in splits:
+    for split in calibration.order(splits):
         loader = build_loader(open_split(config.data.shard_dir, split), settings, epoch=0,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               pin_memory=accelerator.device.type == "cuda")
@@ -153,13 +164,16 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         if not predictions.file_ids:
             log.warning("split %s is empty: nothing to evaluate", split)
             continue
+        predictions, scaled = calibration.apply(out_dir, split, predictions)  # raw or temperature-scaled from here
         metrics = compute_metrics(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                   predictions.ahf_truth)
-        metrics.update(loss=predictions.loss, decode_failures=predictions.decode_failures)
+        metrics.update(loss=predictions.loss, decode_failures=predictions.decode_failures, **scaled.metrics)
         # once, on rank 0's gathered predictions: the same intervals for any number of processes
         intervals = split_bootstrap(predictions, bootstrap_resamples, bootstrap_seed)
         write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
-                         predictions.csi_truth, predictions.ahf_truth, metrics, intervals, predictions.patient_ids)
+                         predictions.csi_truth, predictions.ahf_truth, metrics, intervals, predictions.patient_ids,
+                         scaled.probabilities)
+        scaled.append_to_report(out_dir / f"{split}_report.md")
         if subgroups.columns:
             from csi_dist.evaluation.subgroups import write_subgroups
             write_subgroups(out_dir, split, predictions, metrics, subgroups)
@@ -180,12 +194,14 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
                                                       rank=accelerator.process_index,
                                                       world_size=accelerator.num_processes),
                                   criterion, accelerator, channels_last)
+        reference = calibration.scaled(reference)  # the probabilities the splits use
         for split, predictions in evaluated.items():
             write_dataset_shift(out_dir, split, config.data.shard_dir, predictions, training_dir, reference)
     if accelerator.is_main_process and results:  # the report says which model, trained on what, saw which data
         atomic_write_json(out_dir / "provenance.json", {"run": provenance, "evaluated": {
             "weights": str(path.resolve()), "weights_sha256": sha256_of(path), "shard_dir": str(config.data.shard_dir),
-            "manifest_sha256": manifest_sha256, "splits": list(results), "utc": now_utc()}})
+            "manifest_sha256": manifest_sha256, "splits": list(results), "utc": now_utc(),
+            **calibration.provenance()}})
         from csi_dist.evaluation.model_card import write_model_card
         write_model_card(out_dir, run_dir)
     accelerator.end_training()
@@ -204,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         return 2
     from csi_dist.data.reader import ShardError
+    from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.models import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
         evaluate(config, args.run_dir, args.weights, args.splits, args.out or args.run_dir / "evaluation",
-                 args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed, subgroups)
-    except (ConfigError, ShardError, ModelError, CheckpointError) as error:
+                 args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed, subgroups, args.calibrated)
+    except (ConfigError, ShardError, ModelError, CheckpointError, CalibrationError) as error:
         log.error("%s", error)
         return 2
     return 0

@@ -15,15 +15,15 @@ Inputs:
 Outputs (';'-separated, rows in input order):
     --out CSV              FileID, path, per zone <zone>_pred (the most likely grade, 4 = unknown) and
                            <zone>_p_<class> for the 5 classes, csi_avg_pred (empty when every zone is predicted
-                           unknown), csi_expected_pred, ahf_class_pred (-1 when the average is undefined): evaluate's
-                           column names
+                           unknown), csi_expected_pred, ahf_class_pred (-1 when the average is undefined),
+                           probabilities (raw, or calibrated with --calibrated): evaluate's column names
     <out stem>_errors.csv  FileID, path, reason for every file that could not be read (missing, corrupt)
 
 Runs on 1..N processes like evaluate (`python -m csi_dist.launcher ... -m csi_dist.predict ...`), the files split
 across them. Exit codes: 0 when at least one image was predicted; 2 when the inputs are wrong (no run directory,
-config or weights; no such folder or CSV; no images) or no image could be read; 75 (nothing written; rerun the same
-command) when a preemption notice arrived (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C, or the file
-<run dir>/PREEMPT_REQUESTED).
+config or weights; no such folder or CSV; no images; --calibrated without a calibration of the weights) or no image
+could be read; 75 (nothing written; rerun the same command) when a preemption notice arrived (SIGTERM, SIGUSR1,
+SIGUSR2, Ctrl-C, or the file <run dir>/PREEMPT_REQUESTED).
 """
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="Grad-CAM maps of each zone for the first N predicted images, in <out stem>_heatmaps/ "
                              "(default: 0, none)")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="temperature-scaled probabilities, with the temperatures evaluate fitted on the val split "
+                             "for these weights (default: off, the raw probabilities)")
     args = parser.parse_args(argv)
     if args.images is None and args.list_csv is None:
         parser.error("give --images DIR or --list CSV")
@@ -81,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         return 2
     from csi_dist.distributed import LaunchError, leave_process_group
+    from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.prediction import PredictError, predict
     from csi_dist.models import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
         predict(config, args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size,
-                args.heatmaps)
-    except (PredictError, ConfigError, ModelError, CheckpointError, LaunchError) as error:
+                args.heatmaps, args.calibrated)
+    except (PredictError, ConfigError, ModelError, CheckpointError, LaunchError, CalibrationError) as error:
         log.error("%s", error)
         leave_process_group()
         return 2

@@ -16,7 +16,7 @@ class SplitPredictions:
     """Every real sample of a split exactly once, in manifest order (identical on every rank)."""
 
     file_ids: list[str]
-    zone_probs: np.ndarray  # (N, 6, 5)
+    zone_probs: np.ndarray  # (N, 6, 5) float64 softmax of zone_logits
     zone_targets: np.ndarray  # (N, 6)
     csi_truth: np.ndarray  # (N,) NaN where the CSV had none
     ahf_truth: np.ndarray  # (N,) NaN where the CSV had none
@@ -25,6 +25,7 @@ class SplitPredictions:
     # the label CSV's extra columns (site, sex, ...): {column: one text or None per image}; {} for shards without
     metadata: dict[str, list[str | None]] = field(default_factory=dict)
     patient_ids: list[str | None] = field(default_factory=list)  # None where the shards know no patient
+    zone_logits: np.ndarray | None = None  # (N, 6, 5) float32, for temperature scaling (evaluation.calibration)
 
 
 def move_batch(batch: dict, device: torch.device, channels_last: bool,
@@ -77,7 +78,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     (the same answer on every rank, e.g. PreemptionWatcher.should_stop): True raises StopRequested, so a notice
     that arrives during a long validation is not lost."""
     model.eval()
-    probs, targets, csi, ahf, index, padding, failed = [], [], [], [], [], [], []
+    logits, targets, csi, ahf, index, padding, failed = [], [], [], [], [], [], []
     file_ids, metadata, patients = [], [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     weight_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -88,7 +89,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         batch_loss_sum, batch_weight = criterion.weighted_sum(zone_logits, zone_targets, sample_mask)
         loss_sum += batch_loss_sum.double()
         weight_sum += batch_weight.double()
-        probs.append(zone_logits.float().softmax(dim=-1))
+        logits.append(zone_logits.float())
         targets.append(zone_targets)
         csi.append(batch["csi"].to(accelerator.device))
         ahf.append(batch["ahf"].to(accelerator.device))
@@ -98,15 +99,15 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         file_ids.extend(batch["file_id"])
         metadata.extend(batch.get("metadata") or [{} for _ in batch["file_id"]])
         patients.extend(batch.get("patient_id") or [None for _ in batch["file_id"]])
-        if should_stop is not None and should_stop(len(probs)):
+        if should_stop is not None and should_stop(len(logits)):
             raise StopRequested
-    if not probs:  # an empty split: every rank has zero steps
+    if not logits:  # an empty split: every rank has zero steps
         empty = np.zeros((0,))
         return SplitPredictions([], np.zeros((0, 6, 5)), np.zeros((0, 6), dtype=np.int64), empty, empty,
-                                float("nan"), 0)
+                                float("nan"), 0, zone_logits=np.zeros((0, 6, 5), dtype=np.float32))
     # every rank ran the same number of equal batches, so a plain tensor gather is safe
     gathered = {name: accelerator.gather(torch.cat(parts)).cpu() for name, parts in
-                (("probs", probs), ("targets", targets), ("csi", csi), ("ahf", ahf), ("index", index),
+                (("logits", logits), ("targets", targets), ("csi", csi), ("ahf", ahf), ("index", index),
                  ("padding", padding), ("failed", failed))}
     # the metadata travels with its sample like the file ids (not looked up afterwards by FileID): what was
     # predicted is what is described, with no second read of the shards
@@ -122,9 +123,11 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
     kept_patients = [patient for (_, _, patient), flag in zip(gathered_objects, keep.tolist()) if flag]
     ordered_metadata = [kept_metadata[i] for i in order.tolist()]
     columns = list(dict.fromkeys(name for sample in ordered_metadata for name in sample))
+    kept_logits = gathered["logits"][keep][order]
     return SplitPredictions(
         file_ids=[kept_ids[i] for i in order.tolist()],
-        zone_probs=gathered["probs"][keep][order].numpy(),
+        # float64: the argmax of the probabilities is the argmax of the logits, raw or temperature-scaled
+        zone_probs=kept_logits.double().softmax(dim=-1).numpy(),
         zone_targets=gathered["targets"][keep][order].numpy(),
         csi_truth=gathered["csi"][keep][order].numpy(),
         ahf_truth=gathered["ahf"][keep][order].numpy(),
@@ -132,6 +135,7 @@ def predict_split(model: torch.nn.Module, loader: EpochLoader, criterion: Weight
         decode_failures=int((gathered["failed"] & ~gathered["padding"]).sum()),  # padding copies not counted
         metadata={name: [sample.get(name) for sample in ordered_metadata] for name in columns},
         patient_ids=[kept_patients[i] for i in order.tolist()],
+        zone_logits=kept_logits.numpy(),
     )
 
 

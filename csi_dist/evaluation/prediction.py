@@ -24,7 +24,8 @@ from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, col
 from csi_dist.data.workers import worker_options
 from csi_dist.distributed import build_accelerator, configure_logging
 from csi_dist.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
-from csi_dist.evaluate import load_trained_model
+from csi_dist.evaluate import load_trained_model, weights_path
+from csi_dist.evaluation.calibration import read_calibration
 from csi_dist.evaluation.inference import StopRequested
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
 from csi_dist.files import atomic_write
@@ -146,11 +147,12 @@ def image_pipeline(config, input_size: int) -> ImagePipeline:
 def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: ImagePipeline, accelerator,
                    channels_last: bool, batch_size: int, num_workers: int,
                    should_stop: Callable[[int], bool] | None = None, checked_batches: int = 0,
-                   ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+                   temperatures: list[float] | None = None) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """This rank's ({input index: 6 x 5 probabilities}, {input index: reason it could not be read}).
 
     `should_stop(batches_done)` (a collective: PreemptionWatcher.should_stop) is asked after each of the first
-    `checked_batches` batches, the count every rank has; True raises StopRequested."""
+    `checked_batches` batches, the count every rank has; True raises StopRequested. `temperatures`: one a zone,
+    for the calibrated probabilities (evaluation.calibration)."""
     model.eval()
     num_workers = num_workers if images else 0
     loader = DataLoader(ImageFiles(images, pipeline), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -163,20 +165,26 @@ def predict_images(model: torch.nn.Module, images: list[InputImage], pipeline: I
     for batches_done, batch in enumerate(progress, start=1):
         failures.update(batch["failed"])
         if batch["image"] is not None:
-            probabilities.update(zip(batch["index"], predict_batch(model, batch["image"], accelerator, channels_last)))
+            probabilities.update(zip(batch["index"], predict_batch(model, batch["image"], accelerator, channels_last,
+                                                                        temperatures)))
         if should_stop is not None and batches_done <= checked_batches and should_stop(batches_done):
             raise StopRequested
     return probabilities, failures
 
 
-def predict_batch(model: torch.nn.Module, images: torch.Tensor, accelerator, channels_last: bool) -> np.ndarray:
-    """Zone probabilities (B x 6 x 5) of one batch of model inputs."""
+def predict_batch(model: torch.nn.Module, images: torch.Tensor, accelerator, channels_last: bool,
+                  temperatures: list[float] | None = None) -> np.ndarray:
+    """Zone probabilities (B x 6 x 5, float64 as evaluate's) of one batch of model inputs, each zone's logits divided
+    by its temperature when given."""
     images_on_device = images.to(accelerator.device, non_blocking=True)
     if channels_last:
         images_on_device = images_on_device.contiguous(memory_format=torch.channels_last)
     with accelerator.autocast():
         zone_logits = model(images_on_device)
-    return zone_logits.float().softmax(dim=-1).cpu().numpy()
+    logits = zone_logits.float().double()  # the float32 logits evaluate gathers, softmaxed in float64 as it does
+    if temperatures is not None:
+        logits = logits / torch.tensor(temperatures, dtype=torch.float64, device=logits.device).reshape(1, -1, 1)
+    return logits.softmax(dim=-1).cpu().numpy()
 
 
 def gather(accelerator, local: object) -> list:
@@ -188,7 +196,7 @@ def gather(accelerator, local: object) -> list:
     return gathered
 
 
-def predictions_table(images: list[InputImage], zone_probs: np.ndarray) -> pd.DataFrame:
+def predictions_table(images: list[InputImage], zone_probs: np.ndarray, probabilities: str = "raw") -> pd.DataFrame:
     """FileID, path and evaluate's prediction columns (report._predictions_table) with the same metric functions."""
     columns: dict[str, object] = {FILE_ID_COLUMN: [image.file_id for image in images],
                                   PATH_COLUMN: [str(image.path) for image in images]}
@@ -201,6 +209,7 @@ def predictions_table(images: list[InputImage], zone_probs: np.ndarray) -> pd.Da
     columns["csi_avg_pred"] = average
     columns["csi_expected_pred"] = expected_csi(zone_probs)
     columns["ahf_class_pred"] = ahf_classes(average)
+    columns["probabilities"] = probabilities  # raw | calibrated, as evaluate's column
     return pd.DataFrame(columns)
 
 
@@ -219,22 +228,24 @@ def heatmaps_path(out: Path) -> Path:
 
 
 def predict(config: Config, run_dir: Path, weights: str, image_dir: Path | None, list_csv: Path | None, out: Path,
-            batch_size: int | None, heatmaps: int = 0) -> int:
+            batch_size: int | None, heatmaps: int = 0, calibrated: bool = False) -> int:
     """Predict every input image with the run's resolved `config`; returns the number predicted (0 raises
-    PredictError after the errors file)."""
+    PredictError after the errors file). `calibrated`: the temperature-scaled probabilities (CalibrationError when
+    the weights have no calibration)."""
     if list_csv is not None:  # the inputs are checked before any process group or model is set up
         images, missing = list_images(list_csv, image_dir)
         source = f"--list {list_csv}"
     else:
         images, missing = folder_images(image_dir), []
         source = f"--images {image_dir}"
+    temperatures = read_calibration(weights_path(run_dir, weights))["temperatures"] if calibrated else None
     accelerator = build_accelerator(config.training)
     configure_logging(accelerator)
     model, path, channels_last, input_size = load_trained_model(config, run_dir, weights, accelerator)
     pipeline = image_pipeline(config, input_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    log.info("%s: %d image(s) to predict (%d missing) with %s on %d process(es)", source, len(images), len(missing),
-             path, world)
+    log.info("%s: %d image(s) to predict (%d missing) with %s on %d process(es), %s probabilities", source,
+             len(images), len(missing), path, world, "calibrated (temperature-scaled)" if calibrated else "raw")
     batch_size = batch_size or config.training.batch_size
     watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
     watcher.install()
@@ -242,7 +253,7 @@ def predict(config: Config, run_dir: Path, weights: str, image_dir: Path | None,
         local = predict_images(model, images[rank::world], pipeline, accelerator, channels_last, batch_size,
                                config.training.num_workers,
                                should_stop=lambda batches: watcher.should_stop(batches - 1, accelerator),
-                               checked_batches=math.ceil(len(images) // world / batch_size))
+                               checked_batches=math.ceil(len(images) // world / batch_size), temperatures=temperatures)
     except StopRequested:  # nothing partial is written: a prediction is rerun whole
         log.warning("prediction stopped by a preemption notice: nothing written")
         watcher.finish_after_checkpoint(accelerator, resumes_from="the start (a prediction is rerun whole)")
@@ -263,7 +274,8 @@ def predict(config: Config, run_dir: Path, weights: str, image_dir: Path | None,
         if probabilities:
             order = sorted(probabilities)
             write_csv(predictions_table([by_index[index] for index in order],
-                                        np.stack([probabilities[index] for index in order]).astype(float)), out)
+                                        np.stack([probabilities[index] for index in order]).astype(float),
+                                        "calibrated" if calibrated else "raw"), out)
             log.info("predicted %d image(s) into %s; %d could not be read (listed in %s)", len(order), out,
                      len(failures), errors_path(out))
             if heatmaps:

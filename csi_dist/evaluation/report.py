@@ -5,8 +5,10 @@ Files written by write_evaluation under out_dir (returned as {key: path}):
                                   zone <zone>_true, <zone>_pred and <zone>_p_<class name> for the 5 classes;
                                   csi_avg_true, csi_avg_pred (NaN when no graded zone), csi_expected_pred (the
                                   continuous score of metrics.expected_csi), ahf_class_true/pred (-1 when the
-                                  average is undefined), and the CSV csi / real ahf / patient_id columns when given
-    <split>_metrics.json          key "metrics": compute_metrics (or the dict given); NaN written as null; with a
+                                  average is undefined), the CSV csi / real ahf / patient_id columns when given,
+                                  probabilities: raw | calibrated (temperature-scaled, evaluate --calibrated)
+    <split>_metrics.json          key "metrics": compute_metrics (or the dict given) and "probabilities" (raw |
+                                  calibrated); NaN written as null; with a
                                   bootstrap, also "intervals" {key: [low, high]} and "bootstrap" (method, level,
                                   resamples, seed, what was resampled, resamples defining each metric)
     <split>_metrics.csv           key "metrics_csv": metric;estimate;ci_low;ci_high (bounds empty for counts or
@@ -38,6 +40,7 @@ from csi_dist.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_
                              ZONE_NAMES)
 from csi_dist.evaluation.intervals import BootstrapResult, format_estimate, metrics_rows
 from csi_dist.files import strict_json_value
+from csi_dist.evaluation.calibration_report import probabilities_line
 from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
                               zone_predictions)
 
@@ -55,9 +58,10 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
                      zone_targets: np.ndarray, csi_truth: np.ndarray | None = None,
                      ahf_truth: np.ndarray | None = None, metrics: dict | None = None,
                      bootstrap: BootstrapResult | None = None,
-                     patient_ids: list[str | None] | None = None) -> dict[str, Path]:
+                     patient_ids: list[str | None] | None = None, probabilities: str = "raw") -> dict[str, Path]:
     """Write the evaluation files of one split (listed in the module docstring) and return their paths by key;
-    `bootstrap` (intervals.bootstrap of these predictions) adds every metric's interval."""
+    `bootstrap` (intervals.bootstrap of these predictions) adds every metric's interval; `probabilities` (raw |
+    calibrated: which the zone_probs are) is said in the CSV, the JSON and the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     zone_probs = np.asarray(zone_probs, dtype=float)
@@ -76,12 +80,13 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
                                csi_truth, ahf_truth)
     if patient_ids is not None and any(patient is not None for patient in patient_ids):
         table[PATIENT_COLUMN] = patient_ids  # compare resamples the same patients
+    table["probabilities"] = probabilities
     table.to_csv(paths["predictions"], sep=CSV_SEPARATOR, index=False,
                                          float_format=CSV_FLOAT_FORMAT)
 
     paths["metrics"] = out_dir / f"{split}_metrics.json"
     # NaN becomes null: bare NaN is not JSON and breaks strict readers (jq, browsers); counts stay integers
-    document = dict(metrics)
+    document = dict(metrics, probabilities=probabilities)
     if bootstrap is not None:
         summary = bootstrap.summary()
         document.update(intervals=summary.pop("intervals"), bootstrap=summary)
@@ -112,7 +117,8 @@ def write_evaluation(out_dir: Path, split: str, file_ids: list[str], zone_probs:
     paths["ahf_md"].write_text(ahf_markdown)
 
     paths["report"] = out_dir / f"{split}_report.md"
-    paths["report"].write_text(_report_markdown(split, metrics, ahf_markdown, curve_rows, paths, bootstrap))
+    paths["report"].write_text(_report_markdown(split, metrics, ahf_markdown, curve_rows, paths, bootstrap,
+                                                probabilities))
     logger.info("wrote %d evaluation files of split %s to %s", len(paths), split, out_dir)
     return paths
 
@@ -245,9 +251,10 @@ def _is_count(key: str) -> bool:
 
 
 def _report_markdown(split: str, metrics: dict, ahf_markdown: str, curve_rows: list[tuple],
-                     paths: dict[str, Path], bootstrap: BootstrapResult | None = None) -> str:
+                     paths: dict[str, Path], bootstrap: BootstrapResult | None = None,
+                     probabilities: str = "raw") -> str:
     intervals = bootstrap.intervals if bootstrap is not None else {}
-    lines = [f"# Evaluation of split `{split}`", "",
+    lines = [f"# Evaluation of split `{split}`", "", probabilities_line(probabilities), "",
              "Grade metrics use graded zones only (a predicted unknown on a graded zone is an error); CSI and AHF "
              "use images whose true and predicted CSI averages are both defined. n/a = undefined on this data.", ""]
     lines += [bootstrap.description(), ""] if bootstrap is not None else []
