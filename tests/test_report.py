@@ -74,6 +74,7 @@ def test_metrics_json_is_strict_json_equal_to_compute_metrics(written):
     _, paths, _, probs, targets, csi, ahf = written
     stored = json.loads(paths["metrics"].read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
     expected = compute_metrics(probs, targets, csi, ahf)
+    assert stored.pop("probabilities") == "raw"  # which probabilities the metrics are of (evaluate --calibrated)
     assert stored.keys() == expected.keys()
     for key, value in expected.items():
         assert stored[key] is None if math.isnan(value) else stored[key] == pytest.approx(value), key
