@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
         return 2
+    from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.export_model import ExportError, export_run
     from csi_dist.models import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
         export_run(config, args.run_dir, args.weights, args.export_format, args.out, args.calibrated)
-    except (ExportError, ConfigError, ModelError, CheckpointError) as error:
+    except (ExportError, CalibrationError, ConfigError, ModelError, CheckpointError) as error:
         log.error("%s", error)
         return 2
     return 0

@@ -22,7 +22,8 @@ from conftest import REPO_ROOT, subprocess_env
 from csi_dist import export as export_command
 from csi_dist.config import Config, ModelConfig, load_config, save_config
 from csi_dist.domain import CLASS_NAMES, ZONE_NAMES
-from csi_dist.evaluation.export_model import ExportError, export_run
+from csi_dist.evaluation.calibration import CalibrationError
+from csi_dist.evaluation.export_model import export_run
 from csi_dist.models import build_model
 from csi_dist.training.checkpoint import load_weights, save_weights
 
@@ -162,7 +163,7 @@ def test_missing_weights_are_exit_2_naming_them_before_the_calibration(trained_r
 
 def test_a_calibration_fitted_for_other_weights_is_refused(trained_run: Path, weights_copy: Path, tmp_path: Path):
     write_calibration(weights_copy, TEMPERATURES, weights_sha256="f" * 64)
-    with pytest.raises(ExportError, match="fitted for other weights"):
+    with pytest.raises(CalibrationError, match="fitted for other weights"):
         export_run(load_config(trained_run / "resolved_config.ini"), trained_run, str(weights_copy), "onnx",
                    tmp_path / "model.onnx", calibrated=True)
 

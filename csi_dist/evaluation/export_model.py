@@ -2,9 +2,7 @@
 probabilities (per-zone temperatures folded in when calibrated), and a sidecar JSON saying how to feed it."""
 from __future__ import annotations
 
-import json
 import logging
-import math
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from csi_dist.config import Config
 from csi_dist.data.transforms import NORMALIZATION
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluate import trained_model, weights_path
+from csi_dist.evaluation.calibration import calibration_path, read_calibration
 from csi_dist.files import atomic_path, atomic_write_json
 from csi_dist.models import INPUT_CHANNELS
 from csi_dist.provenance import now_utc, read_provenance, sha256_of
@@ -30,7 +29,7 @@ EXAMPLE_BATCH = 2  # the batch traced; the exported batch dimension is dynamic
 
 
 class ExportError(ValueError):
-    """An export that cannot be made as asked: a missing or mismatched calibration file, an unknown format."""
+    """An export that cannot be made as asked: an unknown format."""
 
 
 class ZoneProbabilities(nn.Module):
@@ -45,38 +44,6 @@ class ZoneProbabilities(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(images) / self.temperatures, dim=-1)
-
-
-def calibration_path(weights_file: Path) -> Path:
-    """Where the calibration of `<stem>.safetensors` lives: `<stem>.calibration.json` beside it."""
-    return weights_file.with_name(f"{weights_file.stem}.calibration.json")
-
-
-def read_temperatures(path: Path, weights_sha256: str | None) -> list[float]:
-    """The six per-zone temperatures of a calibration file, checked against the zone order and the weights it was
-    fitted for."""
-    if not path.is_file():
-        raise ExportError(f"--calibrated: no calibration file {path} (fit the temperatures on the val split first, "
-                          f"or export without --calibrated)")
-    try:
-        calibration = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(calibration, dict):
-        raise ExportError(f"{path}: expected a JSON object with the keys zone_names and temperatures")
-    if calibration.get("zone_names") != list(ZONE_NAMES):
-        raise ExportError(f"{path}: zone_names {calibration.get('zone_names')!r}, expected {list(ZONE_NAMES)}")
-    temperatures = calibration.get("temperatures")
-    if (not isinstance(temperatures, list) or len(temperatures) != NUM_ZONES
-            or not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                       and value > 0 for value in temperatures)):
-        raise ExportError(f"{path}: temperatures {temperatures!r}, expected {NUM_ZONES} positive numbers (one per "
-                          f"zone, in zone_names order)")
-    fitted_for = calibration.get("weights_sha256")
-    if fitted_for and weights_sha256 and fitted_for != weights_sha256:
-        raise ExportError(f"{path}: fitted for other weights (weights_sha256 {fitted_for[:12]}..., the weights "
-                          f"exported have {weights_sha256[:12]}...): fit the temperatures again")
-    return [float(value) for value in temperatures]
 
 
 def default_export_path(run_dir: Path, weights_file: Path, export_format: str, calibrated: bool) -> Path:
@@ -159,12 +126,15 @@ def export_run(config: Config, run_dir: Path, weights: str, export_format: str, 
         raise CheckpointError(f"weights file not found: {weights_file}")
     weights_sha256 = sha256_of(weights_file)
     calibration_file = calibration_path(weights_file) if calibrated else None
-    # a missing calibration is reported before the model is built (seconds for a ViT)
-    temperatures = read_temperatures(calibration_file, weights_sha256) if calibration_file else None
+    # a missing calibration (CalibrationError) is reported before the model is built (seconds for a ViT)
+    temperatures = None
+    if calibrated:
+        temperatures = [float(value) for value in read_calibration(weights_file)["temperatures"]]
     model, weights_file, image_size = trained_model(config, run_dir, weights)
     out = Path(out) if out else default_export_path(run_dir, weights_file, export_format, calibrated)
     module = ZoneProbabilities(model, temperatures).eval()
-    example = torch.randn(EXAMPLE_BATCH, INPUT_CHANNELS, image_size, image_size)
+    example = torch.randn(EXAMPLE_BATCH, INPUT_CHANNELS, image_size, image_size,
+                          generator=torch.Generator().manual_seed(0))  # leaves the global random stream alone
     (write_onnx if export_format == "onnx" else write_torchscript)(module, example, out)
     code_commit = read_provenance(run_dir).get("origin", {}).get("code", {}).get("commit")
     atomic_write_json(sidecar_path(out), sidecar(config, image_size, export_format, out, weights_file, weights_sha256,
