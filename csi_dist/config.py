@@ -113,8 +113,10 @@ class LoggingConfig:
     run_name: str = ""  # empty = <timestamp>_<model_arch>
     output_dir: str = "checkpoints"  # parent of run directories
     wandb_mode: str = "offline"  # offline, online or disabled
-    wandb_project: str = "csi_dist"  # W&B project
+    wandb_project: str = "csi_dist"  # W&B project, also the MLflow experiment
     wandb_group: str = ""  # W&B group (e.g. a sweep)
+    mlflow: bool = False  # also track to MLflow (params, metrics per step, the run's files at the end)
+    mlflow_tracking_uri: str = ""  # empty = a local file store in <run_dir>/mlflow; else a server (http://host:5000)
 
 
 @dataclass

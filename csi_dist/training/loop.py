@@ -178,7 +178,7 @@ class Trainer:
         if accelerator.is_main_process:  # what this run is made of, and this segment of it
             self.checkpointer.provenance = self.record_provenance()
 
-        self.tracker = Tracker(run_dir, config, run_dir.name, enabled=accelerator.is_main_process)
+        self.tracker = Tracker(accelerator, run_dir, config, run_dir.name)
         self.watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
         self.watcher.install()
         self.startup_logged = False  # the first step of this process, whether the run starts or resumes
@@ -387,7 +387,7 @@ class Trainer:
         self.checkpointer.save()
         if self.checkpointer.provenance is not None:
             self.checkpointer.provenance.update(self.progress.global_step, outcome="stopped by a preemption notice")
-        self.tracker.close()
+        self.tracker.close(status="KILLED")  # until the requeued segment continues the same MLflow run
         # not "the same command": with --resume never it is refused, with --resume fresh it would move this run aside
         self.watcher.finish_after_checkpoint(self.accelerator,
                                              rerun="rerun the command with --resume auto (the default)")
@@ -423,6 +423,7 @@ class Trainer:
             self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason, finished=True)
         self.tracker.summary({"stop_reason": stop_reason, "best_epoch": self.early_stopping.best_epoch,
                               f"best_{config.callbacks.monitor}": self.early_stopping.best_value})
+        self.tracker.log_run_files()
         self.tracker.close()
         log.info("training finished (%s) after %d optimizer steps; %s", stop_reason, progress.global_step, best)
         if accelerator.is_main_process:
