@@ -169,6 +169,23 @@ def test_the_calibration_file_is_strict_json_and_refused_for_other_weights(tmp_p
         read_calibration(weights)
 
 
+def test_temperatures_that_cannot_be_stored_are_used_for_the_evaluation_and_logged(tmp_path: Path, monkeypatch,
+                                                                                   caplog):
+    import csi_dist.evaluation.calibration as calibration
+
+    def refuse(path, payload):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(calibration, "atomic_write_json", refuse)
+    weights = tmp_path / "best.safetensors"
+    weights.write_bytes(b"weights")
+    logits, targets = calibrated_generator(5, 200)
+    record = calibration.fit_calibration(weights, logits * 3, targets, {"split": "val"})
+    np.testing.assert_allclose(record["temperatures"], 3.0, rtol=0.3)
+    assert record["nll_after"] < record["nll_before"] and record["weights_sha256"] is None
+    assert "cannot be stored beside" in caplog.text and not calibration_path(weights).exists()
+
+
 # ---------------------------------------------------------------------------------------------------- commands
 
 

@@ -199,10 +199,18 @@ def calibration_path(weights_file: Path) -> Path:
 
 
 def fit_calibration(weights_file: Path, zone_logits: np.ndarray, zone_targets: np.ndarray, fitted_on: dict) -> dict:
-    """Fit the temperatures of `weights_file` on these (val) predictions and store them beside it."""
+    """Fit the temperatures of `weights_file` on these (val) predictions and store them beside it (a folder that
+    cannot be written is logged: the temperatures are then used for this evaluation only)."""
     temperatures = fit_temperatures(zone_logits, zone_targets)
-    record = write_calibration(weights_file, temperatures, fitted_on, zone_nll(zone_logits, zone_targets),
-                               zone_nll(zone_logits, zone_targets, temperatures))
+    try:
+        record = write_calibration(weights_file, temperatures, fitted_on, zone_nll(zone_logits, zone_targets),
+                                   zone_nll(zone_logits, zone_targets, temperatures))
+    except OSError as error:
+        log.warning("the temperatures cannot be stored beside %s (%s): used for this evaluation only, so "
+                    "--calibrated cannot use them later", weights_file, error)
+        return {"zone_names": list(ZONE_NAMES), "temperatures": [float(value) for value in temperatures],
+                "fitted_on": fitted_on, "weights_sha256": None, "nll_before": zone_nll(zone_logits, zone_targets),
+                "nll_after": zone_nll(zone_logits, zone_targets, temperatures)}
     log.info("temperatures of %s fitted on %d %s images: %s (NLL %.4f -> %.4f), in %s", Path(weights_file).name,
              len(zone_targets), fitted_on.get("split"), ", ".join(f"{name} {value:.3f}" for name, value in
                                                                    zip(ZONE_NAMES, temperatures)),

@@ -79,7 +79,8 @@ class EvaluationCalibration:
         fitted_on = (self.record or {}).get("fitted_on", {})
         in_sample = (fitted_on.get("split"), fitted_on.get("manifest_sha256")) == (split, self.manifest_sha256)
         scaled = calibrate_split(out_dir, split, predictions.zone_logits, predictions.zone_targets, self.record,
-                                 self.use_calibrated, fitted_here=in_sample, source=calibration_path(self.weights_file))
+                                 self.use_calibrated, fitted_here=in_sample,
+                                 source=calibration_path(self.weights_file) if self._stored() else None)
         return dataclasses.replace(predictions, zone_probs=scaled.zone_probs), scaled
 
     def scaled(self, predictions):
@@ -89,11 +90,17 @@ class EvaluationCalibration:
         return dataclasses.replace(predictions, zone_probs=zone_softmax(predictions.zone_logits,
                                                                         np.asarray(self.record["temperatures"])))
 
+    def _stored(self) -> bool:
+        """The temperatures in use are those of the file beside the weights (not kept in memory only)."""
+        return bool(self.record and self.record.get("weights_sha256")) and calibration_path(self.weights_file).is_file()
+
     def provenance(self) -> dict:
         """For the evaluation's provenance.json: which probabilities, and the temperatures with their file."""
         path = calibration_path(self.weights_file)
+        stored = self._stored()
         return {"probabilities": CALIBRATED if self.use_calibrated else RAW,
-                "calibration": self.record and {"file": str(path.resolve()), "sha256": file_sha256(path),
+                "calibration": self.record and {"file": str(path.resolve()) if stored else None,
+                                                "sha256": file_sha256(path) if stored else None,
                                                 "fitted_now": self.fitted_now, **self.record}}
 
 
@@ -220,7 +227,7 @@ def _section(split: str, used: str, by_kind: dict, calibration: dict | None, fit
         fitted_on = calibration.get("fitted_on", {})
         lines += [f"Temperature scaling, one temperature T per zone, fitted on split `{fitted_on.get('split')}` "
                   f"({fitted_on.get('n_images')} images of {fitted_on.get('shard_dir')}) by minimising the NLL"
-                  + (f"; stored in `{source}`." if source else ".")
+                  + (f"; stored in `{source}`." if source else "; not stored (its folder could not be written).")
                   + " Scaling never changes a predicted class.", ""]
         if fitted_here:
             lines += [f"The temperatures were fitted on this split (`{split}`): its calibrated numbers are "
