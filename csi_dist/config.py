@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_dist.domain import monitored_metric
+from csi_dist.training.strategy_registry import REGISTRY as STRATEGY_REGISTRY
 from csi_dist.files import atomic_write
 from csi_dist.redaction import redact
 
@@ -165,7 +166,7 @@ IGNORED_SECTIONS = {"paths", "data_paths"}
 
 CHOICES = {
     ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
-    ("training", "strategy"): ("auto", "ddp", "fsdp2", "deepspeed"),
+    ("training", "strategy"): ("auto", *STRATEGY_REGISTRY),
     ("data", "normalization"): ("medical", "imagenet"),
     ("data", "gpu_augment"): ("auto", "true", "false"),
     ("optimization", "optimizer"): ("adam", "adamw", "sgd"),

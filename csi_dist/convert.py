@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
+from csi_dist.training.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +26,11 @@ log = logging.getLogger("csi_dist.convert")
 
 
 def needs_run_config(checkpoint_dir: Path) -> bool:
-    """Whether converting `checkpoint_dir` builds the run's model, from its config: a DCP checkpoint (DDP, FSDP2)
-    does, a DeepSpeed one does not. Told from the files alone, before torch loads."""
-    return not any(checkpoint_dir.glob("*/latest")) and any(checkpoint_dir.glob("*/.metadata"))
+    """Whether converting `checkpoint_dir` builds the run's model from its config (a DCP checkpoint of DDP or FSDP2
+    fills one; DeepSpeed's consolidates its own): asked of the strategy registry, from the files alone, before torch
+    loads."""
+    entry = checkpoint_format(checkpoint_dir / STRATEGY_STATE_DIR)
+    return entry is not None and entry.needs_model_template
 
 
 def run_config(checkpoint_dir: Path) -> Config:
@@ -36,25 +39,19 @@ def run_config(checkpoint_dir: Path) -> Config:
 
 
 def full_weights(checkpoint_dir: Path, config: Config | None = None) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint of any registered strategy: the strategy whose format it holds reads it."""
     from csi_dist.models import build_model, model_input_size
-    from csi_dist.training.checkpoint import STRATEGY_STATE_DIR, CheckpointError, read_dcp, unusable_because
-    from csi_dist.training.strategies import ZERO_TAG, check_deepspeed_state
+    from csi_dist.training.checkpoint import CheckpointError
     state_dir = checkpoint_dir / STRATEGY_STATE_DIR
-    if (state_dir / "latest").is_file():  # DeepSpeed ZeRO: its own consolidation of the partitions
-        check_deepspeed_state(state_dir / ZERO_TAG)  # zero_to_fp32 unpickles with weights_only=False
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
-        except Exception as error:  # noqa: BLE001 - a damaged or partial ZeRO checkpoint: one line, not a traceback
-            raise CheckpointError(unusable_because(error)) from None
-    if not (state_dir / ".metadata").is_file():
-        raise CheckpointError(f"{checkpoint_dir} holds neither a DCP nor a DeepSpeed checkpoint")
-    config = config or run_config(checkpoint_dir)
-    # the template DCP fills, resharding as needed (a ViT's position embeddings have the training size)
-    model = build_model(config.model, model_input_size(config.model, config.data.image_size))
-    state = {"model": model.state_dict()}
-    read_dcp(state, state_dir)
-    return state["model"]
+    entry = checkpoint_format(state_dir)
+    if entry is None:
+        raise CheckpointError(f"{checkpoint_dir} holds no checkpoint of a known strategy (none of "
+                              f"{', '.join(sorted(REGISTRY))})")
+
+    def template() -> torch.nn.Module:  # the run's model, for formats that fill one
+        run = config or run_config(checkpoint_dir)
+        return build_model(run.model, model_input_size(run.model, run.data.image_size))
+    return entry.strategy_class().checkpoint_weights(state_dir, template)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,9 @@ from csi_dist import convert
 from csi_dist.config import ModelConfig, TrainingConfig
 from csi_dist.models import build_model
 from csi_dist.training.checkpoint import SCHEDULE_FILE, STATE_FILE, CheckpointError, load_checkpoint
-from csi_dist.training.strategies import UNIVERSAL_TAG, ZERO_TAG, DDPStrategy, DeepSpeedStrategy
+from csi_dist.training.accumulation import BatchPlan
+from csi_dist.training.deepspeed_strategy import UNIVERSAL_TAG, ZERO_TAG, DeepSpeedStrategy
+from csi_dist.training.strategies import DDPStrategy
 
 IMAGE_SIZE = 32
 # the run config convert builds its template model from
@@ -173,7 +175,8 @@ def zero_engine():
 def one_step_zero2_engine():
     model, _ = trained_tiny_model()
     strategy = DeepSpeedStrategy(one_process(), TrainingConfig(batch_size=2, zero_stage=2), 1.0)
-    engine, optimizer = strategy.prepare(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3))
+    engine, optimizer = strategy.prepare(model, BatchPlan(world_size=1, micro_batch=2, accumulation=1),
+                                         lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3))
     strategy.gradient_sync(engine, True)
     strategy.backward(engine(torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE)).float().sum())
     strategy.step(engine, optimizer, True)

@@ -116,13 +116,14 @@ class LoaderSettings:
     finish_on_device: bool = False
 
     @classmethod
-    def from_config(cls, config: Config, image_size: int, *, train: bool,
-                    device: torch.device | None = None) -> LoaderSettings:
+    def from_config(cls, config: Config, image_size: int, *, train: bool, device: torch.device | None = None,
+                    batch_size: int | None = None) -> LoaderSettings:
         """Training batches are shuffled and augmented; validation, evaluation and test ones are not. With the
-        device the batches go to, images are finished there as data.gpu_augment says; without, in the workers."""
+        device the batches go to, images are finished there as data.gpu_augment says; without, in the workers.
+        `batch_size`: the trainer's micro-batch (its BatchPlan), else training.batch_size."""
         choice = config.data.gpu_augment.lower()
         finish_on_device = device is not None and (choice == "true" or (choice == "auto" and device.type == "cuda"))
-        return cls(batch_size=config.training.batch_size, image_size=image_size,
+        return cls(batch_size=batch_size or config.training.batch_size, image_size=image_size,
                    normalization=config.data.normalization, augment=train and config.data.augment,
                    shuffle=train, shuffle_window=config.data.shuffle_window if train else 0,
                    seed=config.training.seed, num_workers=config.training.num_workers,

@@ -73,11 +73,32 @@ def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int)
                       f"batch that is a multiple of the process count (e.g. {world_size * max_micro_batch})")
 
 
-def for_world_size(training: TrainingConfig, world_size: int) -> TrainingConfig:
-    """The training settings this world size runs: with `global_batch_size` set, the micro-batch and accumulation
-    that keep it (a requeue onto fewer or more processes trains on the same global batches in the same order);
-    otherwise the settings as they are."""
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How one update's global batch is made on this world size, computed once at start-up (batch_plan, then the
+    GPU's micro-batch fit) and logged; the config is never rewritten with it."""
+
+    world_size: int
+    micro_batch: int  # images per process per forward pass
+    accumulation: int  # micro-batches per optimizer update
+
+    @property
+    def images_per_micro_step(self) -> int:
+        return self.micro_batch * self.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.images_per_micro_step * self.accumulation
+
+    def __str__(self) -> str:
+        return (f"global batch {self.global_batch} = {self.world_size} process(es) x micro-batch {self.micro_batch} x "
+                f"{self.accumulation} accumulation step(s)")
+
+
+def batch_plan(training: TrainingConfig, world_size: int) -> BatchPlan:
+    """The batch this world size runs: with `global_batch_size` set, the micro-batch and accumulation that keep it
+    (a requeue onto fewer or more processes trains on the same global batches in the same order); otherwise
+    training.batch_size x training.gradient_accumulation_steps as they are."""
     if not training.global_batch_size:
-        return training
-    micro_batch, accumulation = split_global_batch(training.global_batch_size, world_size, training.batch_size)
-    return dataclasses.replace(training, batch_size=micro_batch, gradient_accumulation_steps=accumulation)
+        return BatchPlan(world_size, training.batch_size, training.gradient_accumulation_steps)
+    return BatchPlan(world_size, *split_global_batch(training.global_batch_size, world_size, training.batch_size))

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from csi_dist.files import atomic_path, atomic_write, fsync_path, strict_json_value
+from csi_dist.training.strategy_registry import STRATEGY_STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ DELETING_SUFFIX = ".deleting"
 # A complete checkpoint moved aside while a new save of the same step takes its name; it counts as complete until
 # that new one has its final name (a kill between the two renames must not leave zero complete checkpoints).
 REPLACED_SUFFIX = ".replaced"
-STRATEGY_STATE_DIR = "state"
 DCP_METADATA_FILE = ".metadata"
 SCHEDULE_FILE = "schedule.pt"
 STATE_FILE = "trainer_state.json"

@@ -9,7 +9,6 @@ command line around it is csi_dist.train.
 from __future__ import annotations
 
 import logging
-import dataclasses
 import math
 import platform
 import time
@@ -32,7 +31,7 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
-from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, for_world_size
+from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, batch_plan
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state
 from csi_dist.training.compilation import compile_with_run_cache
@@ -43,8 +42,8 @@ from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.step import StepFaults, train_step
-from csi_dist.training.strategies import (build_strategy, describe, hide_from_accelerate, resolve_strategy,
-                                          shards_parameters)
+from csi_dist.training.strategies import build_strategy, describe
+from csi_dist.training.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.tracking import Tracker
 
 log = logging.getLogger("csi_dist.train")
@@ -74,17 +73,13 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: str):
         self.config, self.run_dir = config, run_dir
         # --- processes, logging, run directory -------------------------------------------------------------
-        strategy_name = resolve_strategy(config.training)
+        strategy_name = resolve_strategy(config.training.strategy)
         hide_from_accelerate()
         self.accelerator = accelerator = build_accelerator(config.training)
         configure_logging(accelerator)
-        requested = config  # saved as the run's config; a requeue onto another world size derives its own batch
-        # the batch this world size runs: with training.global_batch_size, micro-batch and accumulation follow it
-        config = self.config = dataclasses.replace(config, training=for_world_size(config.training,
-                                                                                   accelerator.num_processes))
-        if strategy_name == "fsdp2" and accelerator.num_processes == 1:
-            log.info("FSDP2 on one process shards nothing: training unsharded (FSDP2 checkpoints still load)")
-            strategy_name = "ddp"
+        # the batch this world size runs (with training.global_batch_size, micro-batch and accumulation follow it);
+        # the config stays as asked: a requeue onto another world size derives its own plan from it
+        self.plan = plan = batch_plan(config.training, accelerator.num_processes)
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
             limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/faults.py)
@@ -94,7 +89,7 @@ class Trainer:
                                                            else Path(resume))
         saved_state = None if checkpoint_path is None else saved_trainer_state(checkpoint_path)
         # what this command changes of the run's config, named key by key before resolved_config.ini is replaced
-        self.config_changes = config_changes(run_dir / "resolved_config.ini", requested) \
+        self.config_changes = config_changes(run_dir / "resolved_config.ini", config) \
             if checkpoint_path is not None and accelerator.is_main_process else None
         self.finished_state = saved_state
         self.finished = saved_state and finished_because(
@@ -107,7 +102,7 @@ class Trainer:
                         run_dir / "resolved_config.ini", ", ".join(self.config_changes))
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(requested, run_dir / "resolved_config.ini")
+            save_config(config, run_dir / "resolved_config.ini")
 
         # --- data ------------------------------------------------------------------------------------------
         self.image_size = image_size = model_input_size(config.model, config.data.image_size)
@@ -125,37 +120,33 @@ class Trainer:
         # --- model, the micro-batch the GPU holds, strategy, loss, optimizer, schedule ------------------------
         torch.manual_seed(config.training.seed)  # identical initial weights on every rank
         model = build_model(config.model, image_size)
-        # only DDP keeps parameters as they are: FSDP2 refuses non-contiguous ones and ZeRO flattens them
-        self.channels_last = uses_channels_last(config.model) and strategy_name == "ddp"
+        strategy = build_strategy(strategy_name, accelerator, config.training, config.optimization.grad_clip_norm)
+        self.channels_last = uses_channels_last(config.model) and strategy.keeps_parameter_layout
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if config.training.global_batch_size and accelerator.device.type == "cuda":  # the micro-batch the GPU holds
-            if shards_parameters(strategy_name, config.training):
+            if strategy.shards_parameters():
                 log.info("micro-batch %d is not checked against GPU memory: the check runs the whole model on one "
-                         "GPU, which %s shards", config.training.batch_size, strategy_name)
+                         "GPU, which %s shards", plan.micro_batch, strategy.name)
             else:
                 model = model.to(accelerator.device)
                 probe = forward_backward_fits(model, (INPUT_CHANNELS, image_size, image_size), accelerator.device,
                                               accelerator.autocast, self.channels_last)
-                config = self.config = dataclasses.replace(config, training=fit_micro_batch(config.training,
-                                                                                            accelerator, probe))
-        self.strategy = strategy = build_strategy(strategy_name, accelerator, config.training,
-                                                   config.optimization.grad_clip_norm)
-        log.info("run %s: %d process(es) on %s, %s, mixed precision %s; global batch %d = %d process(es) x "
-                 "micro-batch %d x %d accumulation step(s)", run_dir, self.world_size, accelerator.device,
-                 strategy_name, strategy.precision, config.training.batch_size * self.world_size
-                 * config.training.gradient_accumulation_steps, self.world_size, config.training.batch_size,
-                 config.training.gradient_accumulation_steps)
-        self.train_settings = LoaderSettings.from_config(config, image_size, train=True, device=accelerator.device)
-        self.val_settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device)
-        self.global_batch = config.training.batch_size * self.world_size  # the images of one micro-step
-        self.steps_per_epoch = math.ceil(self.train_set.num_samples / self.global_batch)  # every rank (shard_plan)
-        updates_per_epoch = math.ceil(self.steps_per_epoch / config.training.gradient_accumulation_steps)
+                self.plan = plan = fit_micro_batch(plan, config.training.global_batch_size, accelerator, probe)
+        self.strategy = strategy
+        log.info("run %s: %d process(es) on %s, %s, mixed precision %s; %s", run_dir, self.world_size,
+                 accelerator.device, strategy.name, strategy.precision, plan)
+        self.train_settings = LoaderSettings.from_config(config, image_size, train=True, device=accelerator.device,
+                                                         batch_size=plan.micro_batch)
+        self.val_settings = LoaderSettings.from_config(config, image_size, train=False, device=accelerator.device,
+                                                       batch_size=plan.micro_batch)
+        self.steps_per_epoch = math.ceil(self.train_set.num_samples / plan.images_per_micro_step)  # every rank
+        updates_per_epoch = math.ceil(self.steps_per_epoch / plan.accumulation)
         self.criterion = WeightedCSILoss(config.loss.unknown_weight).to(accelerator.device)
         mode = metric_direction(config.callbacks.monitor)
         self.monitored_key = monitored_metric(config.callbacks.monitor)
-        model, self.optimizer = strategy.prepare(model, lambda wrapped: build_optimizer(
-            wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy_name == "ddp"))
+        model, self.optimizer = strategy.prepare(model, plan, lambda wrapped: build_optimizer(
+            wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy.keeps_parameter_layout))
         self.sharding = strategy.sharding(model)  # what really runs: logged, and recorded in every segment
         log.info("%s", describe(self.sharding))
         self.schedule = LearningRateSchedule(self.optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
@@ -224,7 +215,7 @@ class Trainer:
         loader = build_loader(self.train_set, self.train_settings, epoch=epoch, rank=self.rank,
                               world_size=self.world_size, start_position=progress.epoch_position,
                               pin_memory=accelerator.device.type == "cuda")
-        step_in_epoch = progress.epoch_position // self.global_batch  # steps of this epoch already taken (resume)
+        step_in_epoch = progress.epoch_position // self.plan.images_per_micro_step  # steps already taken (resume)
         self.model.train()
         bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", unit="batch",
                    disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
@@ -239,11 +230,11 @@ class Trainer:
             nonlocal step_in_epoch
             window_log.add_micro_batch(loss, batch, images)
             window_log.add_device_wait(step_seconds)
-            progress.epoch_position += self.global_batch
+            progress.epoch_position += self.plan.images_per_micro_step
             step_in_epoch += 1
             bar.update(1)
 
-        for window in accumulation_windows(batches, config.training.gradient_accumulation_steps):
+        for window in accumulation_windows(batches, self.plan.accumulation):
             faults = StepFaults(input_faults.get(progress.global_step), self.loss_faults.get(progress.global_step))
             stepped = train_step(self.model, window, criterion=self.criterion, strategy=strategy,
                                  optimizer=self.optimizer, accelerator=accelerator, buffers=buffers, faults=faults,

@@ -9,15 +9,13 @@ batches, their order and the exact-resume guarantee stay what they were: only th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-from csi_dist.config import TrainingConfig
-from csi_dist.training.accumulation import split_global_batch
+from csi_dist.training.accumulation import BatchPlan, split_global_batch
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +82,22 @@ def forward_backward_fits(model: torch.nn.Module, image_shape: tuple[int, int, i
     return fits
 
 
-def fit_micro_batch(training: TrainingConfig, accelerator, fits: Callable[[int], bool]) -> TrainingConfig:
-    """The training settings with the micro-batch every rank fits (the smallest of the ranks' answers) and the
-    accumulation that keeps `training.global_batch_size` (set: the trainer asks only then, and only on CUDA)."""
-    world_size = accelerator.num_processes
+def fit_micro_batch(plan: BatchPlan, global_batch_size: int, accelerator, fits: Callable[[int], bool]) -> BatchPlan:
+    """The plan with the micro-batch every rank fits (the smallest of the ranks' answers) and the accumulation that
+    keeps `global_batch_size` (training.global_batch_size, set: the trainer asks only then, and only on CUDA)."""
+    world_size = plan.world_size
     try:
-        micro_batch, _ = largest_fitting_split(training.global_batch_size, world_size, training.batch_size, fits)
+        micro_batch, _ = largest_fitting_split(global_batch_size, world_size, plan.micro_batch, fits)
     except MicroBatchError:
         micro_batch = 0  # the other ranks must still hear it
     every_rank = accelerator.gather(torch.tensor([micro_batch], device=accelerator.device))
     smallest = int(every_rank.min().item())
     if smallest == 0:
         raise MicroBatchError(f"not even a micro-batch of 1 image fits in the memory of one of the GPUs (global batch "
-                              f"{training.global_batch_size} on {world_size} processes)")
-    micro_batch, accumulation = split_global_batch(training.global_batch_size, world_size, smallest)
-    if micro_batch == training.batch_size:
-        return training
-    log.warning("micro-batch %d per process did not fit in GPU memory: training micro-batch %d x %d accumulation "
-                "step(s) x %d process(es), the same global batch of %d", training.batch_size, micro_batch,
-                accumulation, world_size, training.global_batch_size)
-    return dataclasses.replace(training, batch_size=micro_batch, gradient_accumulation_steps=accumulation)
+                              f"{global_batch_size} on {world_size} processes)")
+    fitted = BatchPlan(world_size, *split_global_batch(global_batch_size, world_size, smallest))
+    if fitted.micro_batch != plan.micro_batch:
+        log.warning("micro-batch %d per process did not fit in GPU memory: training micro-batch %d x %d accumulation "
+                    "step(s) x %d process(es), the same global batch of %d", plan.micro_batch, fitted.micro_batch,
+                    fitted.accumulation, world_size, global_batch_size)
+    return fitted
