@@ -3,7 +3,9 @@ the masked config, every scalar TensorBoard holds and the run's files, in one ML
 from __future__ import annotations
 
 import configparser
+import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +103,7 @@ def test_mlflow_holds_the_masked_config_every_scalar_and_the_run_files_and_a_req
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
     assert [(other.info.run_id, other.info.status) for other in runs] == [(run.info.run_id, "FINISHED")]
+    assert runs[0].data.tags["csi_dist.stop_reason"] == "completed"
     both = tensorboard_scalars(run_dir)
     assert len(both["train/loss"]) > len(first["train/loss"]) and "val/loss" in both
     assert_mlflow_holds(client, run.info.run_id, both)
@@ -108,3 +111,29 @@ def test_mlflow_holds_the_masked_config_every_scalar_and_the_run_files_and_a_req
     assert {"resolved_config.ini", "training_history.json", "provenance.json"} <= artifacts
     history = client.download_artifacts(run.info.run_id, "training_history.json", str(tmp_path))
     assert Path(history).read_bytes() == (run_dir / "training_history.json").read_bytes()
+
+
+def test_an_mlflow_store_that_fails_mid_run_does_not_stop_logging_to_tensorboard(tmp_path, monkeypatch, caplog):
+    import mlflow
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    config = load_config(overrides=["logging.wandb_mode=disabled", "logging.mlflow=true"])
+    tracker = Tracker(Accelerator(cpu=True), tmp_path, config, run_name="store_lost")
+    tracker.log({"train/loss": 1.0}, step=1)
+    client = mlflow.tracking.MlflowClient((tmp_path / "mlflow").as_uri())
+    run_id = json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"]
+    assert [(metric.step, metric.value) for metric in client.get_metric_history(run_id, "train/loss")] == [(1, 1.0)]
+    shutil.rmtree(tmp_path / "mlflow")  # the store is gone (a lost mount): every further MLflow call raises
+
+    with caplog.at_level(logging.WARNING, logger="csi_dist.training.tracking"):
+        tracker.log({"train/loss": 0.5}, step=2)
+        tracker.log({"train/loss": 0.25}, step=3)
+        tracker.summary({"best": 0.25})
+        tracker.log_run_files()
+        tracker.close()
+
+    warnings = [record.message for record in caplog.records if "MLflow logging failed" in record.message]
+    assert len(warnings) == 1 and "off for the rest of this run" in warnings[0]
+    assert mlflow.active_run() is None  # a later training in this process starts its own MLflow run
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.25)]

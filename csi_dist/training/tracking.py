@@ -7,6 +7,7 @@ fails (full disk, lost connection, a server down) warned about once and dropped 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -177,8 +178,17 @@ class MLflowRun(FailSoft, MLflowTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         import mlflow
-        # accelerate's finish ends every run FINISHED; a preempted segment ends KILLED until its requeue continues it
-        self.guarded(lambda: mlflow.end_run(status=status))
+        if not self.failed:
+            # accelerate's finish ends every run FINISHED; a preempted segment ends KILLED until its requeue continues it
+            self.guarded(lambda: mlflow.end_run(status=status))
+            return
+        ours = getattr(self, "active_run", None)
+        current = mlflow.active_run()
+        if ours is not None and current is not None and current.info.run_id == ours.info.run_id:
+            # leave no run of ours active in this process (a later training in it could not start its own); MLflow
+            # takes it off its stack before it tells the failed store
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status="FAILED")
 
 
 class Tracker:
