@@ -14,22 +14,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import submitit
 
-from csi_dist.cluster.preemption import REQUEST_FILE_NAME
+from csi_dist.cluster.jobs import submitit_parameters_for_run
 from csi_dist.cluster.slurm import export_rendezvous_port
 from csi_dist.command import skip_final_collections
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("csi_dist.submit")
-
-# Slurm sends submitit's signal (USR2) this long before the time limit: enough for one checkpoint.
-SIGNAL_DELAY_S = 120
 
 
 class TrainingTask:
@@ -104,29 +100,6 @@ def with_fixed_run_dir(trainer_argv: list[str], job_name: str) -> list[str]:
     return [*trainer_argv, "--run-dir", str(Path("runs") / f"{job_name}-{datetime.now():%Y%m%d_%H%M%S}")]
 
 
-def batch_notice_lines(run_dir: Path) -> list[str]:
-    """Batch-script lines that turn `scancel --batch --signal=USR1` (or --signal=B:USR1) into the trainer's preemption
-    request file, as slurm/train.sbatch does; without them the signal killed submitit's batch shell.
-
-    bash runs a trap only once the foreground command ends, and submitit runs srun in the foreground: the notice
-    would wait for the end of training. So `srun` becomes a function that runs the real one in the background and
-    waits for it; a trapped signal interrupts `wait`, the trap writes the file at once, and the wait goes on."""
-    request = shlex.quote(str(run_dir.resolve() / REQUEST_FILE_NAME))
-    return [f"trap 'echo \"$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}\" > {request}' USR1",
-            'srun() { command srun "$@" & local pid=$! status; while :; do wait "$pid"; status=$?; '
-            '[ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null && continue; return "$status"; done; }']
-
-
-def batch_failure_lines(run_dir: Path) -> list[str]:
-    """Batch-script lines after the step: slurm/train.sbatch's rule (csi_dist.cluster.slurm after-step), taken in the
-    batch shell, where SLURM's SIGTERM to the step cannot interrupt it; a surviving rank may have requeued already.
-    After a requeue the shell waits for SLURM to end it: exiting first with an error would leave the job FAILED."""
-    decide = shlex.join([sys.executable, "-m", "csi_dist.cluster.slurm", "after-step"])
-    return ['status=$?',
-            f'if {decide} "$status" {shlex.quote(str(run_dir.resolve()))}; then sleep 300 & wait $!; fi',
-            'exit "$status"']
-
-
 def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor:
     tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
     if args.local:
@@ -144,8 +117,8 @@ def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor
     if args.mem_gb:
         parameters["mem_gb"] = args.mem_gb
     if not args.local:
-        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True},
-                          slurm_setup=batch_notice_lines(run_dir), slurm_teardown=batch_failure_lines(run_dir))
+        # the notice, --requeue and the after-step teardown of every csi_dist job (csi_dist/cluster/jobs.py)
+        parameters.update(submitit_parameters_for_run(run_dir))
         if args.partition:
             parameters["slurm_partition"] = args.partition
     executor.update_parameters(**parameters)

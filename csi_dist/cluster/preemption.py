@@ -13,9 +13,11 @@ The protocol (the trainer drives it; see ``PreemptionWatcher``):
 
 Why a request file: a job step's processes are the node launchers, not our ranks (``csi_dist.launcher`` passes a
 notice on, torchrun's elastic agent dies on SIGUSR1), and a batch script can be told of a preemption only on its
-own shell. So ``slurm/train.sbatch`` asks for the signal on the batch shell only (``--signal=B:USR1@120``), and its
-trap writes ``<run_dir>/PREEMPT_REQUESTED``. Ranks started directly (submitit, ``srun python``) still receive
-signals themselves.
+own shell. So every batch script (the job recipe, csi_dist/cluster/jobs.py) asks for the signal on the batch shell
+only (``--signal=B:USR1@<lead>``), and its trap writes the file named by ``$CSI_PREEMPT_REQUEST_FILE``:
+``<run_dir>/PREEMPT_REQUESTED``, or for a sweep trial, whose run dir the batch shell cannot know, a file of its job
+under the sweep dir. The watcher reads both ``<run_dir>/PREEMPT_REQUESTED`` and that file. Ranks started directly
+(submitit, ``srun python``) still receive signals themselves.
 
 The trap writes the id of the job segment it belongs to (``<job id>.<restart count>``). When Slurm requeues a job
 it sends SIGTERM to the old batch shell, whose trap then writes the file once more; the new segment recognises
@@ -41,6 +43,18 @@ from csi_dist.data.workers import STOP_NOTICES
 log = logging.getLogger(__name__)
 
 REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
+# set by the job recipe's batch scripts: the request file their notice trap writes (csi_dist/cluster/jobs.py)
+REQUEST_FILE_VARIABLE = "CSI_PREEMPT_REQUEST_FILE"
+
+
+def request_files(run_dir: Path) -> list[Path]:
+    """Where a preemption request may wait: <run_dir>/PREEMPT_REQUESTED (a manual `touch` too), then the job's file
+    named by $CSI_PREEMPT_REQUEST_FILE when it is another one (a sweep trial's)."""
+    files = [Path(run_dir) / REQUEST_FILE_NAME]
+    job_file = os.environ.get(REQUEST_FILE_VARIABLE)
+    if job_file and Path(job_file).resolve() != files[0].resolve():
+        files.append(Path(job_file))
+    return files
 
 
 class PreemptionWatcher:
@@ -49,7 +63,8 @@ class PreemptionWatcher:
     def __init__(self, run_dir: Path, check_every_steps: int = 10):
         if check_every_steps < 1:
             raise ValueError(f"check_every_steps must be >= 1, got {check_every_steps}")
-        self.request_file = Path(run_dir) / REQUEST_FILE_NAME
+        self.request_files = request_files(run_dir)
+        self.request_file = self.request_files[0]
         self.check_every_steps = check_every_steps
         self.segment_id = current_segment_id()
         self.received_signal: str | None = None
@@ -64,9 +79,10 @@ class PreemptionWatcher:
             # restart interrupted system calls: a notice arriving while torch.save writes a checkpoint file must not
             # fail that write (torch's C++ writer does not retry EINTR: "unexpected pos ... vs ...")
             signal.siginterrupt(signum, False)
-        if self.request_file.exists() and not self._request_file_counts():
-            log.info("ignoring %s left by an earlier job segment", self.request_file)
-            self.request_file.unlink(missing_ok=True)
+        for request_file in self.request_files:
+            if request_file.exists() and not self._request_file_counts(request_file):
+                log.info("ignoring %s left by an earlier job segment", request_file)
+                request_file.unlink(missing_ok=True)
 
     def _handle_signal(self, signum: int, frame) -> None:
         if os.getpid() != self._owner_pid:
@@ -84,12 +100,15 @@ class PreemptionWatcher:
             log.warning("received %s: will checkpoint and stop at the next check step%s", name,
                         " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
 
-    def _request_file_counts(self) -> bool:
+    def _request_file_counts(self, request_file: Path) -> bool:
         try:
-            owner = self.request_file.read_text().strip()
+            owner = request_file.read_text().strip()
         except FileNotFoundError:
             return False
         return owner == "" or owner == self.segment_id
+
+    def _counting_request_file(self) -> Path | None:
+        return next((path for path in self.request_files if self._request_file_counts(path)), None)
 
     def should_stop(self, global_step: int, accelerator) -> bool:
         """True on every rank, or on none; a collective every ``check_every_steps`` steps, free otherwise.
@@ -98,14 +117,15 @@ class PreemptionWatcher:
         """
         if global_step % self.check_every_steps != 0:
             return False
-        local_request = self.received_signal is not None or self._request_file_counts()
+        requested_by = self._counting_request_file()
+        local_request = self.received_signal is not None or requested_by is not None
         import torch  # here, not at the top: csi_dist.submit and the batch-script requeue run without torch
         flag = torch.tensor([int(local_request)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="max")
         stop = bool(flag.item())
         if stop and accelerator.is_main_process:
-            reason = self.received_signal or (f"{self.request_file}" if local_request else "another rank")
+            reason = self.received_signal or (f"{requested_by}" if local_request else "another rank")
             log.warning("preemption requested (%s): all ranks stop at step %d", reason, global_step)
         return stop
 
@@ -122,7 +142,8 @@ class PreemptionWatcher:
                 signal.signal(notice, signal.SIG_IGN)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self.request_file.unlink(missing_ok=True)
+            for request_file in self.request_files:
+                request_file.unlink(missing_ok=True)
             job_id = slurm_job_to_requeue()
             if job_id is not None:
                 log.warning("requeueing SLURM job %s; it will resume from %s", job_id, resumes_from)

@@ -1,11 +1,12 @@
 """Everything csi_dist knows about SLURM, torch-free (the batch scripts and the sweep driver call it).
 
 Job segments (a requeue starts a new one), the requeue and cancel decisions, job states, the exit codes that
-decide whether a failed step is requeued, and the rendezvous port. `slurm/train.sbatch` and `csi_dist.submit`'s
-batch script call the command line at the bottom:
+decide whether a failed step is requeued, and the rendezvous port. The batch scripts of the job recipe
+(csi_dist/cluster/jobs.py: slurm/train.sbatch, csi_dist.submit's, a sweep trial's) call the command line at the bottom:
 
     python -m csi_dist.cluster.slurm rendezvous-port            # the port of this job segment
     python -m csi_dist.cluster.slurm after-step STATUS RUN_DIR  # exit 0 when the job was requeued after a failure
+    python -m csi_dist.cluster.slurm after-step STATUS          # no run dir (a sweep trial's job): never requeued
 """
 from __future__ import annotations
 
@@ -175,13 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     actions.add_parser("rendezvous-port", help="print this job segment's torch.distributed port")
     after = actions.add_parser("after-step", help="requeue after a failed step (exit 0 when requeued)")
     after.add_argument("status", type=int, help="the step's exit status")
-    after.add_argument("run_dir", type=Path)
+    after.add_argument("run_dir", type=Path, nargs="?", default=None,
+                       help="the run's directory (failure requeues are counted there); without it, as for a sweep "
+                            "trial's job, a failed step is not requeued: the sweep driver retries the trial")
     args = parser.parse_args(argv)
     if args.action == "rendezvous-port":
         print(rendezvous_port())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.status in NOT_REQUEUED_AFTER:
+        return 1
+    if args.run_dir is None:
+        log.info("step failed with status %d; not requeued: this job has no run dir of its own (a sweep trial's job: "
+                 "the sweep driver fails and retries its trial)", args.status)
         return 1
     return 0 if requeue_after_failure(args.run_dir, max_failure_requeues(args.run_dir)) else 1
 

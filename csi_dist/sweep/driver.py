@@ -82,6 +82,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from csi_dist.cluster.jobs import submitit_parameters_for_sweep_trials
 from csi_dist.config import ConfigError, read_text_file
 from csi_dist.files import atomic_write_json
 from csi_dist.sweep.console import TrialEvents, closing_lines, opening_lines
@@ -105,7 +106,8 @@ def slurm_executor(settings: SweepSettings, n_jobs: int):
                       tasks_per_node=resources.get("tasks_per_node") or max(gpus, 1),
                       timeout_min=resources.get("timeout_min", 24 * 60),
                       slurm_array_parallelism=min(settings.parallel, n_jobs),
-                      slurm_signal_delay_s=120, slurm_additional_parameters={"requeue": True})
+                      # the notice, --requeue and the teardown of every csi_dist job (csi_dist/cluster/jobs.py)
+                      **submitit_parameters_for_sweep_trials(Path(settings.sweep_dir)))
     for key in ("cpus_per_task", "mem_gb"):
         if resources.get(key):
             parameters[key] = resources[key]
