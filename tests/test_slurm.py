@@ -18,6 +18,7 @@ from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.slurm import FAILURE_REQUEUE_DIR
 from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.faults import SLOW_BATCH_VARIABLE
+from test_jobs import job_parts
 from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
                            wait_until)
 
@@ -215,6 +216,9 @@ def test_submitit_job_on_two_nodes_survives_a_preemption_signal(tmp_path, demo_s
     assert log.is_file()
     assert job_field(job_id, "Restarts") == "1"
     assert "received SIGUSR2" in logs or notice != "USR2 to the steps", logs[-4000:]
+    # the batch script submitit wrote has train.sbatch's notice, requeue and teardown (csi_dist/cluster/jobs.py)
+    [script] = (tmp_path / "submitit").glob(f"{job_id}_submission.sh")
+    assert job_parts(script.read_text()) == job_parts(SBATCH_SCRIPT.read_text())
     assert re.search(r"preemption requested \(.*\): all ranks stop at step \d+", logs), logs[-4000:]
     assert re.search(r"resumed from \S*step-\d{8}", logs), logs[-4000:]
     assert differing_tensors(run_dir / "weights" / "last.safetensors",

@@ -21,6 +21,7 @@ from conftest import REPO_ROOT, subprocess_env
 from csi_dist.faults import SLOW_BATCH_VARIABLE
 from csi_dist.sweep.study import SweepSettings, finished_count
 from slurm_helpers import cluster_problem, wait_until
+from test_jobs import job_parts
 from test_sweep import (SWEEP_TIMEOUT_S, assert_best_params_reproduce, assert_sweep_outputs, run_sweep,
                         study_trials, sweep_command)
 
@@ -97,7 +98,10 @@ def load_study_storage(sweep_dir: Path):
 
 
 @pytest.mark.slow
-def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phantom_shards, tmp_path):
+@pytest.mark.parametrize("notice", ["USR2 to the steps", "USR1 to the batch shell"])
+def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phantom_shards, tmp_path, notice):
+    """submitit's USR2 to the trial's ranks, and the notice of every csi_dist job (csi_dist/cluster/jobs.py: USR1 to
+    the batch shell, whose trap writes the job's request file under the sweep dir, read by the trial's watcher)."""
     sweep_dir = tmp_path / "sweep"
     command = sweep_command(phantom_shards, sweep_dir, n_trials=1, parallel=1, executor="slurm")
     command += ["--set", "callbacks.preemption_check_every_steps=1"]
@@ -108,7 +112,8 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
         # Slurm's preemption notice. The requeued job starts again on its own, cred_expire + 1 s later: a start
         # forced at once ("scontrol update StartTime=now") lands in the same second as the old credential's revocation
         # and Slurm kills the job ("Job credential revoked"), a real death the driver then retries as one.
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        subprocess.run(["scancel", *(["--signal=USR2"] if notice == "USR2 to the steps" else
+                                     ["--batch", "--signal=USR1"]), job], check=True, timeout=30)
         output, _ = driver.communicate(timeout=SWEEP_TIMEOUT_S)
     finally:
         end_driver_if_running(driver, sweep_dir)
@@ -118,6 +123,12 @@ def test_slurm_preempted_trial_is_requeued_and_resumes_from_its_checkpoint(phant
     assert sorted(trial.intermediate_values) == [0, 1, 2]
     log = "".join(path.read_text() for path in (sweep_dir / "submitit").rglob("*_log.err"))
     assert "resumes its trial 0" in log and "resumed from" in log
+    # the trial job's batch script has train.sbatch's notice and requeue, and its teardown without a run dir
+    sbatch = job_parts((REPO_ROOT / "slurm" / "train.sbatch").read_text())
+    [script] = (sweep_dir / "submitit").rglob("*_submission.sh")
+    trial_job = job_parts(script.read_text())
+    assert trial_job["options"] == sbatch["options"] and trial_job["notice"] == sbatch["notice"]
+    assert trial_job["teardown"] == [line.replace(' "$run_dir"', "") for line in sbatch["teardown"]]
 
 
 @pytest.mark.slow
