@@ -49,15 +49,15 @@ def sweep_script(sweep_dir: Path) -> str:
 
 
 def job_parts(script: str) -> dict[str, list[str]]:
-    """The parts every job must share: the signal and requeue options, the notice trap with the srun wrapper (from
-    the line that makes the request file's folder to the end of the srun function), the teardown (the step's status
-    to the exit)."""
+    """The parts every job must share: the signal and requeue options (sorted, as submitit writes them), the notice
+    trap with the srun wrapper (from the line that makes the request file's folder to the end of the srun function),
+    the teardown (the step's status to the exit)."""
     lines = script.splitlines()
     notice_start = next(i for i, line in enumerate(lines) if line.startswith("mkdir -p \"$(dirname \"$CSI_PREEMPT"))
     srun_start = next(i for i, line in enumerate(lines) if line.startswith("srun() {"))
     notice_end = lines.index("}", srun_start) + 1
     teardown_start = lines.index("status=$?")
-    return {"options": [line for line in lines if re.match(r"#SBATCH --(signal|requeue)\b", line)],
+    return {"options": sorted(line for line in lines if re.match(r"#SBATCH --(signal|requeue)\b", line)),
             "notice": lines[notice_start:notice_end],
             "teardown": lines[teardown_start:lines.index('exit "$status"', teardown_start) + 1]}
 
