@@ -27,7 +27,9 @@ How it works
 * Preemption: the trainer checkpoints and requeues its own job (csi_dist/cluster/preemption.py). The requeued job
   has the same id, finds the RUNNING trial it owns and resumes it from ``<run dir>/checkpoints`` with
   ``--resume auto``: the trial is neither lost nor counted as failed (its user attr ``requeues`` counts the
-  interruptions).
+  interruptions). The trial jobs' batch scripts are the job recipe's (csi_dist/cluster/jobs.py), like
+  ``slurm/train.sbatch``'s: SLURM's notice goes to the batch shell, whose trap writes ``<sweep-dir>/notices/<job id>``
+  (the shell cannot know the trial's run dir), which the trial's watcher reads; after the step no failure requeue.
 * A job that truly died (cancelled, node failure, out of memory, a crash before ``tell``) leaves its trial RUNNING.
   The driver asks SLURM (``squeue``, then ``sacct``) whether each RUNNING trial's job still exists; a requeued job is
   PENDING and so alive. A trial whose job stayed gone for ``--dead-grace-s`` is told FAIL and retried up to
