@@ -173,7 +173,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         write_evaluation(out_dir, split, predictions.file_ids, predictions.zone_probs, predictions.zone_targets,
                          predictions.csi_truth, predictions.ahf_truth, metrics, intervals, predictions.patient_ids,
                          scaled.probabilities)
-        scaled.append_to_report(out_dir / f"{split}_report.md")
+        scaled.append_to_report(out_dir / f"{split}_report.md", intervals and intervals.intervals)
         if subgroups.columns:
             from csi_dist.evaluation.subgroups import write_subgroups
             write_subgroups(out_dir, split, predictions, metrics, subgroups)

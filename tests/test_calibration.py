@@ -214,8 +214,17 @@ def test_evaluate_fits_on_val_and_calibrated_outputs_say_so(trained_run: Path, p
     for split in ("val", "test"):
         metrics = json.loads((tmp_path / "raw" / f"{split}_metrics.json").read_text())
         assert metrics["probabilities"] == "raw" and {"ece", "calibrated/ece", "temperature/left_inf"} <= set(metrics)
+        # the calibration metrics of the probabilities used carry their bootstrap interval, as every other metric
+        calibration_keys = {f"{prefix}{key}" for prefix in ("", *(f"{zone}/" for zone in ZONE_NAMES))
+                            for key in ("ece", "classwise_ece", "brier", "nll")}
+        assert calibration_keys <= set(metrics["intervals"])
+        assert all(0 <= low < high for low, high in (metrics["intervals"][key] for key in ("ece", "brier", "nll")))
+        table = pd.read_csv(tmp_path / "raw" / f"{split}_metrics.csv", sep=CSV_SEPARATOR).set_index("metric")
+        assert table.loc[sorted(calibration_keys), ["ci_low", "ci_high"]].notna().all().all()
         report = (tmp_path / "raw" / f"{split}_report.md").read_text()
         assert "**raw probabilities" in report and "## Calibration" in report
+        low, high = metrics["intervals"]["nll"]
+        assert f" {metrics['nll']:.3f} ({low:.3f}-{high:.3f}) |" in report.split("## Calibration")[1]
         for kind in ("raw", "calibrated"):
             assert f"]({split}_reliability_{kind}.png)" in report
             assert (tmp_path / "raw" / f"{split}_reliability_{kind}_zones.png").is_file()

@@ -11,7 +11,7 @@ from scipy.stats import bootstrap as scipy_bootstrap
 
 from csi_dist.domain import NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS
 from csi_dist.evaluation.intervals import (SufficientStatistics, bootstrap, bootstrap_intervals, group_codes,
-                                           is_count_key)
+                                           is_count_key, resample_weights)
 from csi_dist.evaluation.metrics import compute_metrics
 
 TRUE_ACCURACY = 0.7
@@ -71,6 +71,82 @@ def test_resampled_metrics_are_compute_metrics_of_the_resampled_images():
     probs, targets, _, _ = random_dataset(rng, 12)  # without the CSV columns: their keys are absent
     assert_same_metrics(compute_metrics(probs, targets), SufficientStatistics(probs, targets).metrics(
         np.ones((1, 12))), 0, "no csi/ahf")
+
+
+def test_resampled_calibration_metrics_are_calibration_metrics_of_the_resampled_images():
+    """ECE (equal-mass bins at the percentiles of the repeated scores), classwise ECE, Brier and NLL, pooled and per
+    zone, under integer weights equal calibration_metrics (checked against scikit-learn in test_calibration.py) on
+    the images repeated as often as drawn: weights 0, ties in the scores (rounded logits), tiny sets."""
+    from csi_dist.evaluation.calibration import calibration_metrics
+    from csi_dist.evaluation.calibration_intervals import CalibrationStatistics
+    rng = np.random.default_rng(8)
+    for trial in range(40):
+        n_images = int(rng.integers(1, 40))
+        logits = rng.normal(size=(n_images, NUM_ZONES, NUM_CLASSES)) * rng.uniform(0.3, 4)
+        if trial % 2:
+            logits = np.round(logits)  # few distinct probabilities: ties on and around the bin edges
+        probs = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+        targets = rng.choice(NUM_CLASSES, size=(n_images, NUM_ZONES), p=[0.4, 0.25, 0.12, 0.08, 0.15])
+        weights = rng.integers(0, 4, size=(6, n_images)).astype(float)
+        weights[0] = 1  # the point estimate itself
+        weights[1] = 0
+        weights[1, -1] = 3  # one image drawn three times (a row may draw none: all NaN)
+        resampled = CalibrationStatistics(probs, targets).metrics(weights)
+        for row, counts in enumerate(weights.astype(int)):
+            drawn = np.repeat(np.arange(n_images), counts)
+            expected = calibration_metrics(probs[drawn], targets[drawn])
+            assert list(resampled) == list(expected)
+            for key, value in expected.items():
+                assert resampled[key][row] == pytest.approx(value, rel=1e-12, abs=1e-12, nan_ok=True), \
+                    f"trial {trial}, resample {row}: {key}"
+
+
+def test_the_bootstrap_of_a_split_gives_the_calibration_metrics_intervals_from_the_same_resamples(tmp_path):
+    """bootstrap(calibration=True): an interval for every calibration key, the other keys' intervals unchanged (the
+    same resamples); written to the JSON, the CSV and the calibration section of the report as "0.081 (0.052-0.113)"
+    for the probabilities used."""
+    import json
+
+    import pandas as pd
+
+    from csi_dist.domain import CSV_SEPARATOR, ZONE_NAMES
+    from csi_dist.evaluation.calibration import calibration_metrics
+    from csi_dist.evaluation.calibration_report import calibrate_split
+    from csi_dist.evaluation.report import write_evaluation
+    rng = np.random.default_rng(22)
+    probs, targets, csi, ahf = random_dataset(rng, 40)
+    patients = [f"P{image // 2}" for image in range(40)]
+    plain = bootstrap(probs, targets, csi, ahf, groups=patients, n_resamples=200, seed=3)
+    result = bootstrap(probs, targets, csi, ahf, groups=patients, n_resamples=200, seed=3, calibration=True,
+                       keep_distributions=True)
+    calibration_keys = set(calibration_metrics(probs, targets))
+    assert {"ece", "classwise_ece", "brier", "nll", f"{ZONE_NAMES[0]}/ece"} <= calibration_keys
+    assert set(result.intervals) == set(plain.intervals) | calibration_keys
+    assert {key: result.intervals[key] for key in plain.intervals} == plain.intervals
+    # resample 0 is calibration_metrics of the patients it drew (the same draw as resample_weights')
+    weights = next(resample_weights(*group_codes(patients, 40), 200, 3))[0].astype(int)
+    drawn = np.repeat(np.arange(40), weights)
+    assert result.distributions["nll"][0] == pytest.approx(calibration_metrics(probs[drawn], targets[drawn])["nll"])
+    low, high = result.intervals["ece"]
+    assert 0 <= low < high
+
+    logits = np.log(probs)
+    scaled = calibrate_split(tmp_path, "test", logits, targets, None, use_calibrated=False)
+    metrics = dict(compute_metrics(probs, targets, csi, ahf), **scaled.metrics)
+    paths = write_evaluation(tmp_path, "test", [f"{i:04d}" for i in range(40)], probs, targets, csi, ahf, metrics,
+                             bootstrap=result, patient_ids=patients)
+    scaled.append_to_report(paths["report"], result.intervals)
+    stored = json.loads(paths["metrics"].read_text())
+    assert stored["intervals"]["ece"] == pytest.approx([low, high])
+    assert stored["intervals"][f"{ZONE_NAMES[2]}/brier"] == pytest.approx(list(result.intervals[
+        f"{ZONE_NAMES[2]}/brier"]))
+    table = pd.read_csv(paths["metrics_csv"], sep=CSV_SEPARATOR).set_index("metric")
+    assert table.loc["nll", "ci_high"] == pytest.approx(result.intervals["nll"][1], rel=1e-5)
+    report = paths["report"].read_text()
+    assert f"| {metrics['ece']:.3f} ({low:.3f}-{high:.3f}) |" in report.split("## Calibration")[1]
+    zone = ZONE_NAMES[4]
+    zone_low, zone_high = result.intervals[f"{zone}/classwise_ece"]
+    assert f" {metrics[f'{zone}/classwise_ece']:.3f} ({zone_low:.3f}-{zone_high:.3f}) |" in report
 
 
 def simulated_accuracy_split(rng: np.random.Generator, n_patients: int, images_per_patient: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from csi_dist.domain import ZONE_NAMES
 from csi_dist.evaluation.calibration import (CALIBRATED, METRIC_KEYS, N_BINS, RAW, CalibrationError,
                                              calibration_metrics, calibration_path, fit_calibration, read_calibration,
                                              reliability_bins, zone_softmax)
+from csi_dist.evaluation.intervals import format_estimate
 from csi_dist.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,14 @@ class CalibratedSplit:
     zone_probs: np.ndarray  # (N, 6, 5) the probabilities every other output of the split uses
     probabilities: str  # RAW or CALIBRATED
     metrics: dict  # for the metrics JSON: METRIC_KEYS of those used, the other kind's prefixed, the temperatures
-    markdown: str  # the report's calibration section
+    markdown: str  # the report's calibration section (without intervals)
     paths: dict[str, Path]
+    section: Callable[[dict], str] | None = None  # the section with these intervals of the probabilities used
 
-    def append_to_report(self, report: Path) -> None:
-        report.write_text(report.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + self.markdown,
-                          encoding="utf-8")
+    def append_to_report(self, report: Path, intervals: dict[str, tuple[float, float]] | None = None) -> None:
+        """Append the calibration section, with each metric's interval (intervals.split_bootstrap) when given."""
+        markdown = self.section(intervals) if intervals and self.section is not None else self.markdown
+        report.write_text(report.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + markdown, encoding="utf-8")
 
 
 class EvaluationCalibration:
@@ -134,7 +138,8 @@ def calibrate_split(out_dir: Path, split: str, zone_logits: np.ndarray, zone_tar
         _save(zones_figure(kind_probs, zone_targets, f"{split}: {WHICH[kind]}", temperatures),
               paths[f"{kind}_zones"])
     markdown = _section(split, used, by_kind, calibration, fitted_here, source, paths)
-    return CalibratedSplit(probs[used], used, metrics, markdown, paths)
+    return CalibratedSplit(probs[used], used, metrics, markdown, paths, lambda intervals: _section(
+        split, used, by_kind, calibration, fitted_here, source, paths, intervals))
 
 
 def probabilities_line(probabilities: str) -> str:
@@ -215,11 +220,14 @@ def _number(value) -> str:
 
 
 def _section(split: str, used: str, by_kind: dict, calibration: dict | None, fitted_here: bool,
-             source: Path | None, paths: dict[str, Path]) -> str:
+             source: Path | None, paths: dict[str, Path], intervals: dict | None = None) -> str:
     lines = ["## Calibration", "", f"Probabilities used by the other sections: {used}.", "",
              f"ECE: top-label (the largest probability against its class being the target), {N_BINS} equal-mass "
              "bins; classwise ECE: mean over the 5 classes of each class's ECE; Brier: multiclass, 0 to 2; NLL: "
              "mean -log p(target). Over every zone target, unknown included (a class the model predicts).", ""]
+    if intervals:
+        lines += [f"In brackets, for the {used} probabilities: the bootstrap interval, from the same resamples as the "
+                  "other intervals of this report.", ""]
     if calibration is None:
         lines += ["No temperatures are known for these weights: evaluate the val split (of the shards the model "
                   "was trained on) to fit them.", ""]
@@ -241,7 +249,9 @@ def _section(split: str, used: str, by_kind: dict, calibration: dict | None, fit
         row = [zone]
         if calibration is not None:
             row.append("" if index == 0 else f"{float(calibration['temperatures'][index - 1]):.3f}")
-        row += [_number(by_kind[kind][f"{prefix}{key}"]) for key in METRIC_KEYS for kind in kinds]
+        row += [format_estimate(by_kind[kind][f"{prefix}{key}"], intervals.get(f"{prefix}{key}"))
+                if intervals and kind == used else _number(by_kind[kind][f"{prefix}{key}"])
+                for key in METRIC_KEYS for kind in kinds]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for kind in kinds:

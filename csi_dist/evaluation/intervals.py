@@ -6,7 +6,9 @@ A bootstrap resample is a vector of integer weights, one per image: how many tim
 confusion counts per zone, weighted 3x3 AHF counts, weighted sums of errors and moments, weighted Mann-Whitney counts
 for the AUROC), so one matrix product per block of resamples gives all resamples at once. At integer weights these
 are the metrics of the dataset with each image repeated that many times; tests/test_intervals.py checks that against
-compute_metrics (scikit-learn) on repeated data, so the metric definitions stay those of metrics.py.
+compute_metrics (scikit-learn) on repeated data, so the metric definitions stay those of metrics.py. The calibration
+metrics (calibration.calibration_metrics: ECE, classwise ECE, Brier, NLL) follow from the same resample weights in
+calibration_intervals.py (split_bootstrap, evaluate's, includes them).
 
 Intervals are percentile intervals over the resamples in which the metric is defined (a resample may hold no graded
 target of a zone, or one AHF class only); an interval is NaN (null in JSON) when fewer than
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from csi_dist.domain import AHF_CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.evaluation.calibration_intervals import CalibrationStatistics
 from csi_dist.evaluation.metrics import (_check_inputs, _check_per_image, ahf_classes, csi_average, expected_csi,
                                          zone_predictions)
 
@@ -84,15 +87,23 @@ def bootstrap_intervals(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_tr
 
 def bootstrap(zone_probs: np.ndarray, zone_targets: np.ndarray, csi_truth: np.ndarray | None = None,
               ahf_truth: np.ndarray | None = None, groups: Sequence | None = None, n_resamples: int = 1000,
-              seed: int = 0, level: float = 0.95, keep_distributions: bool = False) -> BootstrapResult:
-    """bootstrap_intervals with the counts of defined resamples and the settings (see BootstrapResult)."""
+              seed: int = 0, level: float = 0.95, keep_distributions: bool = False,
+              calibration: bool = False) -> BootstrapResult:
+    """bootstrap_intervals with the counts of defined resamples and the settings (see BootstrapResult); with
+    `calibration`, also the keys of calibration.calibration_metrics of these probabilities (pooled and per zone),
+    from the same resamples (calibration_intervals.py)."""
     if not 0 < level < 1:
         raise ValueError(f"level: expected a value in (0, 1), got {level}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples: expected at least 1, got {n_resamples}")
     statistics = SufficientStatistics(zone_probs, zone_targets, csi_truth, ahf_truth)
     units, n_units = group_codes(groups, statistics.n_images)
-    distributions = resampled_metrics([statistics], units, n_units, n_resamples, seed)[0]
+    datasets: list = [statistics]
+    if calibration:
+        datasets.append(CalibrationStatistics(zone_probs, zone_targets))
+    distributions = {}
+    for part in resampled_metrics(datasets, units, n_units, n_resamples, seed):  # the same weights for each part
+        distributions.update(part)
     intervals, defined = {}, {}
     for key, values in distributions.items():
         intervals[key], defined[key] = percentile_interval(values, level)
@@ -138,10 +149,10 @@ def resample_weights(units: np.ndarray, n_units: int, n_resamples: int, seed: in
         yield counts[:, units].astype(float)
 
 
-def resampled_metrics(statistics: list[SufficientStatistics], units: np.ndarray, n_units: int, n_resamples: int,
+def resampled_metrics(statistics: list, units: np.ndarray, n_units: int, n_resamples: int,
                       seed: int) -> list[dict[str, np.ndarray]]:
-    """For each dataset of `statistics` (the same images, e.g. two runs' predictions: paired), every non-count
-    metric in every resample, {key: (n_resamples,) array, NaN where undefined}."""
+    """For each dataset of `statistics` (SufficientStatistics or CalibrationStatistics of the same images, e.g. two
+    runs' predictions: paired), every non-count metric in every resample, {key: (n_resamples,) array, NaN where undefined}."""
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency
     blocks: list[list[dict[str, np.ndarray]]] = [[] for _ in statistics]
     # one BLAS thread: the products are small, and on a busy machine (CI's pytest workers) threads cost 5x the CPU
@@ -349,14 +360,15 @@ def metrics_rows(metrics: dict, intervals: dict[str, tuple[float, float]] | None
 
 def split_bootstrap(predictions, n_resamples: int, seed: int, level: float = 0.95) -> BootstrapResult | None:
     """The intervals of one split's gathered predictions (inference.SplitPredictions), resampling patients when
-    the shards know any (an image without one is its own patient), else images; None when n_resamples is 0."""
+    the shards know any (an image without one is its own patient), else images; None when n_resamples is 0. The
+    calibration metrics of the probabilities in `predictions` (those in use) are among them."""
     if not n_resamples:
         return None
     patient_ids = list(getattr(predictions, "patient_ids", None) or [])
     groups = patient_ids if any(patient is not None for patient in patient_ids) else None
     started = time.perf_counter()
     result = bootstrap(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth, predictions.ahf_truth,
-                       groups=groups, n_resamples=n_resamples, seed=seed, level=level)
+                       groups=groups, n_resamples=n_resamples, seed=seed, level=level, calibration=True)
     log.info("bootstrap intervals: %d resamples of %d %s in %.1f s", n_resamples, result.n_units,
              "patients" if groups is not None else "images", time.perf_counter() - started)
     return result
