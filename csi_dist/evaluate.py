@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the splits of the shards to evaluate (default: val test)")
     parser.add_argument("--shard-dir", help="evaluate on other shards, e.g. an external test set (default: the run's "
                         "own data.shard_dir)")
-    parser.add_argument("--out", type=Path, help="where the reports go (default: <run dir>/evaluation)")
+    parser.add_argument("--out", type=Path, help="where the reports go (default: <run dir>/evaluation; for shards "
+                        "the model was not trained on, <run dir>/evaluation/external/<their folder name>, so an "
+                        "external validation never overwrites the run's own reports)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="Grad-CAM maps of each zone for the first N images of each split (default: 0, none)")
     parser.add_argument("--by", action="append", default=[], metavar="COLUMN",
@@ -105,6 +107,15 @@ def weights_path(run_dir: Path, weights: str) -> Path:
             path = run_dir / "weights" / "last.safetensors"
         return path
     return Path(weights)
+
+
+def default_out_dir(run_dir: Path, shard_dir: str | Path) -> Path:
+    """<run dir>/evaluation for the shards the run was trained on (or when the run records none), else
+    <run dir>/evaluation/external/<shard folder name>: the run's own reports and model card stay as they are."""
+    from csi_dist.provenance import read_provenance, sha256_of
+    trained_on = read_provenance(run_dir).get("origin", {}).get("data", {}).get("manifest_sha256")
+    own = trained_on is None or trained_on == sha256_of(Path(shard_dir) / "manifest.json")
+    return run_dir / "evaluation" if own else run_dir / "evaluation" / "external" / Path(shard_dir).resolve().name
 
 
 def run_config(run_dir: Path, shard_dir: str | None) -> Config:
@@ -224,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.models import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
-        evaluate(config, args.run_dir, args.weights, args.splits, args.out or args.run_dir / "evaluation",
+        evaluate(config, args.run_dir, args.weights, args.splits, args.out or default_out_dir(args.run_dir,
+                                                                                              config.data.shard_dir),
                  args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed, subgroups, args.calibrated)
     except (ConfigError, ShardError, ModelError, CheckpointError, CalibrationError) as error:
         log.error("%s", error)

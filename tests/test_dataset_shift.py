@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -51,11 +52,20 @@ def shard_pixels(shards: Path, split: str) -> np.ndarray:
 
 def test_evaluating_on_brighter_sicker_shards_warns_of_the_shift(brighter_sicker_shards, phantom_shards,
                                                                  trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")  # its evaluation folder and model card change here
+    trained_run = tmp_path / "run"
+    own_report = (trained_run / "evaluation" / "test_report.md").read_bytes()
     result = subprocess.run([sys.executable, "-m", "csi_dist.evaluate", "--run-dir", str(trained_run), "--splits",
-                             "test", "--shard-dir", str(brighter_sicker_shards), "--out", str(tmp_path / "external"),
-                             "--bootstrap-resamples", "50"],
+                             "test", "--shard-dir", str(brighter_sicker_shards), "--bootstrap-resamples", "50"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
+    # without --out, beside the run's own reports, never over them; the run's model card names it
+    assert (trained_run / "evaluation" / "test_report.md").read_bytes() == own_report
+    (tmp_path / "external").symlink_to(trained_run / "evaluation" / "external" / brighter_sicker_shards.name)
+    card = (trained_run / "evaluation" / "model_card.md")
+    from csi_dist.evaluation.model_card import write_model_card
+    write_model_card(card.parent, trained_run)  # as the run's next own evaluation writes it
+    assert f"`{brighter_sicker_shards}`" in card.read_text() and "WARNING" in card.read_text()
     summary = json.loads((tmp_path / "external" / "test_dataset_shift.json").read_text())
     strong = {comparison["quantity"] for comparison in summary["comparisons"] if comparison["strong"]}
     assert {"zone grades (labels)", "CSI average (labels)", "image brightness (mean pixel value per image)"} <= strong

@@ -56,7 +56,15 @@ def test_the_card_says_what_the_records_show_a_reader_should_weigh(trained_run: 
     metrics["decode_failures"] = 2
     (evaluation / "test_metrics.json").write_text(json.dumps(metrics))
 
+    (evaluation / "test_subgroups.csv").write_text(  # as evaluate --by site writes it: B flagged, C too small
+        "column;value;n_images;n_patients;status;metric;estimate;ci_low;ci_high;overall;flag\n"
+        "site;A;40;20;estimated;f1_weighted;0.8;0.7;0.9;0.75;0\n"
+        "site;B;40;20;estimated;f1_weighted;0.5;0.4;0.6;0.75;1\n"
+        "site;C;6;3;too small to estimate;;;;;;\n")
+
     found = sections(write_model_card(evaluation, run_dir).read_text())
+    assert "**flagged** (interval wholly worse than the whole split's estimate): site = B on f1_weighted" in \
+        found["Subgroups"] and "too small to estimate: site = C (6 images)" in found["Subgroups"]
     limitations = found["Limitations"]
     assert "uncommitted changes" in limitations and "without a validation split" in limitations
     assert "split test: 2 image(s) could not be decoded" in limitations

@@ -55,6 +55,7 @@ def write_model_card(out_dir: Path, run_dir: Path) -> Path:
         _calibration(run_dir, evaluated, metrics),
         _subgroups(out_dir, splits),
         _dataset_shift(out_dir, splits),
+        _external(out_dir),
         _limitations(provenance, metrics),
         _placeholder("Ethical considerations",
                      "CLAIM: Other information; TRIPOD+AI: Ethical approval, Funding, Conflicts of interest", [
@@ -218,13 +219,26 @@ def _calibration(run_dir: Path, evaluated: dict, metrics: dict[str, dict]) -> li
 
 
 def _subgroups(out_dir: Path, splits: list[str]) -> list[str]:
+    """Per split: the subgroups flagged on a key metric (interval wholly on the worse side of the split's estimate)
+    and those too small to estimate, read from <split>_subgroups.csv."""
+    from csi_dist.evaluation.subgroups import REPORT_METRICS, TOO_SMALL
     tables = [(split, out_dir / f"{split}_subgroups.csv") for split in splits]
     tables = [(split, path) for split, path in tables if path.is_file()]
     lines = ["## Subgroups", "", "(CLAIM: Results, Model performance; TRIPOD+AI: Methods and Results, Fairness)", ""]
     if not tables:
         return [*lines, "Not evaluated by subgroup (evaluate --by COLUMN).", ""]
-    return [*lines, *[f"- {split}: [{path.name}]({path.name}) and its section of [{split}_report.md]"
-                      f"({split}_report.md)" for split, path in tables], ""]
+    for split, path in tables:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, delimiter=CSV_SEPARATOR))
+        flagged = sorted({f"{row['column']} = {row['value']} on {row['metric']}" for row in rows
+                          if row.get("flag") == "1" and row.get("metric") in REPORT_METRICS})
+        small = sorted({f"{row['column']} = {row['value']} ({row['n_images']} images)" for row in rows
+                        if row.get("status") == TOO_SMALL})
+        lines += [f"- {split} ([{path.name}]({path.name}), section of [{split}_report.md]({split}_report.md)): "
+                  + (f"**flagged** (interval wholly worse than the whole split's estimate): {'; '.join(flagged)}"
+                     if flagged else "no subgroup flagged on the key metrics")
+                  + (f"; too small to estimate: {'; '.join(small)}" if small else "")]
+    return [*lines, ""]
 
 
 def _dataset_shift(out_dir: Path, splits: list[str]) -> list[str]:
@@ -233,7 +247,36 @@ def _dataset_shift(out_dir: Path, splits: list[str]) -> list[str]:
     if not summaries:
         return []
     return ["## External validation: dataset shift", "", "(CLAIM: Methods, Evaluation; TRIPOD+AI: Methods, Data)", "",
-            *[f"- [{path.name}]({path.name})" for path in summaries], ""]
+            *[f"- [{path.name}]({path.name}): {_shift_warning(path.with_suffix('.json'))}" for path in summaries],
+            ""]
+
+
+def _shift_warning(summary: Path) -> str:
+    warning = _json(summary).get("warning")
+    return f"**WARNING**: {warning}" if warning else "no strong difference from the training data"
+
+
+def _external(out_dir: Path) -> list[str]:
+    """The external validations evaluate wrote beside this evaluation (<out>/external/<shards>/): per set and
+    split, the headline metrics with their intervals and the dataset-shift verdict."""
+    found = sorted(path.parent for path in (out_dir / "external").glob("*/provenance.json"))
+    if not found:
+        return []
+    lines = ["## External validation", "", "(CLAIM: Methods and Results, Evaluation; TRIPOD+AI: Results, Model "
+             "performance)", ""]
+    for directory in found:
+        evaluated = _json(directory / "provenance.json").get("evaluated", {})
+        lines.append(f"### `{evaluated.get('shard_dir', directory.name)}`")
+        lines.append("")
+        for split in evaluated.get("splits", []):
+            metrics = _json(directory / f"{split}_metrics.json")
+            shown = ", ".join(f"{key} {_estimate(metrics, key)}" for key in HEADLINE_METRICS if key in metrics)
+            shift = directory / f"{split}_dataset_shift.json"
+            lines.append(f"- {split} ({metrics.get('n_images')} images): {shown}; "
+                         f"[report](external/{directory.name}/{split}_report.md)"
+                         + (f"; {_shift_warning(shift)}" if shift.is_file() else ""))
+        lines.append("")
+    return lines
 
 
 def _limitations(provenance: dict, metrics: dict[str, dict]) -> list[str]:
