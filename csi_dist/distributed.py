@@ -80,15 +80,19 @@ def configure_logging(accelerator: Accelerator) -> None:
     install_secret_filter()
 
 
-# How gloo and NCCL word a lost peer; e.g. a frozen peer during DDP's buffer broadcast gives gloo's bare
-# "Application timeout caused pair closure" (no source path in the message).
-COLLECTIVE_FAILURE_MARKERS = ("/gloo/", "NCCL", "pair closure", "Connection reset by peer", "Connection closed by peer",
-                              "Timed out waiting")
+# Torch types the failures of NCCL, the TCP store and rendezvous (DistBackendError, DistStoreError,
+# DistNetworkError: all DistError, in every torch of our range). Gloo's transport gives no type: a dead or frozen peer
+# is a plain RuntimeError (checked on torch 2.14: a killed peer gives "[.../third_party/gloo/gloo/transport/tcp/
+# pair.cc:...] Connection closed by peer", a frozen one "[.../unbound_buffer.cc:...] Timed out waiting <N>ms for recv
+# operation", a frozen peer during DDP's buffer broadcast the bare "Application timeout caused pair closure"), so for
+# gloo alone the message text is all there is to go by.
+GLOO_PEER_LOST_MARKERS = ("/gloo/", "pair closure", "Connection reset by peer", "Connection closed by peer",
+                          "Timed out waiting")
 
 
 def is_collective_failure(error: BaseException) -> bool:
     """A collective that failed or timed out (training.collective_timeout_s): another rank died, froze or lost
-    its network. Gloo reports it as a plain RuntimeError from its transport; NCCL and the store as DistError."""
+    its network. NCCL and the store raise a DistError; gloo a plain RuntimeError recognised by its wording."""
     if isinstance(error, torch.distributed.DistError):
         return True
-    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in COLLECTIVE_FAILURE_MARKERS)
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in GLOO_PEER_LOST_MARKERS)

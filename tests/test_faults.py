@@ -504,13 +504,31 @@ def start_ranks(shards: Path, run_dir: Path, tmp_path: Path, *extra: str) -> lis
 @pytest.mark.parametrize(("message", "lost"), [
     ("Application timeout caused pair closure", True),  # gloo, a frozen peer during DDP's buffer broadcast
     ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:1: Connection reset by peer", True),
-    ("NCCL communicator was aborted on rank 3", True),
+    # what torch 2.14's gloo raised for a killed and for a frozen peer (a real 2-process probe, recorded)
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+     "[127.0.0.1]:15257. This is typically caused by a remote worker crashing.", True),
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for "
+     "recv operation to complete", True),
     ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
     ("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x6)", False),
+    # torch types NCCL's failures: a plain RuntimeError that merely names NCCL is not a lost peer
+    ("NCCL is not available in this build of torch", False),
 ])
 def test_only_errors_of_a_lost_peer_count_as_a_lost_rank(message, lost):
     from csi_dist.distributed import is_collective_failure
     assert is_collective_failure(RuntimeError(message)) is lost
+
+
+@pytest.mark.parametrize("error_type", ["DistBackendError", "DistStoreError", "DistNetworkError"])
+def test_torchs_typed_distributed_errors_count_as_a_lost_rank_whatever_their_wording(error_type):
+    """NCCL ("NCCL communicator was aborted on rank 3"), the TCP store and rendezvous raise these types: the type
+    decides, not the text (a message torch may reword)."""
+    import torch.distributed
+    from csi_dist.distributed import is_collective_failure
+    error_class = getattr(torch.distributed, error_type)
+    assert is_collective_failure(error_class("NCCL communicator was aborted on rank 3"))
+    assert is_collective_failure(error_class("wording no marker knows"))
+    assert not is_collective_failure(ValueError("NCCL communicator was aborted on rank 3"))
 
 
 @pytest.mark.slow
