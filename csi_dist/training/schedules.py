@@ -1,4 +1,16 @@
-"""Optimizers and learning-rate schedules (warmup, then ReduceLROnPlateau, StepLR or cosine), built from the config."""
+"""Optimizers and learning-rate schedules (warmup, then ReduceLROnPlateau, StepLR or cosine), built from the config.
+
+Each piece is torch's own scheduler (LinearLR, CosineAnnealingLR, StepLR, ReduceLROnPlateau); only their composition
+is ours, not torch's SequentialLR, because SequentialLR cannot give our learning rates for two of the four kinds
+(compared step by step in tests/test_schedules.py):
+- ReduceLROnPlateau: SequentialLR refuses it (its step needs the monitored value).
+- StepLR: ours counts its epochs from the start of the run and steps it per epoch, warmup included; SequentialLR
+  steps every scheduler per optimizer step and starts the second one at the warmup's end, so every decay lands
+  `warmup_epochs` later (a factor `gamma` apart for that long, with a fractional warmup even mid-epoch).
+For cosine and none, SequentialLR(LinearLR, CosineAnnealingLR / ConstantLR) gives the same learning rates to float
+rounding (a few ulp apart after the warmup); two mechanisms for one schedule would buy nothing, and keeping
+one keeps the checkpointed state ({"optimizer_steps", "warmup", "main"}) of existing runs loadable as it is.
+"""
 from __future__ import annotations
 
 import math
