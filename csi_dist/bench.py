@@ -38,6 +38,7 @@ from csi_dist.command import run_command
 from csi_dist.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +173,7 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
     log_every = math.gcd(steps, warmup) if warmup else steps
     overrides = {"model.model_arch": case.arch, "model.compile": str(compile_model).lower(),
                  "data.shard_dir": shard_dir, "data.image_size": case.image_size,
-                 "training.batch_size": case.batch_size, "training.num_workers": workers,
+                 "training.batch_size": case.batch_size, "data.num_workers": workers,
                  "training.n_epochs": 1, "training.log_every_steps": log_every,
                  "optimization.optimizer": "adamw", "logging.wandb_mode": "disabled",
                  "callbacks.checkpoint_every_steps": 0, "callbacks.early_stopping_patience": 0,
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         load_config(DEMO_CONFIG, args.overrides)
     except ConfigError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []

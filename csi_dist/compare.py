@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from csi_dist.command import run_command
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("csi_dist.compare")
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                              args.seed)
     except CompareError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     paths = write_comparison(rows, settings, args.out or path_b.parent, args.split)
     print(f"{args.split}: run B ({path_b}) - run A ({path_a}), {settings['n_images']} images, "
           f"{settings['n_resamples']} paired resamples of {settings['resampled']}")

@@ -44,7 +44,6 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per update: one update = batch_size x this x processes images
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else no
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
-    num_workers: int = 4  # data-loader processes per rank (0 = load in the training process)
     log_every_steps: int = 20  # optimizer steps between train/* log lines and scalars
     deterministic: bool = False  # deterministic torch algorithms (slower); for bit-reproducible GPU runs
     cudnn_benchmark: bool = False  # autotuning: no faster on an H100, twice the time to the first step
@@ -64,6 +63,8 @@ class DataConfig:
     # auto: on a GPU the workers only read and decode (uint8 out); true: also on a CPU, in the main process
     gpu_augment: str = "auto"  # where images are normalised and augmented: on the device (auto/true) or in workers
     shuffle_window: int = 1024  # samples shuffled together in an epoch (across shard boundaries)
+    # [Training] num_workers, where the seed project and earlier csi_dist configs put it, still loads here
+    num_workers: int = 4  # data-loader processes per rank (0 = load in the training process)
     max_bad_fraction: float = 0.01  # share of a split that may be undecodable (skipped) before a run stops
 
 
@@ -199,7 +200,8 @@ class Range:
 RANGES: dict[tuple[str, str], Range] = {
     **{("training", key): Range(1) for key in ("batch_size", "n_epochs", "gradient_accumulation_steps",
                                                "log_every_steps", "eval_every_epochs", "collective_timeout_s")},
-    **{("training", key): Range(0) for key in ("max_steps", "num_workers", "max_bad_steps", "global_batch_size")},
+    **{("training", key): Range(0) for key in ("max_steps", "max_bad_steps", "global_batch_size")},
+    ("data", "num_workers"): Range(0),
     ("training", "seed"): Range(0, 2**63 - 1),  # torch seeds each rank with seed + 1 + rank, below 2**64
     ("training", "zero_stage"): Range(1, 3),
     ("data", "image_size"): Range(0),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.training.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
 
 if TYPE_CHECKING:
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         config = run_config(args.checkpoint) if needs_run_config(args.checkpoint) else None
     except ConfigError as error:
         log.error("cannot convert %s: %s", args.checkpoint, error)
-        return 2
+        return EXIT_CONFIG_ERROR
     from csi_dist.models import ModelError
     from csi_dist.training.checkpoint import CheckpointError, save_weights
     try:
         weights = full_weights(args.checkpoint, config)
     except (CheckpointError, ConfigError, ModelError) as error:  # the template model comes from the run's config
         log.error("cannot convert %s: %s", args.checkpoint, error)
-        return 2
+        return EXIT_CONFIG_ERROR
     save_weights(weights, args.output)
     log.info("wrote %d tensors to %s", len(weights), args.output)
     return 0

@@ -23,6 +23,7 @@ from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
 from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
                                            check_shard_columns)
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 if TYPE_CHECKING:
     import torch
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         check_shard_columns(config.data.shard_dir, subgroups.columns)
     except (ConfigError, SubgroupError) as error:  # answered before torch loads
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     from csi_dist.data.reader import ShardError
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.models import ModelError
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                  args.heatmaps, args.bootstrap_resamples, args.bootstrap_seed, subgroups, args.calibrated)
     except (ConfigError, ShardError, ModelError, CheckpointError, CalibrationError) as error:
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.provenance import PROVENANCE_NAME, read_provenance
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not provenance:
         print(f"{args.run_dir}: no {PROVENANCE_NAME} (not a csi_dist run directory, or one trained before it "
               f"was recorded)", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     if args.json:
         print(json.dumps(provenance, indent=2))
         return 0

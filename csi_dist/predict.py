@@ -33,6 +33,7 @@ from pathlib import Path
 
 from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 # torch, pandas and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second (issue 34). The work itself: csi_dist.evaluation.prediction.
@@ -77,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.run_dir.is_dir():
         log.error("--run-dir %s: no such run directory", args.run_dir)
-        return 2
+        return EXIT_CONFIG_ERROR
     try:
         config = load_config(args.run_dir / "resolved_config.ini")
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     from csi_dist.distributed import LaunchError, leave_process_group
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.prediction import PredictError, predict
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, ConfigError, ModelError, CheckpointError, LaunchError, CalibrationError) as error:
         log.error("%s", error)
         leave_process_group()
-        return 2
+        return EXIT_CONFIG_ERROR
     return 0
 
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def debug_overrides() -> list[str]:
-    return ["training.batch_size=2", "training.max_steps=3", "training.n_epochs=1", "training.num_workers=0",
+    return ["training.batch_size=2", "training.max_steps=3", "training.n_epochs=1", "data.num_workers=0",
             "training.log_every_steps=1", "logging.wandb_mode=disabled"]
 
 

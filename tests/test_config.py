@@ -49,6 +49,19 @@ def test_seed_ini_loads_with_its_keys_mapped(tmp_path: Path):
     assert config.model.model_arch == "resnet50"
 
 
+def test_num_workers_lives_under_data_and_its_old_training_key_still_loads(tmp_path: Path):
+    """data.num_workers since issue 33; the seed's and earlier runs' [Training] num_workers and --set
+    training.num_workers load into it, and a saved config writes it under [data] (a resumed old run sees no change)."""
+    old_style = load_config(write(tmp_path, SEED_INI.replace("N_EPOCHS = 50", "N_EPOCHS = 50\nnum_workers = 3")))
+    assert old_style.data.num_workers == 3 and not hasattr(old_style.training, "num_workers")
+    assert load_config(None, ["training.num_workers=5"]).data.num_workers == 5
+    assert load_config(None, ["data.num_workers=6"]).data.num_workers == 6
+    save_config(old_style, tmp_path / "saved.ini")
+    saved = (tmp_path / "saved.ini").read_text()
+    assert "num_workers = 3" in saved.split("[Data]")[1].split("[")[0] and "num_workers" not in saved.split("[Data]")[0]
+    assert load_config(tmp_path / "saved.ini") == old_style
+
+
 def test_the_seeds_heatmap_keys_load_from_its_heatmap_section_or_any_other(tmp_path: Path):
     config = load_config(write(tmp_path, SEED_INI + "[HEATMAP]\nheatmap_enabled = True\nheatmap_samples_per_epoch = 3\n"
                                "heatmap_generate_per_epoch = False\nheatmap_color_map = custom_purple_red\n"))

@@ -88,7 +88,7 @@ def test_a_trainer_waiting_on_its_data_says_so_and_logs_the_share(phantom_shards
         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data-bound: the step waited on the loader" in result.stderr
-    assert "raise training.num_workers (now 1)" in result.stderr
+    assert "raise data.num_workers (now 1)" in result.stderr
     assert result.stderr.count("data-bound") == 1  # once per epoch, not every log line
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir / "tensorboard"))

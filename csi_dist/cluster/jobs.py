@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME, REQUEST_FILE_VARIABLE
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 # SLURM signals the batch shell this long before the time limit: enough for one checkpoint of a large model.
 NOTICE_LEAD_S = 120
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         rendered = render_sbatch(args.path.read_text(encoding="utf-8"), str(args.path))
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     if args.write:
         args.path.write_text(rendered, encoding="utf-8")
     else:

@@ -126,7 +126,7 @@ class LoaderSettings:
         return cls(batch_size=batch_size or config.training.batch_size, image_size=image_size,
                    normalization=config.data.normalization, augment=train and config.data.augment,
                    shuffle=train, shuffle_window=config.data.shuffle_window if train else 0,
-                   seed=config.training.seed, num_workers=config.training.num_workers,
+                   seed=config.training.seed, num_workers=config.data.num_workers,
                    finish_on_device=finish_on_device)
 
 

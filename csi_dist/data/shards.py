@@ -43,6 +43,7 @@ from csi_dist.data.split import (
     split_patients,
 )
 from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.files import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        image_format=args.demo_format)
     except (LabelError, SplitError, ImageError, ShardWriteError) as err:
         logger.error("%s", err)
-        return 2
+        return EXIT_CONFIG_ERROR
     return 0
 
 

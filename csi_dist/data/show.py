@@ -29,6 +29,7 @@ from csi_dist.data.phantom import zone_boxes
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.data.transforms import NORMALIZATION, sample_generator, to_model_input
 from csi_dist.domain import FILE_ID_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,6 @@ def run_show(args: argparse.Namespace) -> int:
         render_grid(tiles, args.out, tile_px=args.tile, heading=heading)
     except (ShowError, ShardError, LabelError, ImageError, OSError) as error:
         logger.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
     logger.info("wrote %s: %d sample(s)", args.out, len(tiles))
     return 0

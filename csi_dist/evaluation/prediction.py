@@ -251,7 +251,7 @@ def predict(config: Config, run_dir: Path, weights: str, image_dir: Path | None,
     watcher.install()
     try:
         local = predict_images(model, images[rank::world], pipeline, accelerator, channels_last, batch_size,
-                               config.training.num_workers,
+                               config.data.num_workers,
                                should_stop=lambda batches: watcher.should_stop(batches - 1, accelerator),
                                checked_batches=math.ceil(len(images) // world / batch_size), temperatures=temperatures)
     except StopRequested:  # nothing partial is written: a prediction is rerun whole

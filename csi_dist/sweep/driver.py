@@ -86,6 +86,7 @@ from optuna.trial import TrialState
 
 from csi_dist.cluster.jobs import submitit_parameters_for_sweep_trials
 from csi_dist.config import ConfigError, read_text_file
+from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.files import atomic_write_json
 from csi_dist.sweep.console import TrialEvents, closing_lines, opening_lines
 from csi_dist.sweep.report import write_report
@@ -364,4 +365,4 @@ def main(argv: list[str] | None = None) -> int:
                      dead_grace_s=args.dead_grace_s, timeout_min=args.wait_timeout_min)
     except (ConfigError, SweepError) as error:
         log.error("%s", error)
-        return 2
+        return EXIT_CONFIG_ERROR

@@ -275,7 +275,7 @@ class Trainer:
 
     def data_advice(self) -> str:
         """What would feed this run's step faster, for the data-bound message."""
-        ways = [f"raise training.num_workers (now {self.config.training.num_workers})"]
+        ways = [f"raise data.num_workers (now {self.config.data.num_workers})"]
         if not self.train_settings.finish_on_device and self.accelerator.device.type == "cuda":
             ways.append("set data.gpu_augment = auto or true (normalise and augment on the GPU)")
         if self.train_set.image_format != "npy":
