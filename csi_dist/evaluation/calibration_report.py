@@ -227,7 +227,9 @@ def _section(split: str, used: str, by_kind: dict, calibration: dict | None, fit
              "mean -log p(target). Over every zone target, unknown included (a class the model predicts).", ""]
     if intervals:
         lines += [f"In brackets, for the {used} probabilities: the bootstrap interval, from the same resamples as the "
-                  "other intervals of this report.", ""]
+                  "other intervals of this report. A binned ECE is biased upward, and more so in a resample (copies "
+                  "of an image share a bin), so on small splits its interval can lie above the estimate: read it as "
+                  "the spread, not as a bound around the estimate.", ""]
     if calibration is None:
         lines += ["No temperatures are known for these weights: evaluate the val split (of the shards the model "
                   "was trained on) to fit them.", ""]

@@ -214,7 +214,16 @@ def _calibration(run_dir: Path, evaluated: dict, metrics: dict[str, dict]) -> li
                 and isinstance(values[key], (int, float))]
         if keys:
             found = True
-            lines.append(f"- {split}: " + ", ".join(f"{key} {_estimate(values, key)}" for key in keys))
+            used = values.get("probabilities", "raw")
+            other = "calibrated" if used == "raw" else "raw"
+            compared = [key for key in keys if isinstance(values.get(f"{other}/{key}"), (int, float))]
+            lines.append(f"- {split}, {used} probabilities: " + ", ".join(f"{key} {_estimate(values, key)}"
+                                                                          for key in keys)
+                         + (f"; {other}: " + ", ".join(f"{key} {values[f'{other}/{key}']:.3f}" for key in compared)
+                            if compared else ""))
+    if found and any("ece" in key for values in metrics.values() for key in values):
+        lines.append("- A binned ECE is biased upward in bootstrap resamples: on small splits its interval can lie "
+                     "above the estimate.")
     return [*lines, *([] if found else ["Not assessed in this evaluation."]), ""]
 
 
