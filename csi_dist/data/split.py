@@ -104,6 +104,17 @@ def split_patients(labels: pd.DataFrame, fractions=DEFAULT_FRACTIONS, seed: int 
     floor(size x fraction) groups per split, and its leftover groups go to the splits furthest below their running
     target, which keeps the overall proportions within about one group of the fractions.
     Returns FileID, patient_id (empty when unknown) and split, in the row order of `labels`.
+
+    Not scikit-learn's StratifiedGroupKFold, compared on the same strata (tests/test_split.py; 20 seeds; "mix" is
+    the largest total variation distance between a split's grade mix over patients and the whole set's, "share" the
+    largest |patient share - fraction|). It gives equal folds, so 0.7/0.15/0.15 takes 20 folds (14 + 3 + 3) or
+    10 folds then 2 (7 | 3 halved); it balances images, we balance patients:
+      phantom, 200 images / 159 patients:  mix 0.136 here, 0.181 (20 folds) / 0.137 (10 + 2); share 0.002, 0.006 / 0.006
+      skewed, 604 images / 400 patients:   mix 0.034 here, 0.067 / 0.054; share 0.000, 0.004 / 0.003
+      phantom, 2000 images / 1653 patients: mix 0.007 here, 0.021 / 0.014
+    Both share no patient between splits. Its image shares are closer to the fractions (0.005 against 0.013 on the
+    200-image phantom), ours closer in patients and grade mix; and switching would move images between the splits
+    of every shard set written so far.
     """
     fractions = _check_fractions(fractions)
     groups = patient_groups(labels)
