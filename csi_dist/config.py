@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_dist.domain import monitored_metric
-from csi_dist.training.strategy_registry import REGISTRY as STRATEGY_REGISTRY
+from csi_dist.strategy_registry import REGISTRY as STRATEGY_REGISTRY
 from csi_dist.files import atomic_write
 from csi_dist.redaction import redact
 

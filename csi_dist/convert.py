@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.training.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
+from csi_dist.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
 
 if TYPE_CHECKING:
     import torch

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from csi_dist.files import atomic_path, atomic_write, fsync_path, strict_json_value
-from csi_dist.training.strategy_registry import STRATEGY_STATE_DIR
+from csi_dist.strategy_registry import STRATEGY_STATE_DIR
 
 log = logging.getLogger(__name__)
 

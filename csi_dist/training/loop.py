@@ -27,23 +27,23 @@ from csi_dist.distributed import build_accelerator, configure_logging
 from csi_dist.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import StopRequested, device_batches, predict_split
 from csi_dist.evaluation.metrics import compute_metrics
+from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors
 from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
+from csi_dist.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, batch_plan
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
-from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.step import StepFaults, train_step
 from csi_dist.training.strategies import build_strategy, describe
-from csi_dist.training.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.tracking import Tracker
 
 log = logging.getLogger("csi_dist.train")
