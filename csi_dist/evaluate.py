@@ -17,16 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
 from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
                                            check_shard_columns)
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-
-if TYPE_CHECKING:
-    import torch
 
 # torch, the models and the metrics are imported where they are used: `--help`, a usage error and a config error are
 # answered before they load (issue 34)
@@ -73,43 +69,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tuple[torch.nn.Module, Path, bool, int]:
-    """(model prepared for inference, weights file, channels_last, input size) of a run: what evaluate and predict
-    both run."""
-    import torch
-
-    from csi_dist.models import uses_channels_last
-    model, path, image_size = trained_model(config, run_dir, weights)
-    channels_last = uses_channels_last(config.model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return accelerator.prepare_model(model, evaluation_mode=True), path, channels_last, image_size
-
-
-def trained_model(config, run_dir: Path, weights: str) -> tuple[torch.nn.Module, Path, int]:
-    """(the run's model on the CPU with its weights loaded, weights file, input size): what evaluate, predict and
-    export start from."""
-    from csi_dist.models import build_model, model_input_size
-    from csi_dist.training.checkpoint import CheckpointError, load_weights
-    image_size = model_input_size(config.model, config.data.image_size)
-    model = build_model(config.model, image_size)
-    path = weights_path(run_dir, weights)
-    try:
-        model.load_state_dict(load_weights(path))
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit {config.model.model_arch}: {error}") from None
-    return model, path, image_size
-
-
-def weights_path(run_dir: Path, weights: str) -> Path:
-    if weights in ("best", "last"):
-        path = run_dir / "weights" / f"{weights}.safetensors"
-        if weights == "best" and not path.is_file():
-            path = run_dir / "weights" / "last.safetensors"
-        return path
-    return Path(weights)
-
-
 def default_out_dir(run_dir: Path, shard_dir: str | Path) -> Path:
     """<run dir>/evaluation for the shards the run was trained on (or when the run records none), else
     <run dir>/evaluation/external/<shard folder name>: the run's own reports and model card stay as they are."""
@@ -136,6 +95,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     from csi_dist.evaluation.intervals import split_bootstrap
     from csi_dist.evaluation.metrics import compute_metrics
     from csi_dist.evaluation.report import write_evaluation
+    from csi_dist.evaluation.trained_model import load_trained_model, weights_path
     from csi_dist.files import atomic_write_json
     from csi_dist.loss import WeightedCSILoss
     from csi_dist.provenance import now_utc, read_provenance, sha256_of
@@ -234,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.data.reader import ShardError
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.models import ModelError
-    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.weights import CheckpointError
     try:
         evaluate(config, args.run_dir, args.weights, args.splits, args.out or default_out_dir(args.run_dir,
                                                                                               config.data.shard_dir),

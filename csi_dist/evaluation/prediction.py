@@ -24,7 +24,7 @@ from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, col
 from csi_dist.data.workers import worker_options
 from csi_dist.distributed import build_accelerator, configure_logging
 from csi_dist.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
-from csi_dist.evaluate import load_trained_model, weights_path
+from csi_dist.evaluation.trained_model import load_trained_model, weights_path
 from csi_dist.evaluation.calibration import read_calibration
 from csi_dist.evaluation.inference import StopRequested
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from csi_dist.files import atomic_path, atomic_write, fsync_path, strict_json_value
+from csi_dist.files import atomic_path, fsync_path, strict_json_value
 from csi_dist.strategy_registry import STRATEGY_STATE_DIR
+from csi_dist.weights import CheckpointError, load_weights, save_weights  # noqa: F401 - this module's too
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +48,6 @@ DCP_METADATA_FILE = ".metadata"
 SCHEDULE_FILE = "schedule.pt"
 STATE_FILE = "trainer_state.json"
 BEST_WEIGHTS_FILE = "best.safetensors"  # in a checkpoint, and published as <run_dir>/weights/best.safetensors
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: wrong architecture, other world layout, unreadable file."""
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """A plain full state dict as safetensors, atomically (loadable by evaluate and single-GPU runs)."""
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    return load_file(str(path))
 
 
 def rng_state() -> dict:
