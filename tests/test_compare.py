@@ -98,3 +98,19 @@ def test_runs_on_other_images_or_targets_are_refused_with_exit_2(two_runs, tmp_p
         assert "Traceback" not in result.stderr
     assert run_compare(str(run_b), str(tmp_path / "shuffled.csv"), "--resamples", "50",
                        "--out", str(tmp_path / "out")).returncode == 0
+
+
+def test_runs_the_data_cannot_tell_apart_are_neither_better():
+    """Two equally good runs differ by chance: where the interval of the difference holds 0 neither run is called
+    better (a table reading "better: A" at p = 0.7 would be read as a finding)."""
+    from csi_dist.evaluation.comparison import RunPredictions, compare_predictions
+    rng = np.random.default_rng(5)
+    targets = rng.integers(0, 4, size=(N_IMAGES, NUM_ZONES))
+    file_ids = [f"{image}" for image in range(N_IMAGES)]
+    run_a, run_b = (RunPredictions(Path(name), file_ids, predictions(rng, targets, 0.7), targets, None, None, None)
+                    for name in ("a", "b"))
+    rows, _ = compare_predictions(run_a, run_b, n_resamples=300)
+    undecided = [row for row in rows if row["ci_low"] <= 0 <= row["ci_high"]]
+    assert any(row["difference"] != 0 for row in undecided)  # estimates that differ, by chance
+    assert all(row["better"] == "neither" for row in undecided)
+    assert all(row["better"] in "AB" for row in rows if row not in undecided)

@@ -131,8 +131,8 @@ def compare_predictions(run_a: RunPredictions, run_b: RunPredictions, n_resample
             tail = min(np.sum(finite <= 0), np.sum(finite >= 0)) + 1
             p_value = min(1.0, 2 * tail / (finite.size + 1))
         difference = value_b - value_a
-        better = "neither"
-        if not math.isnan(difference) and difference != 0:
+        better = "neither"  # also where the interval holds 0: the data do not tell the runs apart
+        if not math.isnan(difference) and difference != 0 and not (math.isnan(low) or low <= 0 <= high):
             b_wins = (difference > 0) == (METRIC_DIRECTIONS[key] == "max")
             better = "B" if b_wins else "A"
         rows.append({"metric": key, "run_a": value_a, "run_b": value_b, "difference": difference, "ci_low": low,
@@ -180,7 +180,8 @@ def write_comparison(rows: list[dict], settings: dict, out_dir: Path, split: str
         f"Difference B - A with its {settings['level']:.0%} percentile interval over {settings['n_resamples']} "
         f"paired bootstrap resamples of the {settings['n_resampled_units']} {unit} (seed {settings['seed']}; both "
         f"runs on the same resampled {unit}); p two-sided, from the resampled differences (the smallest it can be "
-        f"is 2/(resamples + 1)). \"better\" reads each metric's direction (csi_mae: lower is better).\n\n"
+        f"is 2/(resamples + 1)). \"better\": the run whose estimate is better (csi_mae: lower) where the interval of the "
+        f"difference excludes 0, else neither.\n\n"
         f"{format_table(rows)}\n![differences]({paths['png'].name})\n")
     _difference_figure(rows, settings, split, paths["png"])
     return paths
