@@ -50,6 +50,7 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import build_model as _build_model
 from csi_dist.models import model_input_size, unwrapped_model
+from csi_dist.run_dir import RunDir
 from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
@@ -109,12 +110,12 @@ class TrainResult:
 
     @property
     def best_weights(self) -> Path | None:
-        path = self.run_dir / "weights" / "best.safetensors"
+        path = RunDir(self.run_dir).best_weights
         return path if path.is_file() else None
 
     @property
     def last_weights(self) -> Path | None:
-        path = self.run_dir / "weights" / "last.safetensors"
+        path = RunDir(self.run_dir).last_weights
         return path if path.is_file() else None
 
 
@@ -137,7 +138,7 @@ def train_model(config: ConfigLike, run_dir: str | Path | None = None, overrides
     resolved = _as_config(config, overrides)
     directory = resolve_run_dir(resolved, None if run_dir is None else Path(run_dir))
     status = train(resolved, directory, resume, epoch_end_hook)
-    history_path = directory / "training_history.json"
+    history_path = RunDir(directory).history
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
     return TrainResult(directory, status, history, resolved.callbacks.monitor)
 
@@ -319,14 +320,14 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
+        run = RunDir(path)
+        best, last = run.relative(run.best_weights), run.relative(run.last_weights)
         if (path / STATE_FILE).is_file():
             raise CheckpointError(f"{path} is a resumable trainer checkpoint; load the weights of its run directory "
-                                  f"instead (weights/best.safetensors or weights/last.safetensors)")
-        candidates = [path / "weights" / "best.safetensors", path / "weights" / "last.safetensors"]
-        found = next((candidate for candidate in candidates if candidate.is_file()), None)
+                                  f"instead ({best} or {last})")
+        found = next((candidate for candidate in (run.best_weights, run.last_weights) if candidate.is_file()), None)
         if found is None:
-            raise CheckpointError(f"{path}: no weights/best.safetensors or weights/last.safetensors (not a finished "
-                                  f"run directory?)")
+            raise CheckpointError(f"{path}: no {best} or {last} (not a finished run directory?)")
         path = found
     try:
         unwrapped_model(model).load_state_dict(load_weights(path))

@@ -39,6 +39,7 @@ from csi_dist.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationC
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +181,7 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
                  "training.strategy": strategy, "data.gpu_augment": gpu_augment}
     shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
     run_trainer(run_dir, overrides | {"training.max_steps": warmup + steps}, trainer_overrides, "never")
-    scalars = read_scalars(run_dir / "tensorboard")
+    scalars = read_scalars(RunDir(run_dir).tensorboard)
     # every window holds log_every * batch images, so the overall rate is the harmonic mean of the window rates
     measured = [value for step, value in scalars["train/images_per_second"] if step > warmup]
     waiting = [value for step, value in scalars["train/data_wait_share"] if step > warmup]
@@ -191,7 +192,7 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
                                          default=None)}
     if restart:
         run_trainer(run_dir, overrides | {"training.max_steps": 2 * (warmup + steps)}, trainer_overrides, "auto")
-        first_steps = read_scalars(run_dir / "tensorboard")["train/seconds_to_first_step"]
+        first_steps = read_scalars(RunDir(run_dir).tensorboard)["train/seconds_to_first_step"]
         if len(first_steps) != 2:
             raise RuntimeError(f"{run_dir}: the relaunched trainer took no step (is the epoch too short?)")
         result["restart_seconds_to_first_step"] = first_steps[-1][1]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, load_config
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.run_dir import RunDir
 from csi_dist.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def needs_run_config(checkpoint_dir: Path) -> bool:
 
 def run_config(checkpoint_dir: Path) -> Config:
     """The config of the run a checkpoint belongs to (<run>/checkpoints/step-XXXXXXXX): the model DCP fills."""
-    return load_config(checkpoint_dir.parent.parent / "resolved_config.ini")
+    return load_config(RunDir(checkpoint_dir.parent.parent).resolved_config)
 
 
 def full_weights(checkpoint_dir: Path, config: Config | None = None) -> dict[str, torch.Tensor]:

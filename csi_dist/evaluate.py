@@ -23,6 +23,7 @@ from csi_dist.config import Config, ConfigError, load_config
 from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
                                            check_shard_columns)
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.run_dir import RunDir, evaluation_heatmaps, evaluation_provenance
 
 # torch, the models and the metrics are imported where they are used: `--help`, a usage error and a config error are
 # answered before they load (issue 34)
@@ -75,12 +76,12 @@ def default_out_dir(run_dir: Path, shard_dir: str | Path) -> Path:
     from csi_dist.provenance import read_provenance, sha256_of
     trained_on = read_provenance(run_dir).get("origin", {}).get("data", {}).get("manifest_sha256")
     own = trained_on is None or trained_on == sha256_of(Path(shard_dir) / "manifest.json")
-    return run_dir / "evaluation" if own else run_dir / "evaluation" / "external" / Path(shard_dir).resolve().name
+    return RunDir(run_dir).evaluation if own else RunDir(run_dir).external_evaluation(shard_dir)
 
 
 def run_config(run_dir: Path, shard_dir: str | None) -> Config:
     """The run's resolved config (with --shard-dir), validated before anything heavy loads."""
-    return load_config(run_dir / "resolved_config.ini", [f"data.shard_dir={shard_dir}"] if shard_dir else [])
+    return load_config(RunDir(run_dir).resolved_config, [f"data.shard_dir={shard_dir}"] if shard_dir else [])
 
 
 def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0,
@@ -154,8 +155,8 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
             from csi_dist.evaluation.heatmaps import heatmaps_for_batches  # captum: imported only when asked
             drawn = heatmaps_for_batches(model, build_loader(
                 open_split(config.data.shard_dir, split), settings, epoch=0, rank=0, world_size=1),
-                heatmaps, out_dir / "heatmaps" / split, accelerator.device)
-            log.info("%s: zone heatmaps of %d image(s) in %s", split, len(drawn), out_dir / "heatmaps" / split)
+                heatmaps, evaluation_heatmaps(out_dir, split), accelerator.device)
+            log.info("%s: zone heatmaps of %d image(s) in %s", split, len(drawn), evaluation_heatmaps(out_dir, split))
         log.info("%s (%d images, weights %s): f1_weighted %.4f, f1_macro %.4f, csi_mae %.3f, report %s", split,
                  len(predictions.file_ids), path.name, metrics["f1_weighted"], metrics["f1_macro"],
                  metrics["csi_mae"], out_dir / f"{split}_report.md")
@@ -170,7 +171,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
         for split, predictions in evaluated.items():
             write_dataset_shift(out_dir, split, config.data.shard_dir, predictions, training_dir, reference)
     if accelerator.is_main_process and results:  # the report says which model, trained on what, saw which data
-        atomic_write_json(out_dir / "provenance.json", {"run": provenance, "evaluated": {
+        atomic_write_json(evaluation_provenance(out_dir), {"run": provenance, "evaluated": {
             "weights": str(path.resolve()), "weights_sha256": sha256_of(path), "shard_dir": str(config.data.shard_dir),
             "manifest_sha256": manifest_sha256, "splits": list(results), "utc": now_utc(),
             **calibration.provenance()}})

@@ -19,6 +19,7 @@ from pathlib import Path
 from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.run_dir import CALIBRATION_SUFFIX, RunDir
 
 # torch, onnx and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second. The work itself: csi_dist.evaluation.export_model.
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the model file (default: <run dir>/export/<best|last>[.calibrated].onnx or "
                              ".torchscript.pt); the sidecar is PATH.json")
     parser.add_argument("--calibrated", action="store_true",
-                        help="fold the temperatures of <best|last>.calibration.json into the file (default: off, "
+                        help=f"fold the temperatures of <best|last>{CALIBRATION_SUFFIX} into the file (default: off, "
                              "the uncalibrated probabilities)")
     return parser.parse_args(argv)
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--run-dir %s: no such run directory", args.run_dir)
         return EXIT_CONFIG_ERROR
     try:
-        config = load_config(args.run_dir / "resolved_config.ini")
+        config = load_config(RunDir(args.run_dir).resolved_config)
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
         return EXIT_CONFIG_ERROR

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.provenance import PROVENANCE_NAME, read_provenance
+from csi_dist.run_dir import RunDir
 
 
 def strategy_text(strategy: dict | None) -> str:
@@ -55,9 +56,9 @@ def lineage_lines(provenance: dict) -> list[str]:
 
 
 def metric_lines(run_dir: Path) -> list[str]:
-    path = run_dir / "training_history.json"
+    path = RunDir(run_dir).history
     if not path.is_file():
-        return ["no validation yet (no training_history.json)"]
+        return [f"no validation yet (no {path.name})"]
     history = json.loads(path.read_text(encoding="utf-8"))
     if not history:
         return ["no validation yet"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from csi_dist.command import run_command
 from csi_dist.config import ConfigError, load_config
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.run_dir import RunDir
 
 # torch, pandas and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second (issue 34). The work itself: csi_dist.evaluation.prediction.
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--run-dir %s: no such run directory", args.run_dir)
         return EXIT_CONFIG_ERROR
     try:
-        config = load_config(args.run_dir / "resolved_config.ini")
+        config = load_config(RunDir(args.run_dir).resolved_config)
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
         return EXIT_CONFIG_ERROR

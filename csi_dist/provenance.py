@@ -20,8 +20,8 @@ from pathlib import Path
 from csi_dist.config import Config, ConfigError, config_to_dict, load_config
 from csi_dist.files import atomic_write_json, file_sha256
 from csi_dist.redaction import redact
+from csi_dist.run_dir import PROVENANCE as PROVENANCE_NAME, RunDir  # PROVENANCE_NAME: its old name
 
-PROVENANCE_NAME = "provenance.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILE = REPO_ROOT / "requirements-lock.txt"
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "accelerate", "deepspeed", "webdataset", "numpy", "pandas",
@@ -86,7 +86,7 @@ def new_segment(world_size: int, device_names: list[str], start_step: int, strat
 
 
 def read_provenance(run_dir: Path) -> dict:
-    path = Path(run_dir) / PROVENANCE_NAME
+    path = RunDir(run_dir).provenance
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -125,7 +125,7 @@ class ProvenanceRecord:
     """Rank 0's record of the run: the origin once, then this segment, updated at every save."""
 
     def __init__(self, run_dir: Path, origin: dict, segment: dict):
-        self.path = Path(run_dir) / PROVENANCE_NAME
+        self.path = RunDir(run_dir).provenance
         self.data = read_provenance(run_dir)
         self.changes = differences(self.data["origin"], origin) if self.data.get("origin") else []
         self.data.setdefault("origin", origin)

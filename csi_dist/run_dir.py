@@ -12,6 +12,7 @@ Torch-free and importing nothing of csi_dist, so every layer uses it (cluster/, 
     <run dir>/tensorboard/, wandb/, mlflow/ + mlflow_run.json   experiment tracking
     <run dir>/heatmaps/                zone heatmaps drawn during training
     <run dir>/evaluation/              evaluate's reports; evaluation/external/<shards>/ for other shards
+    <run dir>/export/                  export's model files
     <run dir>/compile_cache/           torch.compile's kernels
     <run dir>/PREEMPT_REQUESTED        a preemption request (a manual `touch` too)
     <run dir>/failure_requeues/<id>    one file per SLURM requeue after a lost rank
@@ -38,6 +39,7 @@ MLFLOW_RUN = "mlflow_run.json"
 HEATMAPS = "heatmaps"
 EVALUATION = "evaluation"
 EXTERNAL = "external"
+EXPORT = "export"
 COMPILE_CACHE = "compile_cache"
 PREEMPT_REQUEST = "PREEMPT_REQUESTED"
 FAILURE_REQUEUES = "failure_requeues"
@@ -141,6 +143,11 @@ class RunDir:
     def external_evaluation(self, shard_dir: str | Path) -> Path:
         """evaluation/external/<shard folder name>: an evaluation on shards the run was not trained on."""
         return external_evaluations(self.evaluation) / Path(shard_dir).resolve().name
+
+    @property
+    def export(self) -> Path:
+        """export's model files (ONNX, TorchScript) and their sidecars."""
+        return self.root / EXPORT
 
     @property
     def compile_cache(self) -> Path:

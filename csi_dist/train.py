@@ -16,6 +16,7 @@ from csi_dist.command import run_command
 from csi_dist.config import Config, ConfigError, config_reference, load_config, section_of
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
 from csi_dist.redaction import install_secret_filter
+from csi_dist.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir
 
 log = logging.getLogger("csi_dist.train")
 
@@ -34,10 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto",
                         help="auto (continue the run in the run dir from its newest complete checkpoint, or start "
                              "one), never (start a new run; refused when the run dir holds one), fresh (move the run "
-                             "dir's run aside to <run dir>.old-<date>, nothing deleted, then start a new run), or a "
-                             "checkpoint path (default: auto)")
+                             f"dir's run aside to <run dir>{MOVED_ASIDE}<date>, nothing deleted, then start a new "
+                             "run), or a checkpoint path (default: auto)")
     parser.add_argument("--debug", action="store_true",
-                        help="a few tiny steps, no workers, no W&B, into <run dir>-debug (never the real run; "
+                        help=f"a few tiny steps, no workers, no W&B, into <run dir>{DEBUG_SUFFIX} (never the real run; "
                              "default: off)")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its type, default, "
                         "accepted values and meaning, then exit")
@@ -94,7 +95,7 @@ def config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
     run_dir = resolve_run_dir(config, args.run_dir)
     if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
-        run_dir = run_dir.with_name(f"{run_dir.name}-debug")
+        run_dir = RunDir(run_dir).debug.root
     return config, run_dir
 
 

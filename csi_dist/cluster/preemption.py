@@ -39,10 +39,11 @@ from typing import NoReturn
 from csi_dist.cluster.slurm import current_segment_id, requeue, slurm_job_to_requeue
 from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.data.workers import STOP_NOTICES
+from csi_dist.run_dir import PREEMPT_REQUEST, RunDir
 
 log = logging.getLogger(__name__)
 
-REQUEST_FILE_NAME = "PREEMPT_REQUESTED"
+REQUEST_FILE_NAME = PREEMPT_REQUEST  # <run_dir>/PREEMPT_REQUESTED (csi_dist.run_dir)
 # set by the job recipe's batch scripts: the request file their notice trap writes (csi_dist/cluster/jobs.py)
 REQUEST_FILE_VARIABLE = "CSI_PREEMPT_REQUEST_FILE"
 
@@ -50,7 +51,7 @@ REQUEST_FILE_VARIABLE = "CSI_PREEMPT_REQUEST_FILE"
 def request_files(run_dir: Path) -> list[Path]:
     """Where a preemption request may wait: <run_dir>/PREEMPT_REQUESTED (a manual `touch` too), then the job's file
     named by $CSI_PREEMPT_REQUEST_FILE when it is another one (a sweep trial's)."""
-    files = [Path(run_dir) / REQUEST_FILE_NAME]
+    files = [RunDir(run_dir).preempt_request]
     job_file = os.environ.get(REQUEST_FILE_VARIABLE)
     if job_file and Path(job_file).resolve() != files[0].resolve():
         files.append(Path(job_file))

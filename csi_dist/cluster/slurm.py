@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 from csi_dist.exit_codes import EXIT_PREEMPTED, NOT_REQUEUED_AFTER
+from csi_dist.run_dir import FAILURE_REQUEUES, RunDir
 
 log = logging.getLogger(__name__)
 
 # <run_dir>/failure_requeues/<segment id>: one file per job segment that ended in a requeue after a lost rank
-FAILURE_REQUEUE_DIR = "failure_requeues"
+FAILURE_REQUEUE_DIR = FAILURE_REQUEUES
 # states in which a job still exists and may (again) run; a requeued job is PENDING
 ALIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
                           "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED",
@@ -110,7 +111,7 @@ def requeue_after_failure(run_dir: Path | None, max_requeues: int) -> bool:
         log.error("not requeued (the reason is above, or this is no SLURM job): rerun the same command to resume "
                   "from the newest checkpoint")
         return False
-    markers = Path(run_dir) / FAILURE_REQUEUE_DIR
+    markers = RunDir(run_dir).failure_requeues
     markers.mkdir(parents=True, exist_ok=True)
     earlier = sum(1 for _ in markers.iterdir())
     if earlier >= max_requeues:
@@ -165,7 +166,7 @@ def max_failure_requeues(run_dir: Path) -> int:
     """callbacks.max_failure_requeues of the run (the default when it never started: no resolved config yet)."""
     from csi_dist.config import CallbacksConfig, ConfigError, load_config  # torch-free
     try:
-        return load_config(Path(run_dir) / "resolved_config.ini").callbacks.max_failure_requeues
+        return load_config(RunDir(run_dir).resolved_config).callbacks.max_failure_requeues
     except ConfigError:
         return CallbacksConfig().max_failure_requeues
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.files import atomic_write_json, file_sha256
+from csi_dist.run_dir import calibration_beside
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ def _single_zone_nll(logits: np.ndarray, targets: np.ndarray, temperature: float
 
 def calibration_path(weights_file: Path) -> Path:
     """`<stem>.calibration.json` beside `<stem>.safetensors`."""
-    weights_file = Path(weights_file)
-    stem = weights_file.name[: -len(weights_file.suffix)] if weights_file.suffix else weights_file.name
-    return weights_file.with_name(f"{stem}.calibration.json")
+    return calibration_beside(weights_file)
 
 
 def fit_calibration(weights_file: Path, zone_logits: np.ndarray, zone_targets: np.ndarray, fitted_on: dict) -> dict:

@@ -20,6 +20,7 @@ from csi_dist.domain import (AHF_COLUMN, CLASS_NAMES, CSI_COLUMN, CSV_FLOAT_FORM
                              METRIC_DIRECTIONS, PATIENT_COLUMN, ZONE_NAMES)
 from csi_dist.evaluation.intervals import (SufficientStatistics, group_codes, percentile_interval,
                                            resampled_metrics)
+from csi_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ class RunPredictions:
 def predictions_path(run: Path, split: str) -> Path:
     """The predictions CSV of `split` for a run directory, its evaluation folder, or the CSV itself."""
     run = Path(run)
-    for candidate in (run, run / "evaluation" / f"{split}_predictions.csv", run / f"{split}_predictions.csv"):
+    for candidate in (run, RunDir(run).evaluation / f"{split}_predictions.csv", run / f"{split}_predictions.csv"):
         if candidate.is_file():
             return candidate
-    raise CompareError(f"{run}: no {split}_predictions.csv there or in {run / 'evaluation'}; run "
+    raise CompareError(f"{run}: no {split}_predictions.csv there or in {RunDir(run).evaluation}; run "
                        f"`python -m csi_dist.evaluate --run-dir {run} --splits {split}` first")
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, ZONE_NAMES
+from csi_dist.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def training_shard_dir(run_dir: Path, evaluated_dir: str | Path) -> Path | None:
     from csi_dist.config import ConfigError, load_config
     from csi_dist.data.shard_format import MANIFEST_NAME
     try:
-        training = Path(load_config(Path(run_dir) / "resolved_config.ini").data.shard_dir)
+        training = Path(load_config(RunDir(run_dir).resolved_config).data.shard_dir)
     except ConfigError as error:
         logger.warning("no dataset-shift summary: the run's config cannot be read (%s)", error)
         return None

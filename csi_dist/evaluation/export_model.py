@@ -17,6 +17,7 @@ from csi_dist.evaluation.trained_model import trained_model, weights_path
 from csi_dist.files import atomic_path, atomic_write_json
 from csi_dist.models import INPUT_CHANNELS
 from csi_dist.provenance import now_utc, read_provenance, sha256_of
+from csi_dist.run_dir import RunDir
 from csi_dist.weights import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class ZoneProbabilities(nn.Module):
 def default_export_path(run_dir: Path, weights_file: Path, export_format: str, calibrated: bool) -> Path:
     """`<run_dir>/export/<weights stem>[.calibrated].onnx` (or `.torchscript.pt`)."""
     name = weights_file.stem + (".calibrated" if calibrated else "")
-    return run_dir / "export" / f"{name}{FILE_SUFFIXES[export_format]}"
+    return RunDir(run_dir).export / f"{name}{FILE_SUFFIXES[export_format]}"
 
 
 def sidecar_path(model_file: Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from csi_dist.config import ConfigError, load_config
 from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, ZONE_NAMES
 from csi_dist.evaluation.intervals import format_estimate
+from csi_dist.run_dir import PROVENANCE, RunDir, calibration_beside, evaluation_provenance, external_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ SMALL_SPLIT_IMAGES = 100
 def write_model_card(out_dir: Path, run_dir: Path) -> Path:
     """Write `<out_dir>/model_card.md` for the run in `run_dir` evaluated into `out_dir`; returns its path."""
     out_dir, run_dir = Path(out_dir), Path(run_dir)
-    provenance = _json(run_dir / "provenance.json")
-    evaluated = _json(out_dir / "provenance.json").get("evaluated", {})
+    provenance = _json(RunDir(run_dir).provenance)
+    evaluated = _json(evaluation_provenance(out_dir)).get("evaluated", {})
     origin = provenance.get("origin", {})
     splits = [split for split in evaluated.get("splits", []) if (out_dir / f"{split}_metrics.json").is_file()]
     metrics = {split: _json(out_dir / f"{split}_metrics.json") for split in splits}
@@ -93,7 +94,7 @@ def _model_details(run_dir: Path, provenance: dict, evaluated: dict) -> list[str
     origin, segments = provenance.get("origin", {}), provenance.get("segments", [])
     lines = ["## Model details", "", "(CLAIM: Methods, Model and Training; TRIPOD+AI: Methods, Analytical methods)", ""]
     try:
-        config = load_config(run_dir / "resolved_config.ini")
+        config = load_config(RunDir(run_dir).resolved_config)
     except ConfigError as error:
         lines += [f"- Config: could not be read ({error})"]
     else:
@@ -202,7 +203,7 @@ def _estimate(metrics: dict, key: str) -> str:
 def _calibration(run_dir: Path, evaluated: dict, metrics: dict[str, dict]) -> list[str]:
     lines = ["## Calibration", "", "(CLAIM: Methods, Evaluation; TRIPOD+AI: Results, Model performance)", ""]
     weights = Path(evaluated.get("weights", ""))
-    calibration = _json(weights.with_name(f"{weights.stem}.calibration.json")) if evaluated.get("weights") else {}
+    calibration = _json(calibration_beside(weights)) if evaluated.get("weights") else {}
     found = False
     if calibration.get("temperatures"):
         found = True
@@ -268,13 +269,13 @@ def _shift_warning(summary: Path) -> str:
 def _external(out_dir: Path) -> list[str]:
     """The external validations evaluate wrote beside this evaluation (<out>/external/<shards>/): per set and
     split, the headline metrics with their intervals and the dataset-shift verdict."""
-    found = sorted(path.parent for path in (out_dir / "external").glob("*/provenance.json"))
+    found = sorted(path.parent for path in external_evaluations(out_dir).glob(f"*/{PROVENANCE}"))
     if not found:
         return []
     lines = ["## External validation", "", "(CLAIM: Methods and Results, Evaluation; TRIPOD+AI: Results, Model "
              "performance)", ""]
     for directory in found:
-        evaluated = _json(directory / "provenance.json").get("evaluated", {})
+        evaluated = _json(evaluation_provenance(directory)).get("evaluated", {})
         lines.append(f"### `{evaluated.get('shard_dir', directory.name)}`")
         lines.append("")
         for split in evaluated.get("splits", []):

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from csi_dist.models import build_model, model_input_size, uses_channels_last
+from csi_dist.run_dir import RunDir
 from csi_dist.weights import CheckpointError, load_weights
 
 
@@ -34,8 +35,8 @@ def trained_model(config, run_dir: Path, weights: str) -> tuple[torch.nn.Module,
 
 def weights_path(run_dir: Path, weights: str) -> Path:
     if weights in ("best", "last"):
-        path = run_dir / "weights" / f"{weights}.safetensors"
+        path = RunDir(run_dir).weights(weights)
         if weights == "best" and not path.is_file():
-            path = run_dir / "weights" / "last.safetensors"
+            path = RunDir(run_dir).last_weights
         return path
     return Path(weights)

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from csi_dist.cluster.slurm import ALIVE_STATES, job_states
 from csi_dist.config import load_config
 from csi_dist.files import atomic_write_json
+from csi_dist.run_dir import RunDir
 from csi_dist.sweep.space import SearchSpace
 
 log = logging.getLogger("csi_dist.sweep")
@@ -167,10 +168,10 @@ def assign_trial(settings: SweepSettings, space: SearchSpace, owner: str) -> dic
             trial.set_user_attr(key, value)
         retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
             study._storage.get_trial(trial._trial_id))
-    if retry_of is not None and not (run_dir / "checkpoints").exists():
-        source = trial_dir(sweep_dir, retry_of) / "checkpoints"
+    if retry_of is not None and not RunDir(run_dir).checkpoints.exists():
+        source = RunDir(trial_dir(sweep_dir, retry_of)).checkpoints
         if source.is_dir():  # the dead job's progress is not thrown away
-            shutil.copytree(source, run_dir / "checkpoints")
+            shutil.copytree(source, RunDir(run_dir).checkpoints)
             log.info("trial %d retries trial %d from its checkpoints", trial.number, retry_of)
     log.info("job %s runs trial %d: %s", owner, trial.number, overrides)
     return {"number": trial.number, "trial_id": trial._trial_id, "overrides": overrides, "resumed": False}

@@ -21,6 +21,7 @@ from csi_dist.exit_codes import EXIT_PREEMPTED
 from csi_dist.command import skip_final_collections
 from csi_dist.config import load_config
 from csi_dist.files import atomic_write_json
+from csi_dist.run_dir import RunDir
 from csi_dist.sweep.space import load_space
 from csi_dist.sweep.study import SweepError, SweepSettings, assign_trial, current_owner, load_study, trial_dir
 
@@ -47,11 +48,12 @@ def share_assignment(sweep_dir: Path, owner: str, rank: int, world_size: int, as
 
 
 def best_objective(run_dir: Path, key: str, direction: str) -> float:
-    history = json.loads((run_dir / "training_history.json").read_text(encoding="utf-8"))
+    path = RunDir(run_dir).history
+    history = json.loads(path.read_text(encoding="utf-8"))
     values = [record[key] for record in history
               if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])]
     if not values:
-        raise SweepError(f"{run_dir}/training_history.json: no finite {key} in any evaluation")
+        raise SweepError(f"{path}: no finite {key} in any evaluation")
     return max(values) if direction == "maximize" else min(values)
 
 

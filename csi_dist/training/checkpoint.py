@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from csi_dist.files import atomic_path, fsync_path, strict_json_value
+from csi_dist.run_dir import RunDir
 from csi_dist.strategy_registry import STRATEGY_STATE_DIR
 from csi_dist.weights import CheckpointError, load_weights, save_weights  # noqa: F401 - this module's too
 
@@ -76,7 +77,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -119,7 +120,7 @@ def _remove_checkpoint(path: Path) -> None:
 
 
 def best_weights_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "weights" / BEST_WEIGHTS_FILE
+    return RunDir(run_dir).best_weights
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

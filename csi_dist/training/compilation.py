@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from csi_dist import USER_COMPILE_CACHE_DIR
+from csi_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-COMPILE_CACHE_DIR_NAME = "compile_cache"
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's FX graph, autograd and Triton caches all live below it
 
 
@@ -21,7 +21,7 @@ def compile_with_run_cache(model: torch.nn.Module, run_dir: Path) -> torch.nn.Mo
     Inductor's default cache is /tmp on the node, which a job that SLURM requeues onto another node, or a node
     that wiped /tmp, does not have: every restart would compile again (40 s for a ResNet-50 on an H100).
     """
-    cache = USER_COMPILE_CACHE_DIR or str((run_dir / COMPILE_CACHE_DIR_NAME).resolve())
+    cache = USER_COMPILE_CACHE_DIR or str(RunDir(run_dir).compile_cache.resolve())
     os.environ[CACHE_VARIABLE] = cache  # set again: importing timm filled in inductor's /tmp default
     log.info("torch.compile cache: %s%s", cache, f" (from {CACHE_VARIABLE})" if USER_COMPILE_CACHE_DIR else "")
     return torch.compile(model)

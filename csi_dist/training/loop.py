@@ -32,6 +32,7 @@ from csi_dist.files import atomic_write_json
 from csi_dist.loss import WeightedCSILoss
 from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
 from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
+from csi_dist.run_dir import RunDir
 from csi_dist.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, batch_plan
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
@@ -89,7 +90,7 @@ class Trainer:
                                                            else Path(resume))
         saved_state = None if checkpoint_path is None else saved_trainer_state(checkpoint_path)
         # what this command changes of the run's config, named key by key before resolved_config.ini is replaced
-        self.config_changes = config_changes(run_dir / "resolved_config.ini", config) \
+        self.config_changes = config_changes(RunDir(run_dir).resolved_config, config) \
             if checkpoint_path is not None and accelerator.is_main_process else None
         self.finished_state = saved_state
         self.finished = saved_state and finished_because(
@@ -99,10 +100,10 @@ class Trainer:
             return
         if self.config_changes:
             log.warning("the config differs from the one this run was trained with (%s, now replaced): %s",
-                        run_dir / "resolved_config.ini", ", ".join(self.config_changes))
+                        RunDir(run_dir).resolved_config, ", ".join(self.config_changes))
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "resolved_config.ini")
+            save_config(config, RunDir(run_dir).resolved_config)
 
         # --- data ------------------------------------------------------------------------------------------
         self.image_size = image_size = model_input_size(config.model, config.data.image_size)
@@ -326,7 +327,7 @@ class Trainer:
             if improved and accelerator.is_main_process:  # published with the checkpoint that records it
                 self.checkpointer.stage_best_weights(weights)
             if config.heatmap.every_epoch and accelerator.is_main_process:
-                self.draw_heatmaps(weights, self.run_dir / "heatmaps" / f"epoch_{epoch:03d}")
+                self.draw_heatmaps(weights, RunDir(self.run_dir).epoch_heatmaps(epoch))
         progress.history.append(record)
         self.tracker.log({f"val/{key}": value for key, value in metrics.items()} | {"val/loss": predictions.loss},
                          progress.global_step)
@@ -334,7 +335,7 @@ class Trainer:
                  predictions.loss, metrics.get("f1_weighted", math.nan), metrics.get("f1_macro", math.nan),
                  metrics.get("csi_mae", math.nan), " (best)" if improved else "")
         if accelerator.is_main_process:
-            atomic_write_json(self.run_dir / "training_history.json", progress.history)
+            atomic_write_json(RunDir(self.run_dir).history, progress.history)
         return record
 
     def from_main_process(self, value: float) -> float:
@@ -363,14 +364,15 @@ class Trainer:
         device = self.accelerator.device
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
                                                                                          platform.machine())
-        origin = run_origin(self.config.data.shard_dir, self.run_dir / "resolved_config.ini", self.config.training.seed)
+        origin = run_origin(self.config.data.shard_dir, RunDir(self.run_dir).resolved_config, self.config.training.seed)
         record = ProvenanceRecord(self.run_dir, origin, new_segment(self.world_size, [device_name],
                                                                     self.progress.global_step,
                                                                     self.sharding))
         for change in record.changes:
             if change.startswith("config_sha256:") and self.config_changes is not None:
                 continue  # named key by key at the start
-            log.warning("this run was first trained with something else: %s (provenance.json keeps both)", change)
+            log.warning("this run was first trained with something else: %s (%s keeps both)", change,
+                        RunDir(self.run_dir).provenance.name)
         return record
 
     def stop_for_notice(self) -> NoReturn:
@@ -393,22 +395,23 @@ class Trainer:
         self.checkpointer.save()
         last_weights = self.strategy.full_state_dict(self.model)
         if accelerator.is_main_process:
-            save_weights(last_weights, self.run_dir / "weights" / "last.safetensors")
+            save_weights(last_weights, RunDir(self.run_dir).last_weights)
         accelerator.wait_for_everyone()
-        best_path = self.run_dir / "weights" / "best.safetensors"
+        best_path = RunDir(self.run_dir).best_weights
         final_weights = last_weights  # complete on rank 0
         if best_path.is_file():
             final_weights = load_weights(best_path)
             self.strategy.load_full_state_dict(self.model, final_weights)
         if config.heatmap.enabled and accelerator.is_main_process:
-            self.draw_heatmaps(final_weights, self.run_dir / "heatmaps")
+            self.draw_heatmaps(final_weights, RunDir(self.run_dir).heatmaps)
         if not self.validates:
             stop_reason += " WITHOUT VALIDATION (the val split is empty)"
         if self.early_stopping.best_epoch >= 0:
             best = f"best {config.callbacks.monitor} {self.early_stopping.best_value:.4f} at epoch " \
                    f"{self.early_stopping.best_epoch}"
         else:  # no best weights file: evaluate and predict take weights/last.safetensors
-            best = "no best weights (nothing was validated): weights/last.safetensors is the model" \
+            last = RunDir(self.run_dir).relative(RunDir(self.run_dir).last_weights)
+            best = f"no best weights (nothing was validated): {last} is the model" \
                 if not self.validates else f"no finite {config.callbacks.monitor}: no best weights"
         if self.checkpointer.provenance is not None:  # the end recorded: a rerun of this run is complete
             self.checkpointer.provenance.update(progress.global_step, outcome=stop_reason, finished=True)
@@ -436,7 +439,7 @@ class Trainer:
                      self.finished, state.get("global_step", 0), best)
             if self.config_changes:
                 log.warning("this command's config differs from the run's (%s), not applied: %s",
-                            self.run_dir / "resolved_config.ini", ", ".join(self.config_changes))
+                            RunDir(self.run_dir).resolved_config, ", ".join(self.config_changes))
             for line in outcome_lines(self.run_dir):
                 log.info("%s", line)
         self.accelerator.end_training()

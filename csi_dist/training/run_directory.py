@@ -18,17 +18,16 @@ from datetime import datetime
 from pathlib import Path
 
 from csi_dist.config import ConfigError
-from csi_dist.provenance import PROVENANCE_NAME, read_provenance
+from csi_dist.provenance import read_provenance
+from csi_dist.run_dir import MOVED_ASIDE, RUN_CONTENTS, RunDir
 
 log = logging.getLogger("csi_dist.train")
 
 FRESH = "fresh"
-# what makes a directory hold a run: a folder counts when it is not empty
-RUN_CONTENTS = ("checkpoints", "weights", "training_history.json", PROVENANCE_NAME)
 
 
 def run_contents(run_dir: Path) -> list[str]:
-    """The parts of a run `run_dir` holds (empty when it holds none)."""
+    """The parts of a run `run_dir` holds (empty when it holds none): run_dir.RUN_CONTENTS, a folder when not empty."""
     found = []
     for name in RUN_CONTENTS:
         path = Path(run_dir) / name
@@ -67,18 +66,16 @@ def plan_start(run_dir: Path, resume: str, environ: Mapping[str, str] = os.envir
         return "never", True
     raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}); --resume never does not mix a new run into "
                       f"it. To continue that run: --resume auto (the default). To start over: a new --run-dir, or "
-                      f"--resume fresh (moves the old run aside to a dated folder {run_dir.name}.old-<date> beside it, "
-                      f"nothing deleted, and starts the new run in an empty {run_dir})")
+                      f"--resume fresh (moves the old run aside to a dated folder {run_dir.name}{MOVED_ASIDE}<date> "
+                      f"beside it, nothing deleted, and starts the new run in an empty {run_dir})")
 
 
 def moved_aside_name(run_dir: Path, now: datetime) -> Path:
-    """A dated sibling folder no other folder has: <name>.old-YYYYmmdd-HHMMSS[-N]."""
-    base = run_dir.with_name(f"{run_dir.name}.old-{now:%Y%m%d-%H%M%S}")
-    target, number = base, 1
-    while target.exists():
+    """A dated sibling folder no other folder has: <name>.old-YYYYmmdd-HHMMSS[-N] (RunDir.moved_aside)."""
+    number = 1
+    while RunDir(run_dir).moved_aside(now, number).exists():
         number += 1
-        target = base.with_name(f"{base.name}-{number}")
-    return target
+    return RunDir(run_dir).moved_aside(now, number)
 
 
 def move_run_aside(run_dir: Path) -> Path:
@@ -120,7 +117,7 @@ def finished_because(run_dir: Path, state: dict, n_epochs: int, max_steps: int, 
     except (OSError, ValueError):
         return None
     ended = segments[-1].get("finished") and segments[-1].get("end_step") == state.get("global_step")
-    if not ended or not (Path(run_dir) / "weights" / "last.safetensors").is_file():
+    if not ended or not RunDir(run_dir).last_weights.is_file():
         return None
     if state.get("epoch", 0) >= n_epochs:
         return f"all {n_epochs} epoch(s) trained"
@@ -133,10 +130,9 @@ def finished_because(run_dir: Path, state: dict, n_epochs: int, max_steps: int, 
 
 def outcome_lines(run_dir: Path) -> list[str]:
     """Where a run's weights are and what to run next: the end of a training, or of a rerun of a finished one."""
-    weights, run = Path(run_dir) / "weights", shlex.quote(str(run_dir))
-    last = weights / "last.safetensors"
-    where = f"weights: {weights / 'best.safetensors'} (best, what evaluate and predict load), {last} (last)" \
-        if (weights / "best.safetensors").is_file() else f"weights: {last} (no best weights: evaluate and predict " \
-                                                          f"load it)"
+    paths, run = RunDir(run_dir), shlex.quote(str(run_dir))
+    best, last = paths.best_weights, paths.last_weights
+    where = f"weights: {best} (best, what evaluate and predict load), {last} (last)" \
+        if best.is_file() else f"weights: {last} (no best weights: evaluate and predict load it)"
     return [where, f"next: python -m csi_dist.evaluate --run-dir {run}; python -m csi_dist.predict --run-dir {run} "
                    f"--images DIR"]

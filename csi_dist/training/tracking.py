@@ -20,14 +20,13 @@ from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 from csi_dist.config import Config, config_to_dict
 from csi_dist.files import atomic_write_json
 from csi_dist.redaction import masked_argv, redact
+from csi_dist.run_dir import HISTORY, PROVENANCE, RESOLVED_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
-MLFLOW_RUN_FILE = "mlflow_run.json"  # the MLflow run this run directory continues: {"tracking_uri", "run_id"}
-MLFLOW_LOCAL_STORE = "mlflow"  # <run_dir>/mlflow when logging.mlflow_tracking_uri is empty
 # the run's own records, copied to MLflow when training ends; weights are not: they stay in <run_dir>/weights
 # (tens to hundreds of MB per run, a second copy in the local store; the run_dir tag says where they are)
-MLFLOW_ARTIFACTS = ("resolved_config.ini", "training_history.json", "provenance.json")
+MLFLOW_ARTIFACTS = (RESOLVED_CONFIG, HISTORY, PROVENANCE)
 
 
 def wandb_config(config: Config) -> dict[str, dict[str, object]]:
@@ -74,7 +73,7 @@ class WandBRun(FailSoft, WandBTracker):
         # (TensorBoard would write an hparams folder into tensorboard/, MLflow needs it flat)
         super().__init__(masked["logging"]["wandb_project"], group=masked["logging"]["wandb_group"] or None,
                          name=run_name, id=run_id, resume="allow", mode=config.logging.wandb_mode,
-                         dir=str(run_dir), config=masked,
+                         dir=str(RunDir(run_dir).wandb.parent), config=masked,  # W&B adds the wandb/
                          settings=wandb.Settings(init_timeout=120, console="off", x_disable_stats=True))
 
     def start(self) -> None:
@@ -100,7 +99,7 @@ class MLflowRun(FailSoft, MLflowTracker):
     def __init__(self, run_dir: Path, config: Config, run_name: str):
         self.run_dir = run_dir
         self.configured_uri = config.logging.mlflow_tracking_uri
-        self.tracking_uri = self.configured_uri or (run_dir / MLFLOW_LOCAL_STORE).resolve().as_uri()
+        self.tracking_uri = self.configured_uri or RunDir(run_dir).mlflow_store.resolve().as_uri()
         tags = {"csi_dist.run_dir": str(run_dir.resolve())}
         if config.logging.wandb_group:
             tags["csi_dist.group"] = redact(config.logging.wandb_group)
@@ -109,7 +108,7 @@ class MLflowRun(FailSoft, MLflowTracker):
 
     def recorded_run_id(self) -> str | None:
         """The MLflow run an earlier segment of this run started in the same tracking store, if any."""
-        path = self.run_dir / MLFLOW_RUN_FILE
+        path = RunDir(self.run_dir).mlflow_run
         if not path.is_file():
             return None
         try:
@@ -142,11 +141,11 @@ class MLflowRun(FailSoft, MLflowTracker):
                 if self.run_id is None:
                     raise
                 log.warning("the MLflow run %s named in %s cannot be continued (%s): a new MLflow run starts",
-                            self.run_id, self.run_dir / MLFLOW_RUN_FILE, error)
+                            self.run_id, RunDir(self.run_dir).mlflow_run, error)
                 self.run_id = None
                 begin()
             self.run_id = self.active_run.info.run_id
-            atomic_write_json(self.run_dir / MLFLOW_RUN_FILE,
+            atomic_write_json(RunDir(self.run_dir).mlflow_run,
                               {"tracking_uri": self.configured_uri, "run_id": self.run_id})
             log.info("MLflow run %s in %s", self.run_id, self.tracking_uri)
         self.guarded(start_or_continue)
@@ -198,7 +197,8 @@ class Tracker:
         self.accelerator = accelerator
         if not accelerator.is_main_process:
             return
-        trackers = [TensorBoardTracker("tensorboard", run_dir)]  # its SummaryWriter writes <run_dir>/tensorboard
+        board = RunDir(run_dir).tensorboard  # accelerate's tracker writes <logging_dir>/<run_name>
+        trackers = [TensorBoardTracker(board.name, board.parent)]
         if config.logging.wandb_mode != "disabled":
             trackers.append(WandBRun(run_dir, config, run_name))
         if config.logging.mlflow:
