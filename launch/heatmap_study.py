@@ -32,6 +32,7 @@ from csi_dist.data.shards import write_shards
 from csi_dist.domain import NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.trained_model import load_trained_model
 from csi_dist.evaluation.heatmaps import zone_heatmaps
+from csi_dist.run_dir import RunDir
 
 out = Path(sys.argv[1])
 plans = [json.loads(arg) for arg in sys.argv[2:]]
@@ -67,9 +68,9 @@ for plan in plans:
     if result.returncode != 0:
         print(json.dumps({"run": plan["name"], "train_rc": result.returncode, "tail": result.stderr[-1500:]}))
         continue
-    history = json.loads((run_dir / "training_history.json").read_text())
+    history = json.loads(RunDir(run_dir).history.read_text())
     f1 = [round(r.get("val_f1_macro", float("nan")), 3) for r in history]
-    config = load_config(run_dir / "resolved_config.ini")
+    config = load_config(RunDir(run_dir).resolved_config)
     accelerator = Accelerator()
     model, _, _, size = load_trained_model(config, run_dir, "best", accelerator)
     model.eval()
