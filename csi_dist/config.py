@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_dist.domain import monitored_metric
-from csi_dist.strategy_registry import REGISTRY as STRATEGY_REGISTRY
 from csi_dist.files import atomic_write
 from csi_dist.redaction import redact
+from csi_dist.run_dir import RunDir
+from csi_dist.strategy_registry import REGISTRY as STRATEGY_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,14 @@ def _resolve_key(section: str, key: str, where: str) -> tuple[str, str] | None:
         key, [v.split(".")[1] for v in valid], n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a run trained with (its resolved_config.ini), for the commands that use a trained run (evaluate,
+    predict, export): ConfigError naming the directory when it is no run directory, else naming file and key."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: no such run directory")
+    return load_config(RunDir(run_dir).resolved_config, overrides)
 
 
 def section_of(key: str) -> str:

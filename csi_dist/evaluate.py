@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from csi_dist.command import run_command
-from csi_dist.config import Config, ConfigError, load_config
+from csi_dist.config import Config, ConfigError, load_run_config
 from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
                                            check_shard_columns)
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
@@ -77,11 +77,6 @@ def default_out_dir(run_dir: Path, shard_dir: str | Path) -> Path:
     trained_on = read_provenance(run_dir).get("origin", {}).get("data", {}).get("manifest_sha256")
     own = trained_on is None or trained_on == sha256_of(Path(shard_dir) / "manifest.json")
     return RunDir(run_dir).evaluation if own else RunDir(run_dir).external_evaluation(shard_dir)
-
-
-def run_config(run_dir: Path, shard_dir: str | None) -> Config:
-    """The run's resolved config (with --shard-dir), validated before anything heavy loads."""
-    return load_config(RunDir(run_dir).resolved_config, [f"data.shard_dir={shard_dir}"] if shard_dir else [])
 
 
 def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out_dir: Path, heatmaps: int = 0,
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     subgroups = SubgroupOptions(tuple(dict.fromkeys(args.by)), args.min_subgroup_images, args.min_subgroup_patients,
                                 args.bootstrap_resamples, args.bootstrap_seed)
     try:
-        config = run_config(args.run_dir, args.shard_dir)
+        config = load_run_config(args.run_dir, [f"data.shard_dir={args.shard_dir}"] if args.shard_dir else [])
         check_shard_columns(config.data.shard_dir, subgroups.columns)
     except (ConfigError, SubgroupError) as error:  # answered before torch loads
         log.error("%s", error)

@@ -32,9 +32,8 @@ import logging
 from pathlib import Path
 
 from csi_dist.command import run_command
-from csi_dist.config import ConfigError, load_config
+from csi_dist.config import ConfigError, load_run_config
 from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.run_dir import RunDir
 
 # torch, pandas and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second (issue 34). The work itself: csi_dist.evaluation.prediction.
@@ -77,11 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not args.run_dir.is_dir():
-        log.error("--run-dir %s: no such run directory", args.run_dir)
-        return EXIT_CONFIG_ERROR
     try:
-        config = load_config(RunDir(args.run_dir).resolved_config)
+        config = load_run_config(args.run_dir)
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
