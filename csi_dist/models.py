@@ -229,7 +229,10 @@ def build_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
                                      in_chans=INPUT_CHANNELS, **_vit_kwargs(spec, image_size))
     if cfg.pretrained_weights:
         _load_backbone_weights(backbone, Path(cfg.pretrained_weights), spec.timm_name)
-    return CSIModel(backbone, backbone.num_features, cfg.dropout_rate)
+    # what the backbone gives after its pooling and any head layers of its own (MobileNetV3: a conv to 1024 after
+    # 288 features); Custom_1 and timm models without such layers have num_features only
+    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    return CSIModel(backbone, features, cfg.dropout_rate)
 
 
 def unwrapped_model(model: nn.Module) -> nn.Module:

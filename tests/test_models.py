@@ -19,6 +19,17 @@ def test_backbones_give_zone_logits(name: str, size: int):
     assert model(torch.randn(2, 1, size, size)).shape == (2, 6, 5)
 
 
+def test_a_timm_name_whose_head_has_its_own_layers_gives_zone_logits():
+    """'any timm name': MobileNetV3 ends in a conv + activation after pooling (1024 features out, num_features
+    says 288); the zone head must take what the backbone really gives (was: mat1 and mat2 shapes cannot be
+    multiplied)."""
+    model = build_model(ModelConfig(model_arch="mobilenetv3_small_050"), 64).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(2, 1, 64, 64))
+        assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 6, 5)
+    assert model.zone_head.in_features == features.shape[1]
+
+
 def test_raddino_is_a_vit_b14_at_518():
     spec = backbone_spec("RadDINO")
     assert spec.timm_name == "vit_base_patch14_dinov2" and spec.input_size == 518
