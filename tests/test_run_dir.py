@@ -38,8 +38,10 @@ def files_on_disk(root: Path) -> set[str]:
 def test_a_trained_run_holds_exactly_the_files_run_dir_names(trained_run):
     run = RunDir(trained_run)
     on_disk = files_on_disk(trained_run)
+    # other tests of the session may add what a run gets later: temperatures beside the weights (evaluate on val)
     named_files = {run.resolved_config, run.provenance, run.history, run.best_weights, run.last_weights,
-                   run.preempt_request, run.mlflow_run}
+                   run.preempt_request, run.mlflow_run, calibration_beside(run.best_weights),
+                   calibration_beside(run.last_weights)}
     named_folders = {run.checkpoints, run.tensorboard, run.heatmaps, run.evaluation, run.wandb, run.mlflow_store,
                      run.compile_cache, run.failure_requeues}
     # each file is one RunDir names, or lies in a folder it names
@@ -54,8 +56,10 @@ def test_a_trained_run_holds_exactly_the_files_run_dir_names(trained_run):
                                             run.last_weights)} == expected
     assert {Path(path).parts[0] for path in on_disk} >= {"checkpoints", "tensorboard", "heatmaps", "evaluation"}
     assert any(path.startswith("checkpoints/step-") for path in on_disk)
-    assert {path for path in on_disk if path.startswith("weights/")} == {"weights/best.safetensors",
-                                                                          "weights/last.safetensors"}
+    weights = {path for path in on_disk if path.startswith("weights/")}
+    assert {"weights/best.safetensors", "weights/last.safetensors"} <= weights <= {
+        "weights/best.safetensors", "weights/last.safetensors", "weights/best.calibration.json",
+        "weights/last.calibration.json"}
     assert any(path.startswith("heatmaps/epoch_000/") for path in on_disk)
     assert run.relative(run.epoch_heatmaps(0)) == "heatmaps/epoch_000"
     assert any(path.startswith("evaluation/heatmaps/test/") for path in on_disk)
