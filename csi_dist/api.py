@@ -272,10 +272,10 @@ def train_epoch(model: torch.nn.Module, loader, criterion: WeightedCSILoss, opti
     for step, micro_batch in enumerate(device_batches(loader, device, channels_last=False)):
         # the trainer's step (training/step.py) on a window of one batch: its loss is the batch's weighted mean
         losses = []
-        stepped = train_step(model, [micro_batch], criterion=criterion, strategy=strategy, optimizer=optimizer,
-                             accelerator=process, buffers=buffers,
-                             after_micro_batch=lambda batch, images, loss, seconds: losses.append(loss.detach()))
-        if not stepped:  # nothing of it counts: not the weights, the buffers, the schedule or the epoch's mean
+        update = train_step(model, [micro_batch], criterion=criterion, strategy=strategy, optimizer=optimizer,
+                            accelerator=process, buffers=buffers,
+                            after_micro_batch=lambda batch, images, loss, seconds: losses.append(loss.detach()))
+        if not update.stepped():  # nothing of it counts: not the weights, the buffers, the schedule or the epoch's mean
             log.warning("non-finite loss or gradients at step %d: step skipped", step)
             continue
         if scheduler is not None:

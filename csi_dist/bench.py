@@ -5,13 +5,19 @@
 
 For each case ``ARCH@SIZExBATCH`` it measures, on the GPU when there is one:
 
-* ceiling: the training step alone (bf16 autocast, channels_last, fused AdamW, WeightedCSILoss) on random tensors
-  already on the device: the most the model can do on this machine;
+* ceiling: the trainer's own step (training/step.py: bf16 autocast, channels_last, fused AdamW, WeightedCSILoss)
+  on random tensors already on the device: the most the model can do on this machine; and, where the trainer
+  finishes images on the GPU (data.gpu_augment), the same step with that finishing (normalise and augment uint8
+  pixels already on the device) in front: "% of ceiling" is then measured against it, so that it measures the
+  trainer and not the augmentation;
 * loader: the real shard reader (``csi_dist.data.reader``, the trainer's workers) alone, finishing images where the
   trainer does (``--gpu-augment``: on the GPU the workers only read and decode, and hand over uint8 pixels);
-* end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s and the share of its time spent
-  waiting on the loader read back from the run's TensorBoard scalars after ``--warmup`` steps, its time to the
-  first step and its peak GPU memory;
+* end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s and where its time went
+  (waiting on the loader, waiting on the GPU, the host's own work) read back from the run's TensorBoard scalars
+  after ``--warmup`` steps, its time to the first step and its peak GPU memory;
+
+Every rate is the median of ``--repeats`` measurements of ``--steps`` steps (the ceiling's timed apart, the
+trainer's consecutive windows of one run after its warm-up).
 * files (``--pil-baseline``): a plain PIL-from-files Dataset on the phantom's source PNGs, for the loader.
 
 The loader column and the trainer's data-wait share are the step-time breakdown: a share near 0 % means the step
@@ -26,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -78,10 +85,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int, compile_model: bool) -> dict:
-    """Images/s of the training step on tensors already on the device (no data loading at all)."""
+def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int, compile_model: bool,
+                      finish_on_device: bool = False, compile_mode: str = "default", repeats: int = 3) -> dict:
+    """Images/s of the training step on tensors already on the device (no data loading at all): the median of
+    `repeats` timed runs of `steps` steps. finish_on_device: the images start as uint8 pixels on the device and are
+    normalised and augmented there first (data.gpu_augment's share of the GPU), as the trainer does with it on."""
     import torch
 
+    from csi_dist.data.reader import finish_on_device as finish
+    from csi_dist.data.transforms import AUGMENT_DRAWS
     from csi_dist.loss import WeightedCSILoss
     from csi_dist.models import build_model
     from csi_dist.training.accumulation import BufferSnapshot
@@ -91,28 +103,36 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
     model = build_model(ModelConfig(model_arch=case.arch, dropout_rate=0.0)).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, OptimizationConfig(optimizer="adamw"), fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile_model else model
-    images = torch.randn(case.batch_size, 1, case.image_size, case.image_size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    step_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) \
+        if compile_model else model
+    shape = (case.batch_size, 1, case.image_size, case.image_size)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    draws = torch.rand(case.batch_size, AUGMENT_DRAWS, device=device)
+    images = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 5, (case.batch_size, 6), device=device)
     mask = torch.ones(case.batch_size, dtype=torch.bool, device=device)
-    # the trainer's own step (training/step.py) on one process, minus the loader: the ceiling it can reach
-    window = [(None, images, targets, mask)]
     process = SingleProcess(device, torch.bfloat16 if device.type == "cuda" else None)
     criterion, strategy, buffers = WeightedCSILoss().to(device), SingleProcessStrategy(), BufferSnapshot(model)
 
-    def step() -> None:
-        train_step(step_model, window, criterion=criterion, strategy=strategy, optimizer=optimizer,
-                   accelerator=process, buffers=buffers)
+    def step() -> None:  # the trainer's own step (training/step.py) on one process, minus the loader
+        step_images = images
+        if finish_on_device:  # the trainer's own finishing (reader.finish_on_device) of a batch already copied
+            step_images = finish({"pixels": pixels, "augment_draws": draws, "normalization": "medical"}, device)
+            step_images = step_images.contiguous(memory_format=torch.channels_last)
+        train_step(step_model, [(None, step_images, targets, mask)], criterion=criterion, strategy=strategy,
+                   optimizer=optimizer, accelerator=process, buffers=buffers)
 
     for _ in range(warmup):
         step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return {"images_per_second": steps * case.batch_size / (time.perf_counter() - start)}
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        rates.append(steps * case.batch_size / (time.perf_counter() - start))
+    return {"images_per_second": statistics.median(rates), "measurements": rates}
 
 
 def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, augment: bool = True,
@@ -165,13 +185,15 @@ def _time_batches(batches_iter, batches: int, workers: int, count) -> dict:
 
 def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: int, workers: int,
                compile_model: bool, strategy: str, trainer_overrides: list[str] = (), restart: bool = False,
-               gpu_augment: str = "auto") -> dict:
-    """The real trainer, launched as users launch it (torchrun, one process), for warmup + steps optimizer steps.
+               gpu_augment: str = "auto", repeats: int = 3) -> dict:
+    """The real trainer, launched as users launch it (torchrun, one process), for warmup + repeats x steps optimizer
+    steps: the median of its `repeats` consecutive measurements of `steps` steps after the warm-up.
 
     restart: then launch it again on the same run directory, as a requeued job would be, for as many steps more,
     and report that process's time to its first step too (it resumes from the checkpoint and compile cache).
     """
     log_every = math.gcd(steps, warmup) if warmup else steps
+    total_steps = warmup + repeats * steps
     overrides = {"model.model_arch": case.arch, "model.compile": str(compile_model).lower(),
                  "data.shard_dir": shard_dir, "data.image_size": case.image_size,
                  "training.batch_size": case.batch_size, "data.num_workers": workers,
@@ -180,18 +202,23 @@ def end_to_end(shard_dir: Path, case: Case, run_dir: Path, steps: int, warmup: i
                  "callbacks.checkpoint_every_steps": 0, "callbacks.early_stopping_patience": 0,
                  "training.strategy": strategy, "data.gpu_augment": gpu_augment}
     shutil.rmtree(run_dir, ignore_errors=True)  # the scalars read back must be this run's only
-    run_trainer(run_dir, overrides | {"training.max_steps": warmup + steps}, trainer_overrides, "never")
+    run_trainer(run_dir, overrides | {"training.max_steps": total_steps}, trainer_overrides, "never")
     scalars = read_scalars(RunDir(run_dir).tensorboard)
-    # every window holds log_every * batch images, so the overall rate is the harmonic mean of the window rates
-    measured = [value for step, value in scalars["train/images_per_second"] if step > warmup]
-    waiting = [value for step, value in scalars["train/data_wait_share"] if step > warmup]
-    result = {"images_per_second": len(measured) / sum(1 / value for value in measured),
-              "data_wait_share": sum(waiting) / len(waiting),
+
+    def measurements(tag: str) -> list[list[float]]:  # the log windows of each measurement after the warm-up
+        return [[value for step, value in scalars[tag] if warmup + index * steps < step <= warmup + (index + 1) * steps]
+                for index in range(repeats)]
+    # every window holds log_every * batch images, so a measurement's rate is the harmonic mean of its windows'
+    rates = [len(windows) / sum(1 / value for value in windows) for windows in measurements("train/images_per_second")]
+    result = {"images_per_second": statistics.median(rates), "measurements": rates,
               "seconds_to_first_step": scalars["train/seconds_to_first_step"][0][1],
               "peak_gpu_memory_gib": max((value for _, value in scalars.get("train/peak_gpu_memory_gib", [])),
                                          default=None)}
+    for share in ("data_wait_share", "device_wait_share", "host_share"):  # where the time went, over all windows
+        windows = [value for group in measurements(f"train/{share}") for value in group]
+        result[share] = sum(windows) / len(windows)
     if restart:
-        run_trainer(run_dir, overrides | {"training.max_steps": 2 * (warmup + steps)}, trainer_overrides, "auto")
+        run_trainer(run_dir, overrides | {"training.max_steps": 2 * total_steps}, trainer_overrides, "auto")
         first_steps = read_scalars(RunDir(run_dir).tensorboard)["train/seconds_to_first_step"]
         if len(first_steps) != 2:
             raise RuntimeError(f"{run_dir}: the relaunched trainer took no step (is the epoch too short?)")
@@ -240,21 +267,26 @@ def phantom_shards(work_dir: Path, case: Case, batches: int, image_format: str =
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| case | workers | ceiling img/s | end-to-end img/s | % of ceiling | waits on data % | loader img/s "
-              "| loader img/s/worker | loader no-augment img/s | PIL files img/s | first step s "
-              "| restart first step s | peak GiB |")
+    header = ("| case | workers | ceiling img/s | ceiling with GPU finishing img/s | end-to-end img/s | % of ceiling "
+              "| waits on data % | waits on GPU % | host % | loader img/s | loader img/s/worker "
+              "| loader no-augment img/s | PIL files img/s | first step s | restart first step s | peak GiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
-        e2e, ceiling = row["end_to_end"], row["ceiling"]
+        e2e = row["end_to_end"]
+        # the ceiling of the same work: with the images finished on the GPU when the trainer finishes them there
+        ceiling = row.get("ceiling_finishing") or row["ceiling"]
 
         def number(value, digits=0):
             return "-" if value is None else f"{value:.{digits}f}"
         lines.append(" | ".join([
-            f"| {row['case']} {row['strategy']}{' compiled' if row['compile'] else ''} {row['image_format']}"
-            f" gpu_augment={row['gpu_augment']}", str(row["workers"]),
-            number(ceiling["images_per_second"]), number(e2e["images_per_second"]),
+            f"| {row['case']} {row['strategy']}{' compiled' if row['compile'] else ''}"
+            f"{'' if row.get('compile_mode', 'default') == 'default' else ' ' + row['compile_mode']}"
+            f" {row['image_format']} gpu_augment={row['gpu_augment']}", str(row["workers"]),
+            number(row["ceiling"]["images_per_second"]),
+            number(row.get("ceiling_finishing", {}).get("images_per_second")), number(e2e["images_per_second"]),
             number(100 * e2e["images_per_second"] / ceiling["images_per_second"], 1),
-            number(100 * e2e["data_wait_share"], 1),
+            number(100 * e2e["data_wait_share"], 1), number(100 * e2e.get("device_wait_share", math.nan), 1),
+            number(100 * e2e.get("host_share", math.nan), 1),
             number(row["loader"]["images_per_second"]), number(row["loader"]["images_per_second_per_worker"], 1),
             number(row.get("loader_no_augment", {}).get("images_per_second")),
             number(row.get("files", {}).get("images_per_second")), number(e2e["seconds_to_first_step"], 1),
@@ -267,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csi_dist.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--case", dest="cases", type=Case.parse, action="append",
                         help=f"ARCH@SIZExBATCH, repeatable (default: {' and '.join(DEFAULT_CASES)})")
-    parser.add_argument("--steps", type=int, default=40, help="measured steps (default: 40)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of one measurement (default: 20)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per number, the median reported (default: 3)")
     parser.add_argument("--warmup", type=int, default=10,
                         help="steps before measuring: cudnn autotune, compile (default: 10)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
@@ -276,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-batches", type=int, default=60,
                         help="batches timed after one from every worker (default: 60)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (ceiling and trainer)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode of the ceiling's step (reduce-overhead: CUDA graphs; default: "
+                             "default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="passed to the trainer, e.g. --set training.cudnn_benchmark=false (repeatable; default: none)")
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"),
@@ -303,16 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for case in args.cases or [Case.parse(text) for text in DEFAULT_CASES]:
-        trainer_steps = (2 if args.restart else 1) * (args.steps + args.warmup)
+        trainer_steps = (2 if args.restart else 1) * (args.repeats * args.steps + args.warmup)
         shard_dir = phantom_shards(args.work_dir, case, max(trainer_steps, args.loader_batches + args.workers),
                                    args.image_format)
         on_device = args.gpu_augment == "true" or (args.gpu_augment == "auto" and device.type == "cuda")
         row = {"case": str(case), **asdict(case), "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "compile": args.compile, "workers": args.workers,
                "strategy": args.strategy, "trainer_overrides": args.overrides, "gpu_augment": args.gpu_augment,
-               "image_format": args.image_format}
+               "image_format": args.image_format, "compile_mode": args.compile_mode}
         log.info("%s: ceiling", case)
-        row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile)
+        row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile,
+                                           compile_mode=args.compile_mode, repeats=args.repeats)
+        if on_device:  # what normalising and augmenting on the GPU costs the step, measured apart
+            row["ceiling_finishing"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile,
+                                                         finish_on_device=True, compile_mode=args.compile_mode,
+                                                         repeats=args.repeats)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("%s: loader", case)
@@ -326,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: end to end", case)
         row["end_to_end"] = end_to_end(shard_dir, case, args.work_dir / "runs" / case.arch, args.steps,
                                        args.warmup, args.workers, args.compile, args.strategy,
-                                       args.overrides, args.restart, args.gpu_augment)
+                                       args.overrides, args.restart, args.gpu_augment, args.repeats)
         rows.append(row)
         log.info("%s", json.dumps(row))
     table = format_table(rows)

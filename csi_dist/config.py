@@ -53,6 +53,7 @@ class TrainingConfig:
     strategy: str = "auto"  # auto (from the accelerate launch config, else ddp), ddp, fsdp2 or deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage when the strategy is deepspeed
     collective_timeout_s: int = 900  # a rank that waits longer than this on the others fails instead of hanging
+    profile_steps: int = 0  # profile this many optimizer steps after the first 10 (torch.profiler, rank 0; 0 = off)
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Range:
 RANGES: dict[tuple[str, str], Range] = {
     **{("training", key): Range(1) for key in ("batch_size", "n_epochs", "gradient_accumulation_steps",
                                                "log_every_steps", "eval_every_epochs", "collective_timeout_s")},
-    **{("training", key): Range(0) for key in ("max_steps", "max_bad_steps", "global_batch_size")},
+    **{("training", key): Range(0) for key in ("max_steps", "max_bad_steps", "global_batch_size", "profile_steps")},
     ("data", "num_workers"): Range(0),
     ("training", "seed"): Range(0, 2**63 - 1),  # torch seeds each rank with seed + 1 + rank, below 2**64
     ("training", "zero_stage"): Range(1, 3),

@@ -14,6 +14,7 @@ Torch-free and importing nothing of csi_dist, so every layer uses it (cluster/, 
     <run dir>/evaluation/              evaluate's reports; evaluation/external/<shards>/ for other shards
     <run dir>/export/                  export's model files
     <run dir>/compile_cache/           torch.compile's kernels
+    <run dir>/profile/                 training.profile_steps: the profiler's trace and its summary tables
     <run dir>/PREEMPT_REQUESTED        a preemption request (a manual `touch` too)
     <run dir>/failure_requeues/<id>    one file per SLURM requeue after a lost rank
     <run dir>.old-YYYYmmdd-HHMMSS[-N]  a run moved aside by --resume fresh;  <run dir>-debug  a --debug run
@@ -41,6 +42,7 @@ EVALUATION = "evaluation"
 EXTERNAL = "external"
 EXPORT = "export"
 COMPILE_CACHE = "compile_cache"
+PROFILE = "profile"
 PREEMPT_REQUEST = "PREEMPT_REQUESTED"
 FAILURE_REQUEUES = "failure_requeues"
 MOVED_ASIDE = ".old-"
@@ -152,6 +154,18 @@ class RunDir:
     @property
     def compile_cache(self) -> Path:
         return self.root / COMPILE_CACHE
+
+    @property
+    def profile(self) -> Path:
+        return self.root / PROFILE
+
+    @property
+    def profile_trace(self) -> Path:
+        return self.profile / "trace.json"
+
+    @property
+    def profile_summary(self) -> Path:
+        return self.profile / "summary.txt"
 
     @property
     def preempt_request(self) -> Path:

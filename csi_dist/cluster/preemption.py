@@ -120,11 +120,11 @@ class PreemptionWatcher:
             return False
         requested_by = self._counting_request_file()
         local_request = self.received_signal is not None or requested_by is not None
-        import torch  # here, not at the top: csi_dist.submit and the batch-script requeue run without torch
-        flag = torch.tensor([int(local_request)], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="max")
-        stop = bool(flag.item())
+        stop = local_request
+        if accelerator.num_processes > 1:  # one process asks no one: no device tensor, no wait for the GPU's queue
+            import torch  # here, not at the top: csi_dist.submit and the batch-script requeue run without torch
+            flag = torch.tensor([int(local_request)], device=accelerator.device)
+            stop = bool(accelerator.reduce(flag, reduction="max").item())
         if stop and accelerator.is_main_process:
             reason = self.received_signal or (f"{requested_by}" if local_request else "another rank")
             log.warning("preemption requested (%s): all ranks stop at step %d", reason, global_step)

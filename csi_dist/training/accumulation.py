@@ -44,21 +44,54 @@ class BufferSnapshot:
 
     A forward pass in train mode folds its batch into BatchNorm's running statistics before any loss exists, so an
     update skipped for a non-finite loss or gradient must also put the buffers back: one non-finite activation
-    would otherwise leave NaN statistics that every later evaluation uses. `take` before the window (one fused
-    copy per update), `restore` when the update is skipped.
+    would otherwise leave NaN statistics that every later evaluation uses. `take` before the window, `restore` when
+    the update is skipped, or `restore_where(skipped)` on the device when only the device knows (the flag selects,
+    it never multiplies: a NaN statistic must not leak through 0 * NaN). Buffers are saved into one flat tensor per
+    dtype and device, so each of these is one or three kernel launches, not one per buffer.
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.buffers = list(model.buffers())
-        self.saved = [buffer.clone() for buffer in self.buffers]
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for buffer in model.buffers():
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        self.groups = [_BufferGroup(buffers) for buffers in groups.values()]
 
     def take(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.saved, self.buffers)
+        for group in self.groups:
+            torch._foreach_copy_(group.saved_views, group.buffers)
 
     def restore(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.buffers, self.saved)
+        for group in self.groups:
+            torch._foreach_copy_(group.buffers, group.saved_views)
+
+    def restore_where(self, skipped: torch.Tensor) -> None:
+        """Put the saved buffers back where `skipped` (0-d, on the buffers' device) is nonzero, keep them otherwise."""
+        if not self.groups:
+            return
+        skipped = skipped.bool()
+        for group in self.groups:
+            torch._foreach_copy_(group.current_views, group.buffers)
+            torch.where(skipped, group.saved, group.current, out=group.current)
+            torch._foreach_copy_(group.buffers, group.current_views)
+
+
+class _BufferGroup:
+    """Buffers of one dtype and device, with two flat tensors of their total size and per-buffer views into them."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+        total = sum(buffer.numel() for buffer in buffers)
+        self.saved = torch.empty(total, dtype=buffers[0].dtype, device=buffers[0].device)
+        self.current = torch.empty_like(self.saved)
+        self.saved_views, self.current_views = self._views(self.saved), self._views(self.current)
+        self.saved.copy_(torch.cat([buffer.reshape(-1) for buffer in buffers]))
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for buffer in self.buffers:
+            views.append(flat[offset:offset + buffer.numel()].view(buffer.shape))
+            offset += buffer.numel()
+        return views
 
 
 def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from torch import nn
 from csi_dist.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.checkpoint import CheckpointError, check_weights_only, unusable_because
+from csi_dist.training.step import UpdateOutcome
 from csi_dist.training.strategies import broadcast_buffers, live_sharding
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,12 @@ class DeepSpeedStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the window
 
-    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> bool | None:
+    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> UpdateOutcome | None:
         self.engine.step()  # at a boundary: reduce, check the norm, update or skip; else only counts the micro-step
         if not is_update_step:
             return None
-        norm = self.engine.get_global_grad_norm()
-        return norm is None or math.isfinite(float(norm))
+        norm = self.engine.get_global_grad_norm()  # the engine decided on the host already
+        return UpdateOutcome(stepped=norm is None or math.isfinite(float(norm)))
 
     def synchronize_buffers(self, model: nn.Module) -> None:
         broadcast_buffers(model)

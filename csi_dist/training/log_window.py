@@ -3,10 +3,11 @@ and where the time went: waiting on the loader (with what to do when that share 
 and the rest, the host's own work.
 
 The loss is summed on the device and the decode failures on the host, so a step costs no host sync; a log line
-costs one collective (loss, failures and waits together) and one sync. The trainer syncs once per update (the
-finite-gradient check inside `strategy.step`): time blocked on the loader is time the GPU had nothing to do; time
-in `strategy.step` is mostly the wait for the GPU to finish the update's work; what is left is the host launching
-work (Python, kernel launches), and when that is most of the window the step is host-bound.
+costs one collective (loss, failures and waits together) and one sync. Time blocked on the loader is time the GPU
+had nothing new to do; time blocked on the device is the host waiting for the GPU to reach an update (reading its
+outcome one update later, training/step.py, or inside `strategy.step` where the strategy decides on the host); what
+is left is the host's own work (Python, kernel launches). A host that hardly ever waits for the GPU is what keeps
+the GPU waiting: the step is host-bound, and the message says so once per epoch, as it does for a data-bound one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 DATA_BOUND_SHARE = 0.1  # waiting on the loader more than this share of a window is worth saying
+HOST_BOUND_DEVICE_WAIT = 0.05  # on a GPU, a host that waited on it less than this share of a window kept it waiting
 
 
 def data_bound_message(wait_share: float, loader_rate: float, step_rate: float, advice: str) -> str | None:
@@ -26,13 +28,23 @@ def data_bound_message(wait_share: float, loader_rate: float, step_rate: float, 
             f"{loader_rate:.0f} img/s, the step alone could do {step_rate:.0f} img/s: {advice}")
 
 
+def host_bound_message(wait_share: float, device_share: float, advice: str) -> str | None:
+    """The plain sentence for a GPU window whose host hardly ever waited for the GPU: the GPU then waits for the
+    host (Python, kernel launches, the loop's own work) instead; None otherwise."""
+    if wait_share > DATA_BOUND_SHARE or device_share >= HOST_BOUND_DEVICE_WAIT:
+        return None
+    return (f"host-bound: the host waited on the GPU only {device_share:.0%} of the time and on the loader "
+            f"{wait_share:.0%}: the GPU waits for the host to launch its work: {advice}")
+
+
 class LogWindow:
     """One rank's sums since the last log line, and its undecodable samples of the whole epoch."""
 
-    def __init__(self, accelerator, check_failures: Callable[[int], None], advice: str = ""):
+    def __init__(self, accelerator, check_failures: Callable[[int], None], advice: str = "", host_advice: str = ""):
         self.accelerator = accelerator
         self.check_failures = check_failures  # raises TooManyBadSamples when the epoch's count is past the bound
         self.advice = advice  # what would feed the step faster here (the data-bound message's last part)
+        self.host_advice = host_advice  # what would take work off the host (the host-bound message's)
         self.loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last line
         self.epoch_decode_failures = 0  # real samples only: padding copies are not counted
         self.data_bound_said = False  # the message once per epoch; the share goes to the tracker every line
@@ -101,6 +113,8 @@ class LogWindow:
         if not self.data_bound_said:
             message = data_bound_message(wait_share, images / steady, images / max(steady - steady_wait, 1e-9),
                                          self.advice)
+            if message is None and self.accelerator.device.type == "cuda":
+                message = host_bound_message(wait_share, device_share, self.host_advice)
             self.data_bound_said = message is not None
         self._restart()
         return values, message

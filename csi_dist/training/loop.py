@@ -41,9 +41,10 @@ from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
+from csi_dist.training.profiling import StepProfiler
 from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
-from csi_dist.training.step import StepFaults, train_step
+from csi_dist.training.step import StepFaults, UpdateLedger, train_step
 from csi_dist.training.strategies import build_strategy, describe
 from csi_dist.training.tracking import Tracker
 
@@ -176,6 +177,7 @@ class Trainer:
         self.startup_logged = False  # the first step of this process, whether the run starts or resumes
         self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
         self.max_steps = config.training.max_steps or math.inf
+        self.profiler = StepProfiler(run_dir, config.training.profile_steps, accelerator.is_main_process)
 
     # --- epochs --------------------------------------------------------------------------------------------------
     def run(self, epoch_end_hook: Callable[[dict, object], bool] | None = None) -> int:
@@ -222,10 +224,16 @@ class Trainer:
                    disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         window_log = LogWindow(accelerator, lambda failures: check_bad_samples(
             "train", failures, self.train_set.num_samples, config.data.max_bad_fraction, config.data.shard_dir),
-            advice=self.data_advice())
+            advice=self.data_advice(), host_advice=self.host_advice())
         batches = window_log.timed(device_batches(loader, accelerator.device, self.channels_last))
         input_faults = nonfinite_input_values(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
         buffers = BufferSnapshot(self.model)  # a skipped update leaves BatchNorm's statistics as they were
+        # an update's outcome is read one update later (no host sync per step where the optimizer skips on the GPU)
+        updates = UpdateLedger(on_stepped=self.schedule.after_optimizer_step,
+                               on_skipped=lambda step: self.count_bad_step(epoch, step))
+
+        def settle_updates() -> None:
+            window_log.add_device_wait(updates.settle())  # blocked until the GPU reached the update: a device wait
 
         def after_micro_batch(batch, images, loss, step_seconds: float) -> None:
             nonlocal step_in_epoch
@@ -237,14 +245,12 @@ class Trainer:
 
         for window in accumulation_windows(batches, self.plan.accumulation):
             faults = StepFaults(input_faults.get(progress.global_step), self.loss_faults.get(progress.global_step))
-            stepped = train_step(self.model, window, criterion=self.criterion, strategy=strategy,
-                                 optimizer=self.optimizer, accelerator=accelerator, buffers=buffers, faults=faults,
-                                 after_micro_batch=after_micro_batch)
+            update = train_step(self.model, window, criterion=self.criterion, strategy=strategy,
+                                optimizer=self.optimizer, accelerator=accelerator, buffers=buffers, faults=faults,
+                                after_micro_batch=after_micro_batch, before_update=settle_updates)
+            updates.record(update, step_in_epoch - 1)
             window_log.add_update()
-            if stepped:
-                self.schedule.after_optimizer_step()
-            else:
-                self.count_bad_step(epoch, step_in_epoch - 1)
+            self.profiler.step()
             progress.global_step += 1
             if not self.startup_logged:  # the startup cost users wait for, after a requeue too (csi_dist.bench)
                 self.tracker.log({"train/seconds_to_first_step": time.perf_counter() - PROCESS_START},
@@ -252,6 +258,7 @@ class Trainer:
                 self.startup_logged = True
 
             if progress.global_step % config.training.log_every_steps == 0:
+                settle_updates()
                 values, data_bound = window_log.emit(self.optimizer.param_groups[0]["lr"])
                 self.tracker.log(values, progress.global_step)
                 if data_bound:
@@ -259,15 +266,18 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}",
                                 img_s=f"{values['train/images_per_second']:.0f}")
             if self.watcher.should_stop(progress.global_step, accelerator):
+                settle_updates()
                 bar.close()
                 self.stop_for_notice()
             every = config.callbacks.checkpoint_every_steps
             if every and progress.global_step % every == 0 and progress.epoch_position < self.train_set.num_samples:
+                settle_updates()
                 checkpoint_start = time.perf_counter()
                 self.checkpointer.save()
                 window_log.exclude(time.perf_counter() - checkpoint_start)  # images/s counts training only
             if progress.global_step >= self.max_steps:
                 break
+        settle_updates()
         bar.close()
         epoch_failures = all_ranks_sum(accelerator, window_log.epoch_decode_failures)
         check_bad_samples("train", epoch_failures, self.train_set.num_samples, config.data.max_bad_fraction,
@@ -281,6 +291,13 @@ class Trainer:
             ways.append("set data.gpu_augment = auto or true (normalise and augment on the GPU)")
         if self.train_set.image_format != "npy":
             ways.append("write the shards with --image-format npy (nothing to decode)")
+        return ", or ".join(ways)
+
+    def host_advice(self) -> str:
+        """What would take work off the host, for the host-bound message."""
+        ways = [] if self.config.model.compile else ["set model.compile = true (fewer, larger kernels to launch)"]
+        ways += [f"a larger training.batch_size (now {self.plan.micro_batch}: fewer launches per image)",
+                 "training.profile_steps = 20 shows where the host's time goes"]
         return ", or ".join(ways)
 
     def count_bad_step(self, epoch: int, step_in_epoch: int) -> None:
@@ -392,6 +409,7 @@ class Trainer:
             raise TooManyBadSteps(f"every one of the {progress.global_step} optimizer steps had a non-finite loss or "
                                   f"gradient and was skipped: the model learned nothing (check the learning rate, "
                                   f"loss.unknown_weight and the data)")
+        self.profiler.close()
         self.checkpointer.save()
         last_weights = self.strategy.full_state_dict(self.model)
         if accelerator.is_main_process:

@@ -8,6 +8,11 @@ gradients are finite and updates or skips. A skipped update also puts BatchNorm'
 What a step needs from its surroundings is small: a `strategy` (training/strategies.py: gradient_sync, backward,
 step), and an `accelerator` for autocast and the reduction of the window's weight over ranks (accelerate's
 Accelerator, or `SingleProcess` for one process without accelerate).
+
+No host sync where the optimizer can skip on the device (fused Adam/AdamW, strategies.skips_on_device): the update's
+outcome stays on the GPU (`UpdateOutcome`), BatchNorm's statistics are put back there too, and the host runs ahead
+launching the next step while the GPU computes this one. The host reads the outcome one update later
+(`UpdateLedger`), when the next update needs the learning rate it implies, or before the trainer logs, saves or stops.
 """
 from __future__ import annotations
 
@@ -28,6 +33,60 @@ MicroBatch = tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]
 MicroBatchHook = Callable[[object, torch.Tensor, torch.Tensor, float], None]
 
 
+class UpdateOutcome:
+    """Whether an update stepped or was skipped (non-finite gradients): known at once when the strategy decided on
+    the host, or still on the device when the optimizer skipped there; then `stepped()` waits for the GPU only up
+    to this update (its flag is copied to pinned host memory behind an event), not for the work queued after it."""
+
+    def __init__(self, stepped: bool | None = None, skipped: torch.Tensor | None = None):
+        self._stepped = stepped
+        self.skipped = skipped  # 0-d float on the device, 1.0 where the update was skipped; None when known at once
+        self._host_flag, self._ready = None, None
+        if skipped is not None and skipped.device.type == "cuda":
+            self._host_flag = torch.empty((), dtype=skipped.dtype, pin_memory=True)
+            self._host_flag.copy_(skipped, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def stepped(self) -> bool:
+        if self._stepped is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+                self._stepped = float(self._host_flag) == 0.0
+            else:
+                self._stepped = float(self.skipped) == 0.0
+        return self._stepped
+
+
+class UpdateLedger:
+    """The last update whose outcome the host has not read yet, and what follows from it: `on_stepped()` (the learning
+    rate schedule's step) or `on_skipped(where)` (the bad-step count). `settle` reads it; the trainer settles before
+    an update's optimizer step (the learning rate it uses follows from the update before) and before it logs, saves
+    or stops, so a checkpoint never holds an unsettled update."""
+
+    def __init__(self, on_stepped: Callable[[], None], on_skipped: Callable[[object], None]):
+        self.on_stepped, self.on_skipped = on_stepped, on_skipped
+        self.pending: tuple[UpdateOutcome, object] | None = None
+
+    def record(self, outcome: UpdateOutcome, where: object) -> None:
+        self.settle()
+        self.pending = (outcome, where)
+
+    def settle(self) -> float:
+        """Read the pending outcome, if any; returns the seconds spent waiting for the device."""
+        if self.pending is None:
+            return 0.0
+        (outcome, where), self.pending = self.pending, None
+        started = time.perf_counter()
+        stepped = outcome.stepped()
+        waited = time.perf_counter() - started
+        if stepped:
+            self.on_stepped()
+        else:
+            self.on_skipped(where)
+        return waited
+
+
 @dataclass(frozen=True)
 class StepFaults:
     """Faults a test injects into this step (csi_dist/faults.py); none in a real run."""
@@ -41,11 +100,14 @@ NO_FAULTS = StepFaults()
 
 def train_step(model: torch.nn.Module, window: list[MicroBatch], *, criterion: WeightedCSILoss, strategy, optimizer,
                accelerator, buffers: BufferSnapshot, faults: StepFaults = NO_FAULTS,
-               after_micro_batch: MicroBatchHook | None = None) -> bool:
-    """One update from the micro-batches of `window`; True if the optimizer stepped, False if it was skipped."""
+               after_micro_batch: MicroBatchHook | None = None,
+               before_update: Callable[[], object] | None = None) -> UpdateOutcome:
+    """One update from the micro-batches of `window`: stepped, or skipped for non-finite gradients (the outcome may
+    still be on the device). `before_update()` runs just before the optimizer step is launched, when this update's
+    forward and backward passes are already queued on the device (the trainer settles the previous update there)."""
     loss_scale = window_loss_scale(criterion, window, accelerator)
     buffers.take()
-    stepped = None
+    outcome = None
     for index, (batch, images, zone_targets, sample_mask) in enumerate(window):
         is_update_step = index == len(window) - 1
         with strategy.gradient_sync(model, enabled=is_update_step):
@@ -58,13 +120,17 @@ def train_step(model: torch.nn.Module, window: list[MicroBatch], *, criterion: W
             if faults.loss_factor is not None:
                 loss = loss * faults.loss_factor
             strategy.backward(loss)
+        if is_update_step and before_update is not None:
+            before_update()
         step_started = time.perf_counter()
-        stepped = strategy.step(model, optimizer, is_update_step)
+        outcome = strategy.step(model, optimizer, is_update_step)
         if after_micro_batch is not None:
             after_micro_batch(batch, images, loss, time.perf_counter() - step_started)
-    if not stepped:
+    if outcome.skipped is not None:
+        buffers.restore_where(outcome.skipped)  # on the device, whatever the outcome: no host sync
+    elif not outcome.stepped():
         buffers.restore()
-    return bool(stepped)
+    return outcome
 
 
 class SingleProcess:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from csi_dist.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.checkpoint import read_dcp
+from csi_dist.training.step import UpdateOutcome
 from csi_dist.strategy_registry import DEFAULT, REGISTRY
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Strategy(Protocol):
     def prepare(self, model: nn.Module, plan: BatchPlan, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]: ...
     def gradient_sync(self, model: nn.Module, enabled: bool): ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> bool | None: ...
+    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> UpdateOutcome | None: ...
     def save(self, model: nn.Module, optimizer, directory: Path) -> None: ...
     def load(self, model: nn.Module, optimizer, directory: Path) -> None: ...
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
@@ -70,6 +71,13 @@ class Strategy(Protocol):
     def checkpoint_weights(state_dir: Path, template: Callable[[], nn.Module]) -> dict[str, torch.Tensor]:
         """The full weights of one of its checkpoints, in one process, for convert (`template()` builds the run's
         model where the format needs one to fill)."""
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips a non-finite update inside its own kernel (torch's fused Adam and AdamW, given
+    `found_inf`; their step counts are put back too). Fused SGD also takes the flag, but a skipped FIRST step would
+    leave its momentum buffers allocated and never written, so SGD decides on the host."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
 
 
 class DDPStrategy:
@@ -108,18 +116,31 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> bool | None:
-        """None on a micro-step; at an update, True if the optimizer stepped, False if the gradients were
-        non-finite and the step was skipped. One host sync per update: gradients are already averaged over
-        ranks, so every rank takes the same decision without another collective."""
+    def step(self, model: nn.Module, optimizer, is_update_step: bool) -> UpdateOutcome | None:
+        """None on a micro-step; at an update its outcome: stepped, or skipped because the gradients were not finite.
+
+        The gradients are already averaged over ranks, so every rank takes the same decision without another
+        collective. An optimizer that can skip on the device (skips_on_device) is handed the non-finite flag, as
+        torch's GradScaler hands it: no host sync, the host reads the outcome later. Others: one sync per update.
+        """
         if not is_update_step:
             return None
         grad_norm = self._clip(model, self.grad_clip_norm or math.inf)
+        update = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+        if skips_on_device(update):
+            skipped = torch.logical_not(torch.isfinite(grad_norm)).float()
+            update.grad_scale, update.found_inf = None, skipped  # read by the fused kernels, as GradScaler sets them
+            try:
+                optimizer.step()
+            finally:
+                del update.grad_scale, update.found_inf
+            optimizer.zero_grad(set_to_none=True)
+            return UpdateOutcome(skipped=skipped)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return finite
+        return UpdateOutcome(stepped=finite)
 
     def _clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
