@@ -133,3 +133,26 @@ def test_the_profiler_writes_a_trace_and_the_operators_of_the_profiled_steps_onl
     assert "aten::bmm" in summary and "aten::mm " not in summary
     assert json.loads(RunDir(tmp_path).profile_trace.read_text())["traceEvents"]
     assert not StepProfiler(tmp_path / "other", steps=2, enabled=False).run_dir.profile.exists()
+
+
+def test_the_idle_report_finds_the_gpus_gaps_and_what_the_host_did_in_them():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from csi_dist.training.profiling import gpu_idle_report
+
+    def event(name, start, end, device=DeviceType.CPU, children=()):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               thread=1, cpu_children=list(children))
+    # two steps of 20 ms; kernels busy 0-10, 12-20, 30-40 ms (in microseconds); between them the host was in a
+    # memcpy (10-11 ms), in Python (11-12), and waiting for the loader for 10 ms (20-30)
+    events = [event("ProfilerStep#1", 0, 20_000), event("ProfilerStep#2", 20_000, 40_000),
+              event("kernel", 0, 10_000, DeviceType.CUDA), event("kernel", 12_000, 20_000, DeviceType.CUDA),
+              event("kernel", 30_000, 40_000, DeviceType.CUDA), event("cudaMemcpyAsync", 10_000, 11_000),
+              event("enumerate(DataLoader)", 20_000, 30_000)]
+    lines = gpu_idle_report(events, steps=2)
+    assert lines[0].startswith("GPU idle: 6.00 ms of 20.00 ms per step (30.0%)")
+    assert lines[1:] == ["     5.000 ms per step  enumerate(DataLoader)",
+                         "     0.500 ms per step  cudaMemcpyAsync",
+                         "     0.500 ms per step  (Python, outside any torch operator)"]

@@ -35,7 +35,9 @@ def move_batch(batch: dict, device: torch.device, channels_last: bool,
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     zone_targets = batch["zones"].to(device, non_blocking=True)
-    sample_mask = (~batch["is_padding"] & ~batch["decode_failed"]).to(device, non_blocking=True)
+    # combined on the device: a mask made on the host would be pageable memory, whose copy waits for the stream
+    sample_mask = ~(batch["is_padding"].to(device, non_blocking=True) | batch["decode_failed"].to(device,
+                                                                                             non_blocking=True))
     return images, zone_targets, sample_mask
 
 
