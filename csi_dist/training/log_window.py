@@ -3,7 +3,8 @@ and where the time went: waiting on the loader (with what to do when that share 
 and the rest, the host's own work.
 
 The loss is summed on the device and the decode failures on the host, so a step costs no host sync; a log line
-costs one collective (loss, failures and waits together) and one sync. Time blocked on the loader is time the GPU
+costs one collective (loss, failures and waits together) and no sync: its numbers are read when the next line is
+due (or at the epoch's end), so each line is written one window late, under its own step. Time blocked on the loader is time the GPU
 had nothing new to do; time blocked on the device is the host waiting for the GPU to reach an update (reading its
 outcome one update later, training/step.py, or inside `strategy.step` where the strategy decides on the host); what
 is left is the host's own work (Python, kernel launches). A host that hardly ever waits for the GPU is what keeps
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -48,13 +50,14 @@ class LogWindow:
         self.loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last line
         self.epoch_decode_failures = 0  # real samples only: padding copies are not counted
         self.data_bound_said = False  # the message once per epoch; the share goes to the tracker every line
+        self.pending: PendingLine | None = None  # the window closed last, its numbers still on the way
         self._restart()
 
     def _restart(self) -> None:
         self.loss.zero_()
         self.started, self.images, self.updates = time.perf_counter(), 0, 0
         self.data_wait = 0.0  # seconds blocked on the loader since the line before
-        self.device_wait = 0.0  # seconds in the optimizer step (its sync waits for the device's queued work)
+        self.device_wait = 0.0  # seconds blocked until the GPU reached an update (strategy.step or its outcome)
         self.startup = 0.0  # the wait for the epoch's first batch (workers starting): not a steady-state wait
 
     def timed(self, batches: Iterable) -> Iterator:
@@ -88,22 +91,44 @@ class LogWindow:
         """Time that is not training (a checkpoint write) does not count against images/s."""
         self.started += seconds
 
-    def emit(self, learning_rate: float) -> tuple[dict[str, float], str | None]:
-        """The line's values (one collective), checked against data.max_bad_fraction, and the data-bound message
-        when this window waited on its data (the first time in the epoch); the window restarts."""
+    def emit(self, learning_rate: float, step: int) -> list[LogLine]:
+        """Close this window and start the next; returns the lines whose numbers have reached the host: the window
+        before this one (its collective and copy ran while the GPU went on), so a log line waits for nothing."""
+        ready = self.flush()
         world_size = self.accelerator.num_processes
         elapsed = time.perf_counter() - self.started
         host = torch.tensor([float(self.epoch_decode_failures), self.data_wait - self.startup, self.startup,
-                             self.device_wait], device=self.accelerator.device)
-        totals = self.accelerator.reduce(torch.cat([self.loss[None], host]), reduction="sum").tolist()
+                             self.device_wait], pin_memory=self.accelerator.device.type == "cuda")
+        # into pinned memory and back without a wait: a tensor made from host numbers straight on the GPU would be
+        # copied from pageable memory, which waits for the stream
+        totals = torch.cat([self.loss[None], host.to(self.accelerator.device, non_blocking=True)])
+        if world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        self.pending = PendingLine(step, learning_rate, elapsed, self.images * world_size, self.updates,
+                                   DeviceNumbers(totals))
+        self._restart()
+        return ready
+
+    def flush(self) -> list[LogLine]:
+        """The closed window's line, if one is pending (waits for the GPU to reach it)."""
+        if self.pending is None:
+            return []
+        pending, self.pending = self.pending, None
+        return [self._line(pending)]
+
+    def _line(self, pending: PendingLine) -> LogLine:
+        """A closed window's values, checked against data.max_bad_fraction, and the data- or host-bound message
+        when this window shows one (the first time in the epoch)."""
+        world_size = self.accelerator.num_processes
+        totals = pending.totals.read()
         loss_total, failures_total = totals[0], totals[1]
         steady_wait, startup, device_wait = (total / world_size for total in totals[2:])
         self.check_failures(int(failures_total))
-        images = self.images * world_size
+        images, elapsed = pending.images, pending.elapsed
         steady = max(elapsed - startup, 1e-9)  # ranks' mean; the epoch's worker start-up is not a data rate
         wait_share = min(max(steady_wait / steady, 0.0), 1.0)
         device_share = min(max(device_wait / steady, 0.0), 1.0 - wait_share)
-        values = {"train/loss": loss_total / world_size / self.updates, "train/lr": learning_rate,
+        values = {"train/loss": loss_total / world_size / pending.updates, "train/lr": pending.learning_rate,
                   "train/images_per_second": images / elapsed, "train/data_wait_share": wait_share,
                   "train/device_wait_share": device_share, "train/host_share": 1.0 - wait_share - device_share,
                   "train/decode_failures": int(failures_total)}
@@ -116,5 +141,41 @@ class LogWindow:
             if message is None and self.accelerator.device.type == "cuda":
                 message = host_bound_message(wait_share, device_share, self.host_advice)
             self.data_bound_said = message is not None
-        self._restart()
-        return values, message
+        return LogLine(pending.step, values, message)
+
+
+class DeviceNumbers:
+    """A small tensor's values on their way to the host: copied into pinned memory behind an event on a GPU, read
+    when asked (by then the GPU has long passed that point: nothing waits)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ready = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = tensor
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+@dataclass(frozen=True)
+class PendingLine:
+    step: int
+    learning_rate: float
+    elapsed: float
+    images: int  # over all ranks
+    updates: int
+    totals: DeviceNumbers  # loss, decode failures, data wait, startup wait, device wait: summed over ranks
+
+
+@dataclass(frozen=True)
+class LogLine:
+    step: int  # the optimizer step the window ended at
+    values: dict[str, float]
+    message: str | None  # the data- or host-bound sentence, at most once per epoch

@@ -259,14 +259,11 @@ class Trainer:
 
             if progress.global_step % config.training.log_every_steps == 0:
                 settle_updates()
-                values, data_bound = window_log.emit(self.optimizer.param_groups[0]["lr"])
-                self.tracker.log(values, progress.global_step)
-                if data_bound:
-                    log.warning("epoch %d step %d: %s", epoch, step_in_epoch, data_bound)
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}",
-                                img_s=f"{values['train/images_per_second']:.0f}")
+                self.log_lines(window_log.emit(self.optimizer.param_groups[0]["lr"], progress.global_step),
+                               epoch, bar)
             if self.watcher.should_stop(progress.global_step, accelerator):
                 settle_updates()
+                self.log_lines(window_log.flush(), epoch, bar)
                 bar.close()
                 self.stop_for_notice()
             every = config.callbacks.checkpoint_every_steps
@@ -278,11 +275,22 @@ class Trainer:
             if progress.global_step >= self.max_steps:
                 break
         settle_updates()
+        self.log_lines(window_log.flush(), epoch, bar)
         bar.close()
         epoch_failures = all_ranks_sum(accelerator, window_log.epoch_decode_failures)
         check_bad_samples("train", epoch_failures, self.train_set.num_samples, config.data.max_bad_fraction,
                           config.data.shard_dir)
         return epoch_failures
+
+    def log_lines(self, lines: list, epoch: int, bar) -> None:
+        """The log windows whose numbers reached the host: to the trackers, the progress bar and, when the window
+        was data- or host-bound, the log (LogWindow)."""
+        for line in lines:
+            self.tracker.log(line.values, line.step)
+            if line.message:
+                log.warning("epoch %d, optimizer step %d: %s", epoch, line.step, line.message)
+            bar.set_postfix(loss=f"{line.values['train/loss']:.4f}",
+                            img_s=f"{line.values['train/images_per_second']:.0f}")
 
     def data_advice(self) -> str:
         """What would feed this run's step faster, for the data-bound message."""
