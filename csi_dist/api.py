@@ -39,18 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csi_dist.config import (DEMO_CONFIG, CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
+from csi_dist.core.config import (DEMO_CONFIG, CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
                              load_config)
 from csi_dist.data.reader import LoaderSettings, ShardSet, build_loader, open_split
-from csi_dist.domain import metric_direction, monitored_metric
+from csi_dist.core.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import SplitPredictions, device_batches, predict_split
 from csi_dist.evaluation.metrics import compute_metrics
-from csi_dist.exit_codes import describe
-from csi_dist.files import atomic_write_json
-from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import build_model as _build_model
-from csi_dist.models import model_input_size, unwrapped_model
-from csi_dist.run_dir import RunDir
+from csi_dist.core.exit_codes import describe
+from csi_dist.core.files import atomic_write_json
+from csi_dist.model.loss import WeightedCSILoss
+from csi_dist.model.factory import build_model as _build_model
+from csi_dist.model.factory import model_input_size, unwrapped_model
+from csi_dist.core.run_dir import RunDir
 from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping

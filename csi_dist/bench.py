@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from csi_dist import USER_COMPILE_CACHE_DIR
-from csi_dist.command import run_command
-from csi_dist.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
+from csi_dist.core.command import run_command
+from csi_dist.core.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.run_dir import RunDir
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch
@@ -94,8 +94,8 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
 
     from csi_dist.data.reader import finish_on_device as finish
     from csi_dist.data.transforms import AUGMENT_DRAWS
-    from csi_dist.loss import WeightedCSILoss
-    from csi_dist.models import build_model
+    from csi_dist.model.loss import WeightedCSILoss
+    from csi_dist.model.factory import build_model
     from csi_dist.training.accumulation import BufferSnapshot
     from csi_dist.training.schedules import build_optimizer
     from csi_dist.training.step import SingleProcess, train_step

@@ -11,8 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from csi_dist.command import run_command
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.command import run_command
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("csi_dist.compare")
 

@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from csi_dist.command import run_command
-from csi_dist.config import Config, ConfigError, load_config
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.run_dir import RunDir
-from csi_dist.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
+from csi_dist.core.command import run_command
+from csi_dist.core.config import Config, ConfigError, load_config
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ def run_config(checkpoint_dir: Path) -> Config:
 
 def full_weights(checkpoint_dir: Path, config: Config | None = None) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of any registered strategy: the strategy whose format it holds reads it."""
-    from csi_dist.models import build_model, model_input_size
+    from csi_dist.model.factory import build_model, model_input_size
     from csi_dist.training.checkpoint import CheckpointError
     state_dir = checkpoint_dir / STRATEGY_STATE_DIR
     entry = checkpoint_format(state_dir)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("cannot convert %s: %s", args.checkpoint, error)
         return EXIT_CONFIG_ERROR
-    from csi_dist.models import ModelError
+    from csi_dist.model.factory import ModelError
     from csi_dist.training.checkpoint import CheckpointError, save_weights
     try:
         weights = full_weights(args.checkpoint, config)

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 from csi_dist import evaluate, train
-from csi_dist.command import run_command
-from csi_dist.config import DEMO_CONFIG
+from csi_dist.core.command import run_command
+from csi_dist.core.config import DEMO_CONFIG
 from csi_dist.data import shards
 from csi_dist.data.shard_format import MANIFEST_NAME
 

@@ -18,12 +18,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from csi_dist.command import run_command
-from csi_dist.config import Config, ConfigError, load_run_config
+from csi_dist.core.command import run_command
+from csi_dist.core.config import Config, ConfigError, load_run_config
 from csi_dist.evaluation.subgroups import (DEFAULT_MIN_IMAGES, DEFAULT_MIN_PATIENTS, SubgroupError, SubgroupOptions,
                                            check_shard_columns)
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.run_dir import RunDir, evaluation_heatmaps, evaluation_provenance
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.run_dir import RunDir, evaluation_heatmaps, evaluation_provenance
 
 # torch, the models and the metrics are imported where they are used: `--help`, a usage error and a config error are
 # answered before they load (issue 34)
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def default_out_dir(run_dir: Path, shard_dir: str | Path) -> Path:
     """<run dir>/evaluation for the shards the run was trained on (or when the run records none), else
     <run dir>/evaluation/external/<shard folder name>: the run's own reports and model card stay as they are."""
-    from csi_dist.provenance import read_provenance, sha256_of
+    from csi_dist.core.provenance import read_provenance, sha256_of
     trained_on = read_provenance(run_dir).get("origin", {}).get("data", {}).get("manifest_sha256")
     own = trained_on is None or trained_on == sha256_of(Path(shard_dir) / "manifest.json")
     return RunDir(run_dir).evaluation if own else RunDir(run_dir).external_evaluation(shard_dir)
@@ -84,7 +84,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
              subgroups: SubgroupOptions = SubgroupOptions(), calibrated: bool = False) -> dict:
     from csi_dist.cluster.preemption import PreemptionWatcher
     from csi_dist.data.reader import LoaderSettings, build_loader, open_split
-    from csi_dist.distributed import build_accelerator, configure_logging
+    from csi_dist.core.distributed import build_accelerator, configure_logging
     from csi_dist.evaluation.calibration_report import EvaluationCalibration
     from csi_dist.evaluation.dataset_shift import training_shard_dir
     from csi_dist.evaluation.inference import StopRequested, predict_split
@@ -92,9 +92,9 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
     from csi_dist.evaluation.metrics import compute_metrics
     from csi_dist.evaluation.report import write_evaluation
     from csi_dist.evaluation.trained_model import load_trained_model, weights_path
-    from csi_dist.files import atomic_write_json
-    from csi_dist.loss import WeightedCSILoss
-    from csi_dist.provenance import now_utc, read_provenance, sha256_of
+    from csi_dist.core.files import atomic_write_json
+    from csi_dist.model.loss import WeightedCSILoss
+    from csi_dist.core.provenance import now_utc, read_provenance, sha256_of
 
     provenance = read_provenance(run_dir)
     trained_on = provenance.get("origin", {}).get("data", {})
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     from csi_dist.data.reader import ShardError
     from csi_dist.evaluation.calibration import CalibrationError
-    from csi_dist.models import ModelError
-    from csi_dist.weights import CheckpointError
+    from csi_dist.model.factory import ModelError
+    from csi_dist.core.weights import CheckpointError
     try:
         evaluate(config, args.run_dir, args.weights, args.splits, args.out or default_out_dir(args.run_dir,
                                                                                               config.data.shard_dir),

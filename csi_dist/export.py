@@ -16,10 +16,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from csi_dist.command import run_command
-from csi_dist.config import ConfigError, load_run_config
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.run_dir import CALIBRATION_SUFFIX
+from csi_dist.core.command import run_command
+from csi_dist.core.config import ConfigError, load_run_config
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.run_dir import CALIBRATION_SUFFIX
 
 # torch, onnx and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second. The work itself: csi_dist.evaluation.export_model.
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.export_model import ExportError, export_run
-    from csi_dist.models import ModelError
+    from csi_dist.model.factory import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
         export_run(config, args.run_dir, args.weights, args.export_format, args.out, args.calibrated)

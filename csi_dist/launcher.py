@@ -32,8 +32,8 @@ import signal
 import subprocess
 import sys
 
-from csi_dist.exit_codes import EXIT_PREEMPTED
-from csi_dist.command import run_command
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.command import run_command
 from csi_dist.data.workers import STOP_NOTICES
 
 log = logging.getLogger("csi_dist.launcher")

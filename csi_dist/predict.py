@@ -31,9 +31,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from csi_dist.command import run_command
-from csi_dist.config import ConfigError, load_run_config
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.command import run_command
+from csi_dist.core.config import ConfigError, load_run_config
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 
 # torch, pandas and the model are imported after the arguments and the run's config are checked: `--help`, a usage
 # error and a config error are answered in a second (issue 34). The work itself: csi_dist.evaluation.prediction.
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # answered before torch loads
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
-    from csi_dist.distributed import LaunchError, leave_process_group
+    from csi_dist.core.distributed import LaunchError, leave_process_group
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.prediction import PredictError, predict
-    from csi_dist.models import ModelError
+    from csi_dist.model.factory import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     try:
         predict(config, args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size,

@@ -22,8 +22,8 @@ import submitit
 
 from csi_dist.cluster.jobs import submitit_parameters_for_run
 from csi_dist.cluster.slurm import export_rendezvous_port
-from csi_dist.command import skip_final_collections
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.command import skip_final_collections
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("csi_dist.submit")
 
@@ -128,7 +128,7 @@ def build_executor(args: argparse.Namespace, run_dir: Path) -> submitit.Executor
 def trainer_config_error(trainer_argv: list[str]) -> str | None:
     """What the trainer would refuse in its arguments or config (the message naming file, key and line), checked
     here so that a typo costs a second, not a place in the queue; None when they are valid."""
-    from csi_dist.config import ConfigError
+    from csi_dist.core.config import ConfigError
     from csi_dist.train import config_and_run_dir, parse_args as parse_trainer_args
     try:
         config_and_run_dir(parse_trainer_args(trainer_argv))

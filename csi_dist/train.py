@@ -12,11 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 from csi_dist.cluster.slurm import requeue_after_failure
-from csi_dist.command import run_command
-from csi_dist.config import Config, ConfigError, config_reference, load_config, section_of
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
-from csi_dist.redaction import install_secret_filter
-from csi_dist.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir
+from csi_dist.core.command import run_command
+from csi_dist.core.config import Config, ConfigError, config_reference, load_config, section_of
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
+from csi_dist.core.redaction import install_secret_filter
+from csi_dist.core.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir
 
 log = logging.getLogger("csi_dist.train")
 
@@ -103,8 +103,8 @@ def run_training(config: Config, run_dir: Path, resume: str) -> int:
     """The trainer on a validated config; its failures as the documented exit codes."""
     from csi_dist.data.quality import TooManyBadSamples
     from csi_dist.data.reader import ShardError
-    from csi_dist.distributed import is_collective_failure, leave_process_group
-    from csi_dist.models import ModelError
+    from csi_dist.core.distributed import is_collective_failure, leave_process_group
+    from csi_dist.model.factory import ModelError
     from csi_dist.training.checkpoint import CheckpointError
     from csi_dist.training.loop import TooManyBadSteps, train
     try:

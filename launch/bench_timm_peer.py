@@ -43,7 +43,7 @@ from csi_dist.data.reader import open_split
 from csi_dist.data.shard_format import SPLIT_FILE_NAME
 from csi_dist.data.shards import available_cores, write_shards
 from csi_dist.data.split import SPLIT_COLUMN, load_split
-from csi_dist.domain import CSV_SEPARATOR, FILE_ID_COLUMN, PATIENT_COLUMN
+from csi_dist.core.domain import CSV_SEPARATOR, FILE_ID_COLUMN, PATIENT_COLUMN
 
 # timm's train.py logs "Train: <epoch> [<update>/<updates per epoch> ...": the step count each line stands for
 TIMM_TRAIN_LINE = re.compile(r"Train: \d+ \[\s*(\d+)/")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from csi_dist.domain import CSI_COLUMN, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.core.domain import CSI_COLUMN, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 
 HEADER = [FILE_ID_COLUMN, *ZONE_NAMES, CSI_COLUMN]
 

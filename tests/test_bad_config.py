@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.config import ConfigError, load_config
+from csi_dist.core.config import ConfigError, load_config
 from csi_dist.evaluate import main as evaluate_main
 from csi_dist.predict import main as predict_main
 

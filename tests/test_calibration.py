@@ -17,7 +17,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, log_loss
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, NUM_CLASSES, ZONE_NAMES
+from csi_dist.core.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, NUM_CLASSES, ZONE_NAMES
 from csi_dist.evaluation.calibration import (CalibrationError, calibration_metrics, calibration_path, classwise_ece,
                                              fit_temperatures, read_calibration, reliability_bins, top_label_ece,
                                              write_calibration, zone_softmax)

@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from conftest import REPO_ROOT, subprocess_env
 from data_helpers import Payload
 from csi_dist import convert
-from csi_dist.config import ModelConfig, TrainingConfig
-from csi_dist.models import build_model
+from csi_dist.core.config import ModelConfig, TrainingConfig
+from csi_dist.model.factory import build_model
 from csi_dist.training.checkpoint import SCHEDULE_FILE, STATE_FILE, CheckpointError, load_checkpoint
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.deepspeed_strategy import UNIVERSAL_TAG, ZERO_TAG, DeepSpeedStrategy

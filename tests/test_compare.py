@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.domain import CSV_SEPARATOR, FILE_ID_COLUMN, NUM_CLASSES, NUM_ZONES
+from csi_dist.core.domain import CSV_SEPARATOR, FILE_ID_COLUMN, NUM_CLASSES, NUM_ZONES
 from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.evaluation.report import write_evaluation
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_dist.config import ConfigError, load_config, save_config
+from csi_dist.core.config import ConfigError, load_config, save_config
 
 SEED_INI = """
 [Training]
@@ -127,7 +127,7 @@ def test_out_of_range_settings_are_named_with_file_section_and_key(tmp_path: Pat
 
 
 def test_monitored_metrics_improve_in_the_right_direction_everywhere():
-    from csi_dist.domain import metric_direction
+    from csi_dist.core.domain import metric_direction
     from csi_dist.sweep.space import SearchSpace
     assert [metric_direction(name) for name in ("val_loss", "csi_pearson_r", "csi_mae", "val_f1_weighted")] == [
         "min", "max", "min", "max"]
@@ -140,7 +140,7 @@ def test_help_config_lists_every_dataclass_field_with_its_default_and_the_rows_u
     """`--help-config` against the Config dataclasses walked field by field, and a few rows spelled out in full."""
     import dataclasses
 
-    from csi_dist.config import Config
+    from csi_dist.core.config import Config
     from csi_dist.train import main
     assert main(["--help-config"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -20,11 +20,11 @@ from scipy.special import softmax
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist import export as export_command
-from csi_dist.config import Config, ModelConfig, load_config, save_config
-from csi_dist.domain import CLASS_NAMES, ZONE_NAMES
+from csi_dist.core.config import Config, ModelConfig, load_config, save_config
+from csi_dist.core.domain import CLASS_NAMES, ZONE_NAMES
 from csi_dist.evaluation.calibration import CalibrationError
 from csi_dist.evaluation.export_model import export_run
-from csi_dist.models import build_model
+from csi_dist.model.factory import build_model
 from csi_dist.training.checkpoint import load_weights, save_weights
 
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -515,7 +515,7 @@ def start_ranks(shards: Path, run_dir: Path, tmp_path: Path, *extra: str) -> lis
     ("NCCL is not available in this build of torch", False),
 ])
 def test_only_errors_of_a_lost_peer_count_as_a_lost_rank(message, lost):
-    from csi_dist.distributed import is_collective_failure
+    from csi_dist.core.distributed import is_collective_failure
     assert is_collective_failure(RuntimeError(message)) is lost
 
 
@@ -524,7 +524,7 @@ def test_torchs_typed_distributed_errors_count_as_a_lost_rank_whatever_their_wor
     """NCCL ("NCCL communicator was aborted on rank 3"), the TCP store and rendezvous raise these types: the type
     decides, not the text (a message torch may reword)."""
     import torch.distributed
-    from csi_dist.distributed import is_collective_failure
+    from csi_dist.core.distributed import is_collective_failure
     error_class = getattr(torch.distributed, error_type)
     assert is_collective_failure(error_class("NCCL communicator was aborted on rank 3"))
     assert is_collective_failure(error_class("wording no marker knows"))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from csi_dist.config import ModelConfig
+from csi_dist.core.config import ModelConfig
 from csi_dist.data.phantom import zone_boxes, zone_masks
-from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.core.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.heatmaps import cam_model_and_layer, zone_figures, zone_heatmaps
-from csi_dist.models import CSIModel, build_model
+from csi_dist.model.factory import CSIModel, build_model
 
 
 # The layer each backbone must be explained at, named here by hand: the deepest feature map at stride 32 (2 x 2 cells

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, subprocess_env
 from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
 from csi_dist.data.shards import write_demo
 from csi_dist.data.transforms import DecodeError, augment_batch, augment_draws, decode_array
-from csi_dist.faults import SLOW_BATCH_VARIABLE
+from csi_dist.core.faults import SLOW_BATCH_VARIABLE
 
 
 def torchvision_augment(image: torch.Tensor, draws: list[float]) -> torch.Tensor:

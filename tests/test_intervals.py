@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap as scipy_bootstrap
 
-from csi_dist.domain import NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS
+from csi_dist.core.domain import NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS
 from csi_dist.evaluation.intervals import (SufficientStatistics, bootstrap, bootstrap_intervals, group_codes,
                                            is_count_key, resample_weights)
 from csi_dist.evaluation.metrics import compute_metrics
@@ -109,7 +109,7 @@ def test_the_bootstrap_of_a_split_gives_the_calibration_metrics_intervals_from_t
 
     import pandas as pd
 
-    from csi_dist.domain import CSV_SEPARATOR, ZONE_NAMES
+    from csi_dist.core.domain import CSV_SEPARATOR, ZONE_NAMES
     from csi_dist.evaluation.calibration import calibration_metrics
     from csi_dist.evaluation.calibration_report import calibrate_split
     from csi_dist.evaluation.report import write_evaluation
@@ -257,7 +257,7 @@ def test_every_metric_in_the_json_csv_and_report_carries_its_interval(tmp_path):
 
     import pandas as pd
 
-    from csi_dist.domain import CSV_SEPARATOR
+    from csi_dist.core.domain import CSV_SEPARATOR
     from csi_dist.evaluation.report import write_evaluation
     rng = np.random.default_rng(21)
     probs, targets, csi, ahf = random_dataset(rng, 40)

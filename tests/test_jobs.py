@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.jobs import render_sbatch
 from csi_dist.cluster.preemption import PreemptionWatcher
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.sweep.study import SweepSettings
 
 SBATCH = REPO_ROOT / "slurm" / "train.sbatch"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from csi_dist.data.labels import LINE_COLUMN, LabelError, read_label_csv
-from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.core.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
 from data_helpers import HEADER, label_row, write_csv
 
 

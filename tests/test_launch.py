@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, free_port, subprocess_env
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.launcher import launch_status, parse_launch, rank_environments
 
 LAUNCH = [sys.executable, "-m", "csi_dist.launcher"]  # what `csi-launch` runs

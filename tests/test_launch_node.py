@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.launcher import parse_launch, rank_environments
 
 STRATEGY_CONFIGS = sorted(path.name for path in (REPO_ROOT / "launch" / "accelerate").glob("*.yaml")
@@ -74,7 +74,7 @@ def test_a_rank_leaving_with_75_outlives_the_sigterm_its_requeue_brings(tmp_path
     Here the SIGTERM lands at the end of the interpreter's shutdown, every time."""
     rank = """
 import os, signal, sys, time, types
-sys.modules["csi_dist.distributed"] = types.SimpleNamespace(leave_process_group=lambda: None)  # no group here
+sys.modules["csi_dist.core.distributed"] = types.SimpleNamespace(leave_process_group=lambda: None)  # no group here
 from csi_dist.cluster.preemption import PreemptionWatcher
 
 class Accelerator:  # a rank other than 0 (rank 0 would run scontrol), past the checkpoint every rank saved

@@ -8,9 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from csi_dist.config import ModelConfig
-from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import ModelError, _load_backbone_weights, backbone_spec, build_model, model_input_size
+from csi_dist.core.config import ModelConfig
+from csi_dist.model.loss import WeightedCSILoss
+from csi_dist.model.factory import ModelError, _load_backbone_weights, backbone_spec, build_model, model_input_size
 
 
 @pytest.mark.parametrize("name,size", [("Custom_1", 64), ("ResNet50", 64), ("CheXNet", 64), ("resnet18", 64)])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
 from csi_dist.train import main
 from shard_factory import write_shards
 from test_parity import train_runs

@@ -22,8 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from data_helpers import assert_strategies_ran
-from csi_dist.config import load_config
-from csi_dist.models import build_model, model_input_size
+from csi_dist.core.config import load_config
+from csi_dist.model.factory import build_model, model_input_size
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

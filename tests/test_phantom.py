@@ -5,7 +5,7 @@ import numpy as np
 
 from csi_dist.data.labels import read_label_csv
 from csi_dist.data.phantom import generate_phantom, phantom_image, zone_boxes
-from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.core.domain import AHF_COLUMN, CSI_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
 
 
 def test_phantom_is_deterministic_and_readable(tmp_path):

@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from data_helpers import write_dicom
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-from csi_dist.exit_codes import EXIT_PREEMPTED
-from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.domain import CLASS_NAMES, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.predict import main as predict_main
 
 PROB_COLUMNS = [f"{zone}_p_{name}" for zone in ZONE_NAMES for name in CLASS_NAMES]

@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME, PreemptionWatcher
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from shard_factory import write_shards
 
 TOY = REPO_ROOT / "tests" / "fixtures" / "toy_preempt_train.py"

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from shard_factory import write_shards
 
 pytestmark = [pytest.mark.slow]
@@ -42,7 +42,7 @@ def test_a_run_requeued_twice_shows_three_segments_and_what_it_was_made_of(phant
                      SLURM_JOB_NODELIST="n[1-2]")
         assert result.returncode == (EXIT_PREEMPTED if preempted else 0), result.stderr[-3000:]
 
-    shown = run("csi_dist.inspect", str(run_dir))
+    shown = run("csi_dist.lineage", str(run_dir))
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout
     assert "3 job segment(s):" in text and "changed at" not in text, text

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from csi_dist.domain import AHF_COLUMN, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.core.domain import AHF_COLUMN, CLASS_NAMES, CSI_COLUMN, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.evaluation.report import write_evaluation
 

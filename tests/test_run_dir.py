@@ -1,4 +1,4 @@
-"""RunDir owns the layout of a run directory (README "Training", csi_dist/run_dir.py): a real run holds exactly the
+"""RunDir owns the layout of a run directory (README "Training", csi_dist/core/run_dir.py): a real run holds exactly the
 files it names, and no other module of csi_dist spells a run-directory name, so the layout lives in one place."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-from csi_dist.run_dir import RunDir, calibration_beside, evaluation_heatmaps, evaluation_provenance
+from csi_dist.core.run_dir import RunDir, calibration_beside, evaluation_heatmaps, evaluation_provenance
 
 PACKAGE = REPO_ROOT / "csi_dist"
-OWNER = PACKAGE / "run_dir.py"
+OWNER = PACKAGE / "core" / "run_dir.py"
 
 # The names a run directory holds at its top (written here by hand, not read from RunDir: the check is independent).
 FILE_NAMES = ("resolved_config.ini", "provenance.json", "training_history.json", "best.safetensors",
@@ -23,7 +23,7 @@ FILE_NAMES = ("resolved_config.ini", "provenance.json", "training_history.json",
 FOLDER_NAMES = ("checkpoints", "weights", "tensorboard", "wandb", "mlflow", "evaluation", "heatmaps", "external")
 # Spellings that are not a run's path, each with why.
 ALLOWED = {
-    ("csi_dist/config.py", "checkpoints"): "training.output_dir's default: the parent of run directories",
+    ("csi_dist/core/config.py", "checkpoints"): "training.output_dir's default: the parent of run directories",
     ("csi_dist/training/checkpoint.py", "best.safetensors"): "the best weights' name inside a checkpoint (its format)",
     ("csi_dist/demo.py", "checkpoints"): "the demo's default --run-dir, checkpoints/demo: under the parent of runs",
 }

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from csi_dist.files import atomic_write_json
-from csi_dist.provenance import PROVENANCE_NAME
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.files import atomic_write_json
+from csi_dist.core.provenance import PROVENANCE_NAME
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.train import main
 from csi_dist.training.checkpoint import latest_checkpoint, save_weights
 
@@ -197,7 +197,7 @@ def test_best_weights_always_agree_with_the_checkpoint_a_resume_restores(used_ru
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_file_written_atomically_follows_the_umask(trained_run, tmp_path, umask):
     """safetensors creates its files 0600: a colleague could not load the weights of a shared run folder."""
-    from csi_dist.config import load_config, save_config
+    from csi_dist.core.config import load_config, save_config
     from csi_dist.convert import main as convert
     expected = 0o666 & ~umask
     previous = os.umask(umask)

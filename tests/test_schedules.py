@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from csi_dist.config import OptimizationConfig
+from csi_dist.core.config import OptimizationConfig
 from csi_dist.training.schedules import LearningRateSchedule
 
 STEPS_PER_EPOCH, EPOCHS, PEAK, MIN_LR, START_FACTOR = 7, 6, 0.1, 1e-4, 1e-3

@@ -14,7 +14,7 @@ from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
 from csi_dist.data.shard_verify import verify_shards
 from csi_dist.data.shards import ShardWriteError, main, sample_keys, write_shards
-from csi_dist.domain import ZONE_NAMES
+from csi_dist.core.domain import ZONE_NAMES
 from data_helpers import gradient_image, label_row, write_csv, write_png
 from shard_factory import write_shards as factory_shards
 

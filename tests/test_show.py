@@ -13,7 +13,7 @@ from csi_dist.data.phantom import generate_phantom
 from csi_dist.data.reader import LoaderSettings, build_loader, open_split
 from csi_dist.data.shards import main, write_demo
 from csi_dist.data.show import csv_tiles, grid_layout, shard_tiles, title_height, zone_anchors
-from csi_dist.domain import ZONE_NAMES
+from csi_dist.core.domain import ZONE_NAMES
 
 SIZE = 64
 N = 4

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.slurm import FAILURE_REQUEUE_DIR
-from csi_dist.exit_codes import EXIT_PREEMPTED
-from csi_dist.faults import SLOW_BATCH_VARIABLE
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.faults import SLOW_BATCH_VARIABLE
 from test_jobs import job_parts
 from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
                            wait_until)
@@ -56,7 +56,7 @@ def trainer_args(shards: Path, run_dir: Path) -> list[str]:
 
 
 def job_env() -> dict:
-    """Each loader batch held back 0.2 s (csi_dist/faults.py): Tiny_CNN would run the 18 steps in about a second,
+    """Each loader batch held back 0.2 s (csi_dist/core/faults.py): Tiny_CNN would run the 18 steps in about a second,
     before a signal could land mid-run; results are unchanged."""
     return subprocess_env(CSI_REPO=str(REPO_ROOT), **{SLOW_BATCH_VARIABLE: "0.2"})
 

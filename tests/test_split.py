@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from csi_dist.data.split import SPLIT_COLUMN, SplitError, apply_split_file, load_split, save_split, split_patients
-from csi_dist.domain import FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.core.domain import FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
 
 
 def make_labels(n_patients: int = 300, seed: int = 1, with_patients: bool = True) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from csi_dist.loss import WeightedCSILoss
+from csi_dist.model.loss import WeightedCSILoss
 from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.step import SingleProcess, StepFaults, UpdateLedger, UpdateOutcome, train_step
 from csi_dist.training.strategies import SingleProcessStrategy, skips_on_device
@@ -118,7 +118,7 @@ def test_a_host_that_never_waits_for_the_gpu_is_called_host_bound_and_told_what_
 def test_the_profiler_writes_a_trace_and_the_operators_of_the_profiled_steps_only(tmp_path):
     import json
 
-    from csi_dist.run_dir import RunDir
+    from csi_dist.core.run_dir import RunDir
     from csi_dist.training.profiling import WARM_UP_STEPS, StepProfiler
     profiler = StepProfiler(tmp_path, steps=2, enabled=True)
     matrix = torch.randn(64, 64)

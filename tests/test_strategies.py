@@ -58,8 +58,8 @@ def assert_trains_like(run_dir: Path, reference: Path) -> None:
 
 def parameter_names(run_dir: Path) -> set[str]:
     """The model's parameters (not its buffers), from a model built from the run's saved config."""
-    from csi_dist.config import load_config
-    from csi_dist.models import build_model, model_input_size
+    from csi_dist.core.config import load_config
+    from csi_dist.model.factory import build_model, model_input_size
     config = load_config(run_dir / "resolved_config.ini")
     model = build_model(config.model, model_input_size(config.model, config.data.image_size))
     return {name for name, _ in model.named_parameters()}

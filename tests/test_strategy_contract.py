@@ -7,9 +7,9 @@ import inspect
 
 import pytest
 
-from csi_dist.config import ConfigError, load_config
+from csi_dist.core.config import ConfigError, load_config
 from csi_dist.training.strategies import Strategy
-from csi_dist.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format, resolve_strategy
+from csi_dist.core.strategy_registry import REGISTRY, STRATEGY_STATE_DIR, checkpoint_format, resolve_strategy
 
 CONTRACT_METHODS = sorted(name for name, member in vars(Strategy).items()
                           if callable(member) or isinstance(member, staticmethod)

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import accuracy_score, mean_absolute_error
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from csi_dist.domain import CLASS_NAMES, ZONE_NAMES
+from csi_dist.core.domain import CLASS_NAMES, ZONE_NAMES
 from csi_dist.evaluation.metrics import compute_metrics
 from csi_dist.evaluation.subgroups import SubgroupError, SubgroupOptions, check_columns, write_subgroups
 

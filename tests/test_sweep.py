@@ -23,7 +23,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.config import ConfigError, load_config
+from csi_dist.core.config import ConfigError, load_config
 from csi_dist.sweep.space import load_space, wandb_sweep
 from csi_dist.sweep.study import SweepSettings, budget_used, finished_count, load_study
 from csi_dist.train import hyperparameter_overrides

@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-from csi_dist.config import load_config
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.config import load_config
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.training.tracking import Tracker
 
 

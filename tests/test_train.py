@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.train import main as train_main
 from wandb_reader import history_rows
 

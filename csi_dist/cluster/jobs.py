@@ -20,7 +20,7 @@ The recipe:
   foreground: the notice would wait for the end of training. So ``srun`` is a function that runs the real one in the
   background and waits for it until it has ended, whatever traps interrupt the wait.
 * **Teardown.** After the step, ``python -m csi_dist.cluster.slurm after-step STATUS RUN_DIR`` decides whether a
-  failed step (a lost rank) requeues the job (exit codes: csi_dist/exit_codes.py ``NOT_REQUEUED_AFTER``); taken in the
+  failed step (a lost rank) requeues the job (exit codes: csi_dist/core/exit_codes.py ``NOT_REQUEUED_AFTER``); taken in the
   batch shell, where SLURM's SIGTERM to the failing step cannot kill it. After a requeue the shell waits for SLURM to
   end it: exiting first with an error would leave the job FAILED.
 
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME, REQUEST_FILE_VARIABLE
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 
 # SLURM signals the batch shell this long before the time limit: enough for one checkpoint of a large model.
 NOTICE_LEAD_S = 120

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from csi_dist.cluster.slurm import current_segment_id, requeue, slurm_job_to_requeue
-from csi_dist.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.data.workers import STOP_NOTICES
-from csi_dist.run_dir import PREEMPT_REQUEST, RunDir
+from csi_dist.core.run_dir import PREEMPT_REQUEST, RunDir
 
 log = logging.getLogger(__name__)
 
-REQUEST_FILE_NAME = PREEMPT_REQUEST  # <run_dir>/PREEMPT_REQUESTED (csi_dist.run_dir)
+REQUEST_FILE_NAME = PREEMPT_REQUEST  # <run_dir>/PREEMPT_REQUESTED (csi_dist.core.run_dir)
 # set by the job recipe's batch scripts: the request file their notice trap writes (csi_dist/cluster/jobs.py)
 REQUEST_FILE_VARIABLE = "CSI_PREEMPT_REQUEST_FILE"
 
@@ -151,6 +151,6 @@ class PreemptionWatcher:
                 requeue(job_id)
             else:
                 log.warning("exiting with %d: %s to resume from %s", EXIT_PREEMPTED, rerun, resumes_from)
-        from csi_dist.distributed import leave_process_group
+        from csi_dist.core.distributed import leave_process_group
         leave_process_group()
         raise SystemExit(EXIT_PREEMPTED)

@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from csi_dist.exit_codes import EXIT_PREEMPTED, NOT_REQUEUED_AFTER
-from csi_dist.run_dir import FAILURE_REQUEUES, RunDir
+from csi_dist.core.exit_codes import EXIT_PREEMPTED, NOT_REQUEUED_AFTER
+from csi_dist.core.run_dir import FAILURE_REQUEUES, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def job_states(job_ids: list[str]) -> dict[str, str | None]:
 
 def max_failure_requeues(run_dir: Path) -> int:
     """callbacks.max_failure_requeues of the run (the default when it never started: no resolved config yet)."""
-    from csi_dist.config import CallbacksConfig, ConfigError, load_config  # torch-free
+    from csi_dist.core.config import CallbacksConfig, ConfigError, load_config  # torch-free
     try:
         return load_config(RunDir(run_dir).resolved_config).callbacks.max_failure_requeues
     except ConfigError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from csi_dist.domain import (
+from csi_dist.core.domain import (
     AHF_COLUMN,
     CSI_COLUMN,
     CSV_SEPARATOR,

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from csi_dist.domain import (
+from csi_dist.core.domain import (
     AHF_COLUMN,
     CSI_COLUMN,
     CSV_SEPARATOR,

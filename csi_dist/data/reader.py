@@ -27,11 +27,11 @@ from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar,
 from csi_dist.data.shard_plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import AUGMENT_DRAWS, DecodeError, augment_draws, decode_image, model_input
 from csi_dist.data.workers import worker_options
-from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
-from csi_dist.faults import slow_batch_seconds
+from csi_dist.core.domain import NUM_ZONES, UNKNOWN_CLASS
+from csi_dist.core.faults import slow_batch_seconds
 
 if TYPE_CHECKING:
-    from csi_dist.config import Config
+    from csi_dist.core.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ The "<key>.json" member holds LABEL_KEYS:
      "patient_id": "P001" | null, "metadata": {"site": "A", "sex": null, ...}}
 "metadata" (only when the label CSV has extra columns: every column beyond FileID, the zones, csi, patient_id and
 ahf) holds each extra column's text, null for an empty cell; shards without it have no metadata.
-zones use the coding of csi_dist.domain (0-3 grades, 4 unknown). The image is 8-bit grayscale (mode "L"),
+zones use the coding of csi_dist.core.domain (0-3 grades, 4 unknown). The image is 8-bit grayscale (mode "L"),
 already resized to manifest["image_size"] x manifest["image_size"]: a PNG (lossless), a JPEG, or (npy) the raw
 uint8 array in numpy's format, lossless and nothing to decode, at about 1.5x the bytes of a PNG.
 

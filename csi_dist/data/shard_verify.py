@@ -14,11 +14,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from csi_dist.config import DataConfig
+from csi_dist.core.config import DataConfig
 from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
 from csi_dist.data.shard_index import DamagedSample, index_from_json, index_tar, read_members
-from csi_dist.domain import NUM_ZONES, UNKNOWN_CLASS
-from csi_dist.files import file_sha256
+from csi_dist.core.domain import NUM_ZONES, UNKNOWN_CLASS
+from csi_dist.core.files import file_sha256
 
 NAMED_SAMPLES = 20  # damaged samples `verify` names before "and N more"
 

@@ -42,9 +42,9 @@ from csi_dist.data.split import (
     save_split,
     split_patients,
 )
-from csi_dist.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.files import atomic_write_json, file_sha256
+from csi_dist.core.domain import AHF_COLUMN, CSI_COLUMN, FILE_ID_COLUMN, NUM_CLASSES, PATIENT_COLUMN, ZONE_NAMES
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.files import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from csi_dist.data.labels import LabelError, read_label_csv
 from csi_dist.data.phantom import zone_boxes
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.data.transforms import NORMALIZATION, sample_generator, to_model_input
-from csi_dist.domain import FILE_ID_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.domain import FILE_ID_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 
 logger = logging.getLogger(__name__)
 

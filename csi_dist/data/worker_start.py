@@ -27,6 +27,6 @@ multiprocessing.spawn._fixup_main_from_path = lambda main_path: None
 
 # What was imported above lives as long as the fork server and its workers: frozen, it is left out of every worker's
 # garbage collections (each of which would otherwise walk torch's whole heap, and touch its pages, unsharing them
-# from the fork server's) and out of the fork server's last collections when it exits (csi_dist/command.py).
+# from the fork server's) and out of the fork server's last collections when it exits (csi_dist/core/command.py).
 gc.collect()
 gc.freeze()

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
-from csi_dist.files import atomic_write_json, file_sha256
-from csi_dist.run_dir import calibration_beside
+from csi_dist.core.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.core.files import atomic_write_json, file_sha256
+from csi_dist.core.run_dir import calibration_beside
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from csi_dist.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.core.domain import NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.calibration import METRIC_KEYS, N_BINS
 
 KEYS = tuple(f"{prefix}{key}" for prefix in ("", *(f"{name}/" for name in ZONE_NAMES)) for key in METRIC_KEYS)

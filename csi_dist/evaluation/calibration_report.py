@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from csi_dist.domain import ZONE_NAMES
+from csi_dist.core.domain import ZONE_NAMES
 from csi_dist.evaluation.calibration import (CALIBRATED, METRIC_KEYS, N_BINS, RAW, CalibrationError,
                                              calibration_metrics, calibration_path, fit_calibration, read_calibration,
                                              reliability_bins, zone_softmax)
 from csi_dist.evaluation.intervals import format_estimate
-from csi_dist.files import file_sha256
+from csi_dist.core.files import file_sha256
 
 log = logging.getLogger(__name__)
 

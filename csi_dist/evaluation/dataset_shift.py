@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, ZONE_NAMES
-from csi_dist.run_dir import RunDir
+from csi_dist.core.domain import CLASS_NAMES, NUM_CLASSES, ZONE_NAMES
+from csi_dist.core.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 def training_shard_dir(run_dir: Path, evaluated_dir: str | Path) -> Path | None:
     """The run's training shards when `evaluated_dir` holds other ones (another manifest); None when they are the
     same, or when the training shards cannot be found (then logged: no shift summary)."""
-    from csi_dist.config import ConfigError, load_config
+    from csi_dist.core.config import ConfigError, load_config
     from csi_dist.data.shard_format import MANIFEST_NAME
     try:
         training = Path(load_config(RunDir(run_dir).resolved_config).data.shard_dir)
@@ -247,7 +247,7 @@ def write_dataset_shift(out_dir: Path, split: str, shard_dir: str | Path, predic
                         reference) -> str | None:
     """Write <split>_dataset_shift.md and .json (see the module docstring), and a "Dataset shift" paragraph at the
     end of <split>_report.md; returns the warning, or None."""
-    from csi_dist.files import atomic_write_json
+    from csi_dist.core.files import atomic_write_json
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     comparisons, intensity = shift_comparisons(shard_dir, split, predictions, training_dir, reference)
     warning = shift_warning(comparisons)

@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from csi_dist.config import Config
+from csi_dist.core.config import Config
 from csi_dist.data.transforms import NORMALIZATION
-from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
+from csi_dist.core.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.calibration import calibration_path, read_calibration
 from csi_dist.evaluation.trained_model import trained_model, weights_path
-from csi_dist.files import atomic_path, atomic_write_json
-from csi_dist.models import INPUT_CHANNELS
-from csi_dist.provenance import now_utc, read_provenance, sha256_of
-from csi_dist.run_dir import RunDir
-from csi_dist.weights import CheckpointError
+from csi_dist.core.files import atomic_path, atomic_write_json
+from csi_dist.model.factory import INPUT_CHANNELS
+from csi_dist.core.provenance import now_utc, read_provenance, sha256_of
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.weights import CheckpointError
 
 log = logging.getLogger(__name__)
 

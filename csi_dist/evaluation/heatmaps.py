@@ -16,10 +16,10 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from csi_dist.config import CUSTOM_PURPLE_RED
+from csi_dist.core.config import CUSTOM_PURPLE_RED
 from csi_dist.data.reader import finish_on_device
-from csi_dist.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
-from csi_dist.models import unwrapped_model
+from csi_dist.core.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.model.factory import unwrapped_model
 
 
 class PatchGrid(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from csi_dist.data.reader import EpochLoader, finish_on_device
-from csi_dist.loss import WeightedCSILoss
+from csi_dist.model.loss import WeightedCSILoss
 
 
 @dataclass

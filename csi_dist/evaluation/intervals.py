@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from csi_dist.domain import AHF_CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
+from csi_dist.core.domain import AHF_CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
 from csi_dist.evaluation.calibration_intervals import CalibrationStatistics
 from csi_dist.evaluation.metrics import (_check_inputs, _check_per_image, ahf_classes, csi_average, expected_csi,
                                          zone_predictions)

@@ -1,7 +1,7 @@
 """Evaluation metrics of zone-wise CSI predictions, computed once over a whole (gathered, unpadded) dataset.
 
 Inputs are the model's per-zone probabilities ``zone_probs`` (N, 6, 5), the zone targets ``zone_targets`` (N, 6)
-coded as in :mod:`csi_dist.domain` (0-3 grades, 4 unknown), and optionally the CSV ``csi`` column and a real
+coded as in :mod:`csi_dist.core.domain` (0-3 grades, 4 unknown), and optionally the CSV ``csi`` column and a real
 binary AHF label (both (N,) floats, NaN where missing). Predictions are the argmax of the probabilities.
 
 Keys returned by :func:`compute_metrics` (plain floats, counts as ints; NaN means "undefined on this data"):
@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from csi_dist.domain import GRADES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES, ahf_class
+from csi_dist.core.domain import GRADES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES, ahf_class
 
 POOLED = "pooled"
 

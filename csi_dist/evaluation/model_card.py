@@ -18,10 +18,10 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from csi_dist.config import ConfigError, load_config
-from csi_dist.domain import CLASS_NAMES, CSV_SEPARATOR, ZONE_NAMES
+from csi_dist.core.config import ConfigError, load_config
+from csi_dist.core.domain import CLASS_NAMES, CSV_SEPARATOR, ZONE_NAMES
 from csi_dist.evaluation.intervals import format_estimate
-from csi_dist.run_dir import PROVENANCE, RunDir, calibration_beside, evaluation_provenance, external_evaluations
+from csi_dist.core.run_dir import PROVENANCE, RunDir, calibration_beside, evaluation_provenance, external_evaluations
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from csi_dist.cluster.preemption import PreemptionWatcher
-from csi_dist.config import Config
+from csi_dist.core.config import Config
 from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
                                   image_suffix)
 from csi_dist.data.reader import ShardError, read_manifest
 from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options
-from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
+from csi_dist.core.distributed import build_accelerator, configure_logging
+from csi_dist.core.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES
 from csi_dist.evaluation.trained_model import load_trained_model, weights_path
 from csi_dist.evaluation.calibration import read_calibration
 from csi_dist.evaluation.inference import StopRequested
 from csi_dist.evaluation.metrics import ahf_classes, csi_average, expected_csi, zone_predictions
-from csi_dist.files import atomic_write
+from csi_dist.core.files import atomic_write
 
 log = logging.getLogger("csi_dist.predict")
 

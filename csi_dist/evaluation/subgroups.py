@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csi_dist.domain import CSV_FLOAT_FORMAT, CSV_SEPARATOR, METRIC_DIRECTIONS
+from csi_dist.core.domain import CSV_FLOAT_FORMAT, CSV_SEPARATOR, METRIC_DIRECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def write_subgroups(out_dir: Path, split: str, predictions, overall: dict, optio
     (evaluation.inference.SplitPredictions, with metadata and, when known, patient ids)."""
     import pandas as pd
 
-    from csi_dist.files import atomic_write
+    from csi_dist.core.files import atomic_write
     results = subgroup_results(predictions.zone_probs, predictions.zone_targets, predictions.csi_truth,
                                predictions.ahf_truth, predictions.patient_ids or None, predictions.metadata,
                                options.columns, overall, min_images=options.min_images,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from csi_dist.models import build_model, model_input_size, uses_channels_last
-from csi_dist.run_dir import RunDir
-from csi_dist.weights import CheckpointError, load_weights
+from csi_dist.model.factory import build_model, model_input_size, uses_channels_last
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.weights import CheckpointError, load_weights
 
 
 def load_trained_model(config, run_dir: Path, weights: str, accelerator) -> tuple[torch.nn.Module, Path, bool, int]:

@@ -85,9 +85,9 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.cluster.jobs import submitit_parameters_for_sweep_trials
-from csi_dist.config import ConfigError, read_text_file
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.files import atomic_write_json
+from csi_dist.core.config import ConfigError, read_text_file
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.files import atomic_write_json
 from csi_dist.sweep.console import TrialEvents, closing_lines, opening_lines
 from csi_dist.sweep.report import write_report
 from csi_dist.sweep.space import SearchSpace, load_space, wandb_sweep

@@ -11,9 +11,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from csi_dist.domain import CSV_SEPARATOR
-from csi_dist.files import atomic_write_json
-from csi_dist.provenance import read_provenance
+from csi_dist.core.domain import CSV_SEPARATOR
+from csi_dist.core.files import atomic_write_json
+from csi_dist.core.provenance import read_provenance
 
 log = logging.getLogger(__name__)
 

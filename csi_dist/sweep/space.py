@@ -32,8 +32,8 @@ from pathlib import Path
 
 import optuna
 
-from csi_dist.config import ConfigError, load_config, read_ini, read_text_file
-from csi_dist.domain import metric_direction, monitored_metric
+from csi_dist.core.config import ConfigError, load_config, read_ini, read_text_file
+from csi_dist.core.domain import metric_direction, monitored_metric
 
 log = logging.getLogger(__name__)
 

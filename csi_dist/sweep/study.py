@@ -21,9 +21,9 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.cluster.slurm import ALIVE_STATES, job_states
-from csi_dist.config import load_config
-from csi_dist.files import atomic_write_json
-from csi_dist.run_dir import RunDir
+from csi_dist.core.config import load_config
+from csi_dist.core.files import atomic_write_json
+from csi_dist.core.run_dir import RunDir
 from csi_dist.sweep.space import SearchSpace
 
 log = logging.getLogger("csi_dist.sweep")

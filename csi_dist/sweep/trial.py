@@ -17,11 +17,11 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.cluster.slurm import export_rendezvous_port
-from csi_dist.exit_codes import EXIT_PREEMPTED
-from csi_dist.command import skip_final_collections
-from csi_dist.config import load_config
-from csi_dist.files import atomic_write_json
-from csi_dist.run_dir import RunDir
+from csi_dist.core.exit_codes import EXIT_PREEMPTED
+from csi_dist.core.command import skip_final_collections
+from csi_dist.core.config import load_config
+from csi_dist.core.files import atomic_write_json
+from csi_dist.core.run_dir import RunDir
 from csi_dist.sweep.space import load_space
 from csi_dist.sweep.study import SweepError, SweepSettings, assign_trial, current_owner, load_study, trial_dir
 

@@ -15,8 +15,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from csi_dist.command import run_command
-from csi_dist.config import ConfigError
+from csi_dist.core.command import run_command
+from csi_dist.core.config import ConfigError
 from csi_dist.sweep.space import load_space
 
 

@@ -6,8 +6,8 @@ from typing import Iterable, Iterator, TypeVar
 
 import torch
 
-from csi_dist.config import ConfigError, TrainingConfig
-from csi_dist.loss import WeightedCSILoss
+from csi_dist.core.config import ConfigError, TrainingConfig
+from csi_dist.model.loss import WeightedCSILoss
 
 Batch = TypeVar("Batch")
 

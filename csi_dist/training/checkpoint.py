@@ -33,10 +33,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from csi_dist.files import atomic_path, fsync_path, strict_json_value
-from csi_dist.run_dir import RunDir
-from csi_dist.strategy_registry import STRATEGY_STATE_DIR
-from csi_dist.weights import CheckpointError, load_weights, save_weights  # noqa: F401 - this module's too
+from csi_dist.core.files import atomic_path, fsync_path, strict_json_value
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.strategy_registry import STRATEGY_STATE_DIR
+from csi_dist.core.weights import CheckpointError, load_weights, save_weights  # noqa: F401 - this module's too
 
 log = logging.getLogger(__name__)
 

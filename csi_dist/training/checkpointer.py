@@ -2,7 +2,7 @@
 
 Each part saves and loads itself (`state_dict` / `load_state_dict`): the model and optimizer through the parallelism
 strategy, the progress (where the run is), the learning-rate schedule, early stopping, and every rank's RNG streams;
-rank 0 adds the run's provenance (csi_dist.provenance) and the best weights early stopping names (staged when an
+rank 0 adds the run's provenance (csi_dist.core.provenance) and the best weights early stopping names (staged when an
 evaluation improves, made part of the next checkpoint, published from it: see checkpoint.save_checkpoint).
 The files and their atomic handling are csi_dist.training.checkpoint's; this module says what goes into them.
 """
@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_dist.files import strict_json_value
-from csi_dist.provenance import ProvenanceRecord
+from csi_dist.core.files import strict_json_value
+from csi_dist.core.provenance import ProvenanceRecord
 from csi_dist.training.checkpoint import (BEST_WEIGHTS_FILE, STATE_FILE, best_weights_path, checkpoint_root,
                                           load_checkpoint, publish_best_weights, save_checkpoint, save_weights,
                                           set_rng_state)

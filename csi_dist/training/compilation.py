@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from csi_dist import USER_COMPILE_CACHE_DIR
-from csi_dist.run_dir import RunDir
+from csi_dist.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from csi_dist.config import TrainingConfig
+from csi_dist.core.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.checkpoint import CheckpointError, check_weights_only, unusable_because
 from csi_dist.training.step import UpdateOutcome

@@ -20,20 +20,20 @@ from tqdm import tqdm
 
 from csi_dist import PROCESS_START
 from csi_dist.cluster.preemption import PreemptionWatcher
-from csi_dist.config import Config, save_config
+from csi_dist.core.config import Config, save_config
 from csi_dist.data.quality import check_bad_samples
 from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.distributed import build_accelerator, configure_logging
-from csi_dist.domain import metric_direction, monitored_metric
+from csi_dist.core.distributed import build_accelerator, configure_logging
+from csi_dist.core.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import StopRequested, device_batches, predict_split
 from csi_dist.evaluation.metrics import compute_metrics
-from csi_dist.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors
-from csi_dist.files import atomic_write_json
-from csi_dist.loss import WeightedCSILoss
-from csi_dist.models import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
-from csi_dist.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
-from csi_dist.run_dir import RunDir
-from csi_dist.strategy_registry import hide_from_accelerate, resolve_strategy
+from csi_dist.core.faults import limit_gpu_memory, nonfinite_input_values, nonfinite_loss_factors
+from csi_dist.core.files import atomic_write_json
+from csi_dist.model.loss import WeightedCSILoss
+from csi_dist.model.factory import INPUT_CHANNELS, build_model, model_input_size, uses_channels_last
+from csi_dist.core.provenance import ProvenanceRecord, config_changes, new_segment, run_origin
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, batch_plan
 from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state

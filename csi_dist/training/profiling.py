@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from csi_dist.run_dir import RunDir
+from csi_dist.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
-from csi_dist.config import ConfigError
-from csi_dist.provenance import read_provenance
-from csi_dist.run_dir import MOVED_ASIDE, RUN_CONTENTS, RunDir
+from csi_dist.core.config import ConfigError
+from csi_dist.core.provenance import read_provenance
+from csi_dist.core.run_dir import MOVED_ASIDE, RUN_CONTENTS, RunDir
 
 log = logging.getLogger("csi_dist.train")
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch.optim import lr_scheduler
 
-from csi_dist.config import OptimizationConfig
+from csi_dist.core.config import OptimizationConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizationConfig, fused: bool = False) -> torch.optim.Optimizer:

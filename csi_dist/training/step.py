@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from csi_dist.faults import with_nonfinite_image
-from csi_dist.loss import WeightedCSILoss
+from csi_dist.core.faults import with_nonfinite_image
+from csi_dist.model.loss import WeightedCSILoss
 from csi_dist.training.accumulation import BufferSnapshot, window_loss_scale
 
 # (host batch, images, zone targets, sample mask) of one micro-batch, on the device (inference.device_batches)

@@ -1,5 +1,5 @@
 """Parallelism strategies: the contract (`Strategy`), DDP (through Accelerate) and FSDP2 (torch `fully_shard`);
-DeepSpeed ZeRO in deepspeed_strategy.py; which exist: csi_dist/strategy_registry.py.
+DeepSpeed ZeRO in deepspeed_strategy.py; which exist: csi_dist/core/strategy_registry.py.
 
 The strategy comes from the accelerate config the ranks are launched with (`python -m csi_dist.launcher
 --config_file launch/accelerate/fsdp2.yaml`, like `accelerate launch`, exports ACCELERATE_USE_FSDP /
@@ -34,17 +34,17 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from csi_dist.config import TrainingConfig
+from csi_dist.core.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.checkpoint import read_dcp
 from csi_dist.training.step import UpdateOutcome
-from csi_dist.strategy_registry import DEFAULT, REGISTRY
+from csi_dist.core.strategy_registry import DEFAULT, REGISTRY
 
 log = logging.getLogger(__name__)
 
 class Strategy(Protocol):
     """What the trainer, the step (training/step.py) and convert ask of a parallelism strategy; nothing else in the
-    package names one. A new strategy is a module with a class like this plus its line in csi_dist/strategy_registry.py."""
+    package names one. A new strategy is a module with a class like this plus its line in csi_dist/core/strategy_registry.py."""
 
     name: str
     precision: str  # accelerate's mixed precision: "bf16" or "no"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
-from csi_dist.config import Config, config_to_dict
-from csi_dist.files import atomic_write_json
-from csi_dist.redaction import masked_argv, redact
-from csi_dist.run_dir import HISTORY, PROVENANCE, RESOLVED_CONFIG, RunDir
+from csi_dist.core.config import Config, config_to_dict
+from csi_dist.core.files import atomic_write_json
+from csi_dist.core.redaction import masked_argv, redact
+from csi_dist.core.run_dir import HISTORY, PROVENANCE, RESOLVED_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 

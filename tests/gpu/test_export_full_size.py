@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from csi_dist.config import load_config
+from csi_dist.core.config import load_config
 from csi_dist.evaluation.export_model import export_run
 from test_export import TOLERANCE, fake_run, run_onnx, run_torchscript, zone_logits
 

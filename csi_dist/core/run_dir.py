@@ -5,7 +5,7 @@ checks both: a real run holds exactly the files named here, and no other module 
 Torch-free and importing nothing of csi_dist, so every layer uses it (cluster/, the commands before torch loads).
 
     <run dir>/resolved_config.ini      the config the run trains with (written at each start)
-    <run dir>/provenance.json          where the model came from (csi_dist.provenance)
+    <run dir>/provenance.json          where the model came from (csi_dist.core.provenance)
     <run dir>/training_history.json    one record per evaluation
     <run dir>/checkpoints/step-XXXXXXXX/  complete checkpoints (their inside is csi_dist.training.checkpoint's)
     <run dir>/weights/best.safetensors, last.safetensors, <stem>.calibration.json (temperatures beside weights)

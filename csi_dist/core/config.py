@@ -14,17 +14,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_dist.domain import monitored_metric
-from csi_dist.files import atomic_write
-from csi_dist.redaction import redact
-from csi_dist.run_dir import RunDir
-from csi_dist.strategy_registry import REGISTRY as STRATEGY_REGISTRY
+from csi_dist.core.domain import monitored_metric
+from csi_dist.core.files import atomic_write
+from csi_dist.core.redaction import redact
+from csi_dist.core.run_dir import RunDir
+from csi_dist.core.strategy_registry import REGISTRY as STRATEGY_REGISTRY
 
 log = logging.getLogger(__name__)
 
 # the repository's example configs, found from the package (launch/setup.sh installs it editable from the clone), so
 # `api.load_config(DEMO_CONFIG)` works from any directory
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.ini"
 
 

@@ -4,7 +4,7 @@
 first trains and checked when it resumes (a changed config, data or code is logged, not refused: a user may resume
 on purpose after a fix); every process start of the run (a first launch, a requeue, a manual rerun) appends a
 segment with its SLURM ids, nodes, devices, start and end, and the optimizer steps it took. Each checkpoint carries
-a copy, so a checkpoint says where it came from on its own. Torch-free: `python -m csi_dist.inspect` reads it.
+a copy, so a checkpoint says where it came from on its own. Torch-free: `python -m csi_dist.lineage` reads it.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from csi_dist.config import Config, ConfigError, config_to_dict, load_config
-from csi_dist.files import atomic_write_json, file_sha256
-from csi_dist.redaction import redact
-from csi_dist.run_dir import PROVENANCE as PROVENANCE_NAME, RunDir  # PROVENANCE_NAME: its old name
+from csi_dist.core.config import Config, ConfigError, config_to_dict, load_config
+from csi_dist.core.files import atomic_write_json, file_sha256
+from csi_dist.core.redaction import redact
+from csi_dist.core.run_dir import PROVENANCE as PROVENANCE_NAME, RunDir  # PROVENANCE_NAME: its old name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCK_FILE = REPO_ROOT / "requirements-lock.txt"
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "accelerate", "deepspeed", "webdataset", "numpy", "pandas",
                     "safetensors", "optuna", "submitit")

@@ -1,4 +1,4 @@
-"""Where a trained model came from: `python -m csi_dist.inspect RUN_DIR` prints its lineage and its metrics.
+"""Where a trained model came from: `python -m csi_dist.lineage RUN_DIR` prints its lineage and its metrics.
 
 The origin (git commit and whether the tree was dirty, package versions and the lock file's hash, the data
 manifest's and split file's hashes, the resolved config's hash, the seed), what changed on a resume, every job
@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from csi_dist.exit_codes import EXIT_CONFIG_ERROR
-from csi_dist.provenance import PROVENANCE_NAME, read_provenance
-from csi_dist.run_dir import RunDir
+from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.provenance import PROVENANCE_NAME, read_provenance
+from csi_dist.core.run_dir import RunDir
 
 
 def strategy_text(strategy: dict | None) -> str:
@@ -71,7 +71,7 @@ def metric_lines(run_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csi_dist.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="csi_dist.lineage", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory")
     parser.add_argument("--json", action="store_true",
                         help=f"print the run's {PROVENANCE_NAME} as it is (default: off, a readable summary)")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from csi_dist.domain import NUM_CLASSES, UNKNOWN_CLASS
+from csi_dist.core.domain import NUM_CLASSES, UNKNOWN_CLASS
 
 
 class WeightedCSILoss(nn.Module):

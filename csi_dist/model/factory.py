@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from csi_dist.config import ModelConfig
-from csi_dist.domain import NUM_CLASSES, NUM_ZONES
+from csi_dist.core.config import ModelConfig
+from csi_dist.core.domain import NUM_CLASSES, NUM_ZONES
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from csi_dist.config import TrainingConfig
-from csi_dist.redaction import install_secret_filter
+from csi_dist.core.config import TrainingConfig
+from csi_dist.core.redaction import install_secret_filter
 
 log = logging.getLogger(__name__)
 

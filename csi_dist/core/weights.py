@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from csi_dist.files import atomic_write
+from csi_dist.core.files import atomic_write
 
 
 class CheckpointError(RuntimeError):
