@@ -6,7 +6,7 @@ It keeps the names of the seed project's API (train_model, train_epoch, validate
 The loop helpers (`train_epoch`, `validate_epoch`, `predict`) run in ONE process; `train_model` runs the real
 trainer, with its checkpoints, resume, early stopping and logging.
 
-A custom loop on the phantom data (`python -m csi_dist.data.shards --demo 600`):
+A custom loop on the phantom data (`python -m csi_dist.shards --demo 600`):
 
     import torch
     from csi_dist import api
@@ -41,7 +41,7 @@ import torch
 
 from csi_dist.core.config import (DEMO_CONFIG, CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
                              load_config)
-from csi_dist.data.reader import LoaderSettings, ShardSet, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, ShardSet, build_loader, open_split
 from csi_dist.core.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import SplitPredictions, device_batches, predict_split
 from csi_dist.evaluation.metrics import compute_metrics

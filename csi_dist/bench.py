@@ -40,11 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from csi_dist import USER_COMPILE_CACHE_DIR
+from csi_dist import USER_COMPILE_CACHE_DIR, shards
 from csi_dist.core.command import run_command
 from csi_dist.core.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
-from csi_dist.data import shards
-from csi_dist.data.shard_format import MANIFEST_NAME
+from csi_dist.data.shards.format import MANIFEST_NAME
 from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.core.run_dir import RunDir
 
@@ -92,7 +91,7 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
     normalised and augmented there first (data.gpu_augment's share of the GPU), as the trainer does with it on."""
     import torch
 
-    from csi_dist.data.reader import finish_on_device as finish
+    from csi_dist.data.shards.reader import finish_on_device as finish
     from csi_dist.data.transforms import AUGMENT_DRAWS
     from csi_dist.model.loss import WeightedCSILoss
     from csi_dist.model.factory import build_model
@@ -139,7 +138,7 @@ def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, a
                       finish_on_device: bool = False) -> dict:
     """Images/s of the real reader alone, as the trainer configures it for training (augment=False: as for eval;
     finish_on_device: the workers' share of data.gpu_augment, uint8 pixels out)."""
-    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
     settings = LoaderSettings(batch_size=case.batch_size, image_size=case.image_size, augment=augment, shuffle=True,
                               shuffle_window=1024, num_workers=workers, finish_on_device=finish_on_device)
     loader = build_loader(open_split(shard_dir, "train"), settings, epoch=0, rank=0, world_size=1)

@@ -5,11 +5,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from csi_dist import evaluate, train
+from csi_dist import evaluate, shards, train
 from csi_dist.core.command import run_command
 from csi_dist.core.config import DEMO_CONFIG
-from csi_dist.data import shards
-from csi_dist.data.shard_format import MANIFEST_NAME
+from csi_dist.data.shards.format import MANIFEST_NAME
 
 log = logging.getLogger("csi_dist.demo")
 

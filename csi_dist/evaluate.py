@@ -83,7 +83,7 @@ def evaluate(config: Config, run_dir: Path, weights: str, splits: list[str], out
              bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
              subgroups: SubgroupOptions = SubgroupOptions(), calibrated: bool = False) -> dict:
     from csi_dist.cluster.preemption import PreemptionWatcher
-    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
     from csi_dist.core.distributed import build_accelerator, configure_logging
     from csi_dist.evaluation.calibration_report import EvaluationCalibration
     from csi_dist.evaluation.dataset_shift import training_shard_dir
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SubgroupError) as error:  # answered before torch loads
         log.error("%s", error)
         return EXIT_CONFIG_ERROR
-    from csi_dist.data.reader import ShardError
+    from csi_dist.data.shards.reader import ShardError
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.model.factory import ModelError
     from csi_dist.core.weights import CheckpointError

@@ -102,7 +102,7 @@ def config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
 def run_training(config: Config, run_dir: Path, resume: str) -> int:
     """The trainer on a validated config; its failures as the documented exit codes."""
     from csi_dist.data.quality import TooManyBadSamples
-    from csi_dist.data.reader import ShardError
+    from csi_dist.data.shards.reader import ShardError
     from csi_dist.core.distributed import is_collective_failure, leave_process_group
     from csi_dist.model.factory import ModelError
     from csi_dist.training.checkpoint import CheckpointError

@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "gpu")]
 
-from csi_dist.data.shards import write_demo  # noqa: E402
+from csi_dist.data.shards.writer import write_demo  # noqa: E402
 from test_gpu_matrix import CELLS, gpu_env, scalars  # noqa: E402
 from test_parity import train_runs  # noqa: E402
 

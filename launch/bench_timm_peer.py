@@ -39,9 +39,9 @@ import torch
 
 from csi_dist.bench import Case, end_to_end, launch_environment, synthetic_ceiling
 from csi_dist.data.phantom import generate_phantom
-from csi_dist.data.reader import open_split
-from csi_dist.data.shard_format import SPLIT_FILE_NAME
-from csi_dist.data.shards import available_cores, write_shards
+from csi_dist.data.shards.reader import open_split
+from csi_dist.data.shards.format import SPLIT_FILE_NAME
+from csi_dist.data.shards.writer import available_cores, write_shards
 from csi_dist.data.split import SPLIT_COLUMN, load_split
 from csi_dist.core.domain import CSV_SEPARATOR, FILE_ID_COLUMN, PATIENT_COLUMN
 

@@ -27,8 +27,8 @@ from accelerate import Accelerator
 
 from csi_dist.core.config import load_config
 from csi_dist.data.phantom import generate_phantom, zone_masks
-from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
-from csi_dist.data.shards import write_shards
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, finish_on_device, open_split
+from csi_dist.data.shards.writer import write_shards
 from csi_dist.core.domain import NUM_ZONES, ZONE_NAMES
 from csi_dist.evaluation.trained_model import load_trained_model
 from csi_dist.evaluation.heatmaps import zone_heatmaps

@@ -67,7 +67,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 def phantom_shards(tmp_path_factory) -> Path:
     """160 phantom radiographs at 32 px in shards (114 train, 24 val, 22 test), shared read-only by the trainer,
     strategy and parity tests (and by every worker)."""
-    from csi_dist.data.shards import write_demo
+    from csi_dist.data.shards.writer import write_demo
     return built_once(tmp_path_factory, "phantom_shards",
                       lambda out: write_demo(str(out), n_images=160, image_size=32, seed=1, workers=2))
 

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from csi_dist.data.shard_format import FORMAT_VERSION, MANIFEST_NAME
-from csi_dist.data.shard_index import index_tar, index_to_json
+from csi_dist.data.shards.format import FORMAT_VERSION, MANIFEST_NAME
+from csi_dist.data.shards.index import index_tar, index_to_json
 
 
 def png_bytes(value: int, size: int) -> bytes:

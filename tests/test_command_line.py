@@ -22,8 +22,8 @@ PROBE = ("import atexit, runpy, sys\n"
          "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 # function and module names a user cannot act on (issue 34, item 3)
-INTERNAL_NAMES = ("evaluate.weights_path", "images.encode_image_file", "transforms.decode_image", "cluster.preemption",
-                  "build_image_index", "IMAGE_SUFFIXES", "to_model_input", "prepare_multi_gpu_env", "_shutdown",
+INTERNAL_NAMES = ("evaluate.weights_path", "images.encode_image_file", "radiographs.encode_image_file",
+                  "transforms.decode_image", "cluster.preemption", "build_image_index", "IMAGE_SUFFIXES", "to_model_input", "prepare_multi_gpu_env", "_shutdown",
                   "csi_dist/", ".main(")
 
 
@@ -62,6 +62,10 @@ HELP_DEFAULTS = [
                         "(default: 60)", "(default: ddp)", "(default: auto", "(default: png)",
                         "(default: data/bench)", "(default: one per CPU core, at most 16"]),
     ("csi_dist.lineage", ["RUN_DIR", "provenance.json"]),
+    ("csi_dist.shards", ["(default 200)", "(default data/demo_shards)", "(default 128)", "(default: all cores)",
+                         "(default png;", "write,verify,show"]),
+    ("csi_dist.sweep", ["(default: the built-in defaults)", "(default: 50)", "(default: 4)", "(default: 2)",
+                        "(default: 1440, one day)", "(default: 10)", "(default: 60)", "configs/sweep/default.yaml"]),
     ("csi_dist.compare", ["RUN_A", "RUN_B", "(default: test)", "(default: 1000)", "(default: 0)",
                           "(default: RUN_B's evaluation folder)", "Exit status: 0"]),
     ("csi_dist.launcher", ["accelerate launch --help", "--config_file", "Exit status: 0", "75", "one process"]),
@@ -83,7 +87,7 @@ def test_help_shows_every_default_without_torch_or_internal_names(module: str, s
 
 def test_predict_help_says_what_the_readme_and_the_code_say_once():
     from csi_dist.cluster.preemption import REQUEST_FILE_NAME
-    from csi_dist.data.images import IMAGE_SUFFIXES
+    from csi_dist.data.radiographs import IMAGE_SUFFIXES
     _, output = run("csi_dist.predict", "--help")
     assert "NaN" not in output  # the CSV cell is empty (README "Prediction on new images")
     assert "Options:" not in output  # argparse lists the options once
@@ -101,6 +105,9 @@ USAGE_ERRORS = [
     ("csi_dist.export", ["--run-dir", "run"], 2, "--format"),
     ("csi_dist.bench", ["--case", "resnet50"], 2, "ARCH@SIZExBATCH"),
     ("csi_dist.lineage", [], 2, "RUN_DIR"),
+    ("csi_dist.shards", [], 2, "give a command (write, verify or show) or --demo N"),
+    ("csi_dist.shards", ["write", "--csv", "labels.csv"], 2, "--images"),
+    ("csi_dist.sweep", ["--n-trials", "many"], 2, "--n-trials"),
     ("csi_dist.compare", ["run_a"], 2, "RUN_B"),
     ("csi_dist.launcher", [], 2, "accelerate launch"),
     ("csi_dist.launcher", ["--config_file", "no_such.yaml", "-m", "csi_dist.train"], 2, "no_such.yaml"),

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.data.phantom import generate_phantom
-from csi_dist.data.shards import write_shards
+from csi_dist.data.shards.writer import write_shards
 from csi_dist.evaluation.dataset_shift import compare_grades, compare_values
 
 pytestmark = [pytest.mark.slow]

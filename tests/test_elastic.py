@@ -7,7 +7,7 @@ import pytest
 from csi_dist.cluster.preemption import REQUEST_FILE_NAME
 from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.core.config import ConfigError
-from csi_dist.data.shard_plan import plan_epoch
+from csi_dist.data.shards.plan import plan_epoch
 from csi_dist.training.accumulation import split_global_batch
 from data_helpers import assert_strategies_ran
 from test_parity import LOSS_RTOL, PARITY_SETTINGS, WEIGHT_ATOL, parameter_count, train_runs, training_differences

@@ -42,8 +42,8 @@ from csi_dist.training.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_ST
                                  latest_checkpoint)
 from csi_dist.convert import full_weights
 from csi_dist.data.labels import LabelError, read_label_csv
-from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.data.shards import write_demo
+from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data.shards.writer import write_demo
 from data_helpers import Payload, label_row, write_csv
 from slurm_helpers import differing_tensors
 from shard_factory import write_shards

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csi_dist.data.images import (
+from csi_dist.data.radiographs import (
     CorruptImageError,
     MissingImageError,
     build_image_index,
@@ -197,7 +197,7 @@ def test_resize_square_stretches(tmp_path):
 
 def test_file_ids_find_their_image_as_written_or_in_the_seed_integer_form(tmp_path: Path):
     """FileIDs are text; a whole number saved with a ".0" tail still finds the seed's int(FileID) image."""
-    from csi_dist.data.images import build_image_index, image_for
+    from csi_dist.data.radiographs import build_image_index, image_for
     for name in ("28694662.png", "20200101.00.png", "20200101.png", "00123.png"):
         Image.new("L", (4, 4)).save(tmp_path / name)
     index = build_image_index(tmp_path)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
-from csi_dist.data.shard_plan import plan_epoch
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.plan import plan_epoch
 from csi_dist.evaluation.inference import device_batches
 from shard_factory import write_shards
 

@@ -14,8 +14,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
-from csi_dist.data.shards import write_demo
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, finish_on_device, open_split
+from csi_dist.data.shards.writer import write_demo
 from csi_dist.data.transforms import DecodeError, augment_batch, augment_draws, decode_array
 from csi_dist.core.faults import SLOW_BATCH_VARIABLE
 

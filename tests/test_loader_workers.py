@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from csi_dist.core.config import load_config
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 from conftest import REPO_ROOT, subprocess_env
 
 
@@ -60,7 +60,7 @@ def test_workers_come_from_a_single_threaded_process_and_outlive_the_notices(pha
 UNGUARDED_SCRIPT = """
 import sys
 from csi_dist.core.config import load_config
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 with open(sys.argv[2], "a") as runs:  # the script's top level, with no main guard: it must run once
     runs.write("ran\\n")
 config = load_config(sys.argv[3], [f"data.shard_dir={sys.argv[1]}", "data.image_size=32", "training.batch_size=4",
@@ -88,7 +88,7 @@ def test_a_script_without_a_main_guard_builds_loaders_and_runs_once(phantom_shar
 SLOW_SCRIPT = """
 import sys, time
 from csi_dist.core.config import load_config
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 config = load_config(sys.argv[2], [f"data.shard_dir={sys.argv[1]}", "data.image_size=32", "training.batch_size=4",
                                    "training.num_workers=2"])
 for batch in build_loader(open_split(sys.argv[1], "train"), LoaderSettings.from_config(config, 32, train=True),

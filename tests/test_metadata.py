@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
-from csi_dist.data.shard_verify import verify_shards
-from csi_dist.data.shards import write_shards
+from csi_dist.data.shards.format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
+from csi_dist.data.shards.verify import verify_shards
+from csi_dist.data.shards.writer import write_shards
 from data_helpers import HEADER, gradient_image, label_row, write_csv, write_png
 from shard_factory import write_shards as factory_shards
 
@@ -72,7 +72,7 @@ def test_extra_columns_reach_every_label_record_and_the_manifest_counts_them_per
 
 
 def test_the_reader_hands_each_samples_metadata_and_old_shards_have_none(metadata_shards, tmp_path):
-    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
     settings = LoaderSettings(batch_size=4, image_size=16)
     cells = csv_cells(metadata_shards)
     batches = list(build_loader(open_split(metadata_shards / "shards", "train"), settings, epoch=0, rank=0,
@@ -89,7 +89,7 @@ def test_predictions_carry_the_metadata_in_manifest_order(metadata_shards):
     import torch
 
     from csi_dist.api import predict
-    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 
     class Constant(torch.nn.Module):
         def forward(self, images):

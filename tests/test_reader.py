@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import subprocess_env, torchrun_command
-from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
-from csi_dist.data.shard_plan import plan_epoch
+from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data.shards.plan import plan_epoch
 from shard_factory import write_shards
 
 

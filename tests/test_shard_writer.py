@@ -11,9 +11,10 @@ import pytest
 
 from csi_dist.data.labels import read_label_csv
 from csi_dist.data.phantom import generate_phantom
-from csi_dist.data.shard_format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
-from csi_dist.data.shard_verify import verify_shards
-from csi_dist.data.shards import ShardWriteError, main, sample_keys, write_shards
+from csi_dist.data.shards.format import MANIFEST_NAME, SPLIT_FILE_NAME, SPLIT_NAMES
+from csi_dist.data.shards.verify import verify_shards
+from csi_dist.data.shards.writer import ShardWriteError, sample_keys, write_shards
+from csi_dist.shards import main
 from csi_dist.core.domain import ZONE_NAMES
 from data_helpers import gradient_image, label_row, write_csv, write_png
 from shard_factory import write_shards as factory_shards
@@ -209,7 +210,7 @@ def test_verify_reports_modified_shard_and_names_the_damaged_sample(phantom, tmp
 
 def reader_skips(shard_dir, split: str = "train") -> tuple[int, set[str]]:
     """(samples read, keys of the samples skipped) when the reader reads `split` once, as training does."""
-    from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+    from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 
     loader = build_loader(open_split(shard_dir, split), LoaderSettings(batch_size=8, image_size=16), epoch=0, rank=0,
                           world_size=1)
@@ -281,7 +282,7 @@ def test_verify_verdict_on_600_overwritten_bytes_matches_what_the_reader_does(tm
 
 
 def test_verify_verdict_on_a_missing_shard_is_unusable_as_the_reader_refuses_the_split(tmp_path, caplog):
-    from csi_dist.data.reader import ShardError, open_split
+    from csi_dist.data.shards.reader import ShardError, open_split
 
     root = factory_shards(tmp_path / "s", {"train": [4, 4], "val": [2]})
     (root / "train" / "shard-000001.tar").unlink()
@@ -309,7 +310,7 @@ def test_help_shows_every_default_in_user_words(capsys):
     """`write --help` used to hide --size 512, --seed 42, --split-fractions and --shard-max-mb's value."""
     import argparse
 
-    from csi_dist.data.shards import build_parser
+    from csi_dist.shards import build_parser
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csi_dist.data.images import load_grayscale, resize_square
+from csi_dist.data.radiographs import load_grayscale, resize_square
 from csi_dist.data.labels import read_label_csv
 from csi_dist.data.phantom import generate_phantom
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
-from csi_dist.data.shards import main, write_demo
-from csi_dist.data.show import csv_tiles, grid_layout, shard_tiles, title_height, zone_anchors
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.writer import write_demo
+from csi_dist.shards import main
+from csi_dist.data.shards.show import csv_tiles, grid_layout, shard_tiles, title_height, zone_anchors
 from csi_dist.core.domain import ZONE_NAMES
 
 SIZE = 64
@@ -153,7 +154,7 @@ def test_zone_labels_sit_in_radiological_convention():
 
 def test_a_small_grid_draws_every_title_and_the_legend_whole(tmp_path):
     """At --tile 128 titles were cut ("#1 2020010...") and the legend ended in "..." on a narrow grid."""
-    from csi_dist.data.show import LEGEND, Tile, render_grid
+    from csi_dist.data.shards.show import LEGEND, Tile, render_grid
     pixels = np.full((32, 32), 128, dtype=np.uint8)
     tiles = [Tile("20200101.00", [0, 1, 2, 3, 4, 0], pixels), Tile("20200101.01", [4] * 6, pixels * 0, "decode failed")]
     heading = "phantom_shards | train | first 2 | 32 px | augment seed 42"

@@ -38,7 +38,7 @@ def local_cluster():
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "shards"
-    subprocess.run([sys.executable, "-m", "csi_dist.data.shards", "--demo", "96", "--out", str(out), "--size", "32"],
+    subprocess.run([sys.executable, "-m", "csi_dist.shards", "--demo", "96", "--out", str(out), "--size", "32"],
                    check=True, capture_output=True, timeout=120, env=subprocess_env())
     return out
 

@@ -92,7 +92,7 @@ def site_shards(phantom_shards: Path, tmp_path_factory) -> Path:
     labels["site"] = np.where(patient_number % 3 == 0, "north", "south")
     labels["scanner"] = np.where(patient_number % 4 == 0, "", "X1")
     labels.to_csv(root / "labels.csv", sep=";", index=False)
-    from csi_dist.data.shards import write_shards
+    from csi_dist.data.shards.writer import write_shards
     write_shards(root / "labels.csv", phantom_shards / "raw" / "images", root / "shards", image_size=32, workers=1,
                  split_file=phantom_shards / "split.csv")
     return root

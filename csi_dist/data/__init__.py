@@ -1,1 +1,2 @@
-"""Data: label CSV and image reading, the tar shard writer, the phantom dataset and the distributed shard reader."""
+"""Data: the label CSV, radiographs (find and decode one), the unlabelled images predict reads, the patient split, the
+phantom dataset, the tar shards (shards/), model input and the loader's worker processes."""

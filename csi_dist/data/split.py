@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from csi_dist.data.shard_format import SPLIT_NAMES
+from csi_dist.data.shards.format import SPLIT_NAMES
 from csi_dist.core.domain import CSV_SEPARATOR, FILE_ID_COLUMN, PATIENT_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import gc
 import multiprocessing.spawn
 
-import csi_dist.data.image_files  # noqa: F401 - a worker's code, imported once in the fork server
-import csi_dist.data.reader  # noqa: F401
+import csi_dist.data.unlabelled_images  # noqa: F401 - a worker's code, imported once in the fork server
+import csi_dist.data.shards.reader  # noqa: F401
 from csi_dist.data.workers import hold_stop_notices, ignore_stop_notices
 
 ignore_stop_notices()

@@ -48,7 +48,7 @@ def training_shard_dir(run_dir: Path, evaluated_dir: str | Path) -> Path | None:
     """The run's training shards when `evaluated_dir` holds other ones (another manifest); None when they are the
     same, or when the training shards cannot be found (then logged: no shift summary)."""
     from csi_dist.core.config import ConfigError, load_config
-    from csi_dist.data.shard_format import MANIFEST_NAME
+    from csi_dist.data.shards.format import MANIFEST_NAME
     try:
         training = Path(load_config(RunDir(run_dir).resolved_config).data.shard_dir)
     except ConfigError as error:
@@ -69,8 +69,8 @@ def split_sample(shard_dir: Path, split: str, limit: int = SAMPLE_IMAGES) -> tup
 
     from PIL import Image
 
-    from csi_dist.data.shard_format import IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
-    from csi_dist.data.shard_index import index_from_json, index_tar, read_members
+    from csi_dist.data.shards.format import IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
+    from csi_dist.data.shards.index import index_from_json, index_tar, read_members
     manifest = json.loads((shard_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     positions = []
     for entry in manifest["splits"].get(split, {}).get("shards", []):
@@ -178,7 +178,7 @@ def grade_counts(zone_grades: np.ndarray) -> np.ndarray:
 
 def shift_comparisons(shard_dir: Path, split: str, predictions, training_dir: Path, reference) -> tuple[list, dict]:
     """The six comparisons (see the module docstring) and the intensity summaries of both sets."""
-    from csi_dist.data.shard_format import MANIFEST_NAME
+    from csi_dist.data.shards.format import MANIFEST_NAME
     from csi_dist.evaluation.metrics import csi_average, expected_csi, zone_predictions
     training_manifest = json.loads((training_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     histogram = training_manifest["splits"][TRAINING_SPLIT].get("label_histogram", {})

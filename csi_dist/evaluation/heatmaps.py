@@ -17,7 +17,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 from csi_dist.core.config import CUSTOM_PURPLE_RED
-from csi_dist.data.reader import finish_on_device
+from csi_dist.data.shards.reader import finish_on_device
 from csi_dist.core.domain import CLASS_NAMES, NUM_CLASSES, NUM_ZONES, UNKNOWN_CLASS, ZONE_NAMES
 from csi_dist.model.factory import unwrapped_model
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from csi_dist.data.reader import EpochLoader, finish_on_device
+from csi_dist.data.shards.reader import EpochLoader, finish_on_device
 from csi_dist.model.loss import WeightedCSILoss
 
 

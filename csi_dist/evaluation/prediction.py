@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.core.config import Config
-from csi_dist.data.images import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
+from csi_dist.data.radiographs import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
                                   image_suffix)
-from csi_dist.data.reader import ShardError, read_manifest
-from csi_dist.data.image_files import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
+from csi_dist.data.shards.reader import ShardError, read_manifest
+from csi_dist.data.unlabelled_images import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options
 from csi_dist.core.distributed import build_accelerator, configure_logging
 from csi_dist.core.domain import CLASS_NAMES, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, ZONE_NAMES

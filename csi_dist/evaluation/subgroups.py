@@ -71,7 +71,7 @@ def check_shard_columns(shard_dir: str | Path, columns: Sequence[str]) -> None:
     import json
 
     from csi_dist.data.metadata import manifest_metadata_columns
-    from csi_dist.data.shard_format import MANIFEST_NAME
+    from csi_dist.data.shards.format import MANIFEST_NAME
     manifest_path = Path(shard_dir) / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

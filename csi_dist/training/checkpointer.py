@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingProgress:
     """Where the run is. `epoch_position` counts the samples of the epoch's order consumed so far, over all ranks,
-    so it means the same on any world size (see data.shard_plan)."""
+    so it means the same on any world size (see data/shards/plan.py)."""
 
     world_size: int
     epoch: int = 0

@@ -22,7 +22,7 @@ from csi_dist import PROCESS_START
 from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.core.config import Config, save_config
 from csi_dist.data.quality import check_bad_samples
-from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.core.distributed import build_accelerator, configure_logging
 from csi_dist.core.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import StopRequested, device_batches, predict_split

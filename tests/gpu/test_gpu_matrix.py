@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import subprocess_env
-from csi_dist.data.shards import write_demo
+from csi_dist.data.shards.writer import write_demo
 from data_helpers import assert_strategies_ran
 from test_parity import PARITY_SETTINGS, parameter_count, train_runs, training_differences
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csi_dist.data.reader import LoaderSettings, build_loader, finish_on_device, open_split
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, finish_on_device, open_split
 from test_gpu_matrix import gpu_shards  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csi_dist.data.reader import open_split
+from csi_dist.data.shards.reader import open_split
 from test_gpu_matrix import BF16_LOSS_RTOL, BF16_UPDATE_REL_L2, gpu_env, gpu_shards, scalars  # noqa: F401 - fixture
 from test_parity import train_runs, training_differences
 

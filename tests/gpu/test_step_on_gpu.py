@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from csi_dist.data.shards import write_demo
+from csi_dist.data.shards.writer import write_demo
 from test_gpu_matrix import gpu_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]

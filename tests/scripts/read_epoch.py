@@ -4,7 +4,7 @@ import sys
 
 import torch.distributed as dist
 
-from csi_dist.data.reader import LoaderSettings, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, build_loader, open_split
 
 shard_dir, out_path, epoch, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 dist.init_process_group("gloo")

@@ -29,7 +29,7 @@ manifest.json:
                 "val": {...}, "test": {...}},
      "skipped": {"count": k, "samples": [{"file_id": "...", "row": 17, "reason": "..."}]}}
 A shard's "samples" is its per-sample index, in tar order: [{"key": "<key>", "members": {"png": [data offset,
-size, crc32], "json": [...]}}, ...] (see shard_index); readers seek to a sample with it and skip only the samples
+size, crc32], "json": [...]}}, ...] (see index.py); readers seek to a sample with it and skip only the samples
 whose bytes fail their checksum. Manifests without "samples" (written before it) are indexed from the tar headers.
 Shard paths are relative to the manifest's directory. "row" is the label CSV line (header = line 1).
 Fields added by the writer (readers may ignore them): "source_images" (image directory), "split_file" (the

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from csi_dist.core.config import DataConfig
-from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
-from csi_dist.data.shard_index import DamagedSample, index_from_json, index_tar, read_members
+from csi_dist.data.shards.format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
+from csi_dist.data.shards.index import DamagedSample, index_from_json, index_tar, read_members
 from csi_dist.core.domain import NUM_ZONES, UNKNOWN_CLASS
 from csi_dist.core.files import file_sha256
 

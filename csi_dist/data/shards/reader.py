@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from csi_dist.data.metadata import record_metadata
-from csi_dist.data.shard_format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
-from csi_dist.data.shard_index import IndexedSample, index_from_json, index_tar, read_members
-from csi_dist.data.shard_plan import EpochPlan, plan_epoch
+from csi_dist.data.shards.format import FORMAT_VERSION, IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME
+from csi_dist.data.shards.index import IndexedSample, index_from_json, index_tar, read_members
+from csi_dist.data.shards.plan import EpochPlan, plan_epoch
 from csi_dist.data.transforms import AUGMENT_DRAWS, DecodeError, augment_draws, decode_image, model_input
 from csi_dist.data.workers import worker_options
 from csi_dist.core.domain import NUM_ZONES, UNKNOWN_CLASS

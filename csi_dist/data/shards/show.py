@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from csi_dist.data.images import (ImageError, MissingImageError, build_image_index, image_for, load_grayscale,
+from csi_dist.data.radiographs import (ImageError, MissingImageError, build_image_index, image_for, load_grayscale,
                                   resize_square)
 from csi_dist.data.labels import LabelError, read_label_csv
 from csi_dist.data.phantom import zone_boxes
-from csi_dist.data.reader import LoaderSettings, ShardError, build_loader, open_split
+from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split
 from csi_dist.data.transforms import NORMALIZATION, sample_generator, to_model_input
 from csi_dist.core.domain import FILE_ID_COLUMN, UNKNOWN_CLASS, ZONE_NAMES
 from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR

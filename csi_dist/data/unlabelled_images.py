@@ -1,6 +1,6 @@
 """The unlabelled image files `predict` reads, as a DataLoader dataset: each file through training's data path.
 
-The shard writer's image path (`images.encode_image_file`: load_grayscale, resize to the stored image size, 8-bit
+The shard writer's image path (`radiographs.encode_image_file`: load_grayscale, resize to the stored image size, 8-bit
 PNG/JPEG/npy as stored) then the reader's (`transforms.decode_image` to the model input size, `to_model_input`, no
 augmentation). A module of its own, so that DataLoader workers (csi_dist.data.workers) import its classes by name.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from csi_dist.data.images import DEFAULT_JPEG_QUALITY, ImageError, encode_image_file
+from csi_dist.data.radiographs import DEFAULT_JPEG_QUALITY, ImageError, encode_image_file
 from csi_dist.data.transforms import DecodeError, decode_image, to_model_input
 
 

@@ -1,6 +1,6 @@
 """Where each sample of a tar shard lies: its members' data offsets, sizes and CRC-32s.
 
-`csi-shards` writes this index into the manifest (one list per shard, see shard_format). A reader then seeks straight
+`csi-shards` writes this index into the manifest (one list per shard, see format.py). A reader then seeks straight
 to a sample and checks its bytes, so damage costs only the samples it hits: a corrupt tar header no longer hides
 the rest of its shard, and corrupt bytes that would still decode are caught. Manifests written before the index
 existed are indexed from the tar headers at read time (without checksums); there a corrupt header still ends the
