@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from csi_dist.core.config import (DEMO_CONFIG, CallbacksConfig, Config, ModelConfig, OptimizationConfig, SECTION_FIELDS,
-                             load_config)
+                                  load_config)
 from csi_dist.data.shards.reader import LoaderSettings, ShardSet, build_loader, open_split
 from csi_dist.core.domain import metric_direction, monitored_metric
 from csi_dist.evaluation.inference import SplitPredictions, device_batches, predict_split
@@ -52,7 +52,7 @@ from csi_dist.model.factory import build_model as _build_model
 from csi_dist.model.factory import model_input_size, unwrapped_model
 from csi_dist.core.run_dir import RunDir
 from csi_dist.training.accumulation import BufferSnapshot
-from csi_dist.training.checkpoint import STATE_FILE, CheckpointError, load_weights
+from csi_dist.training.checkpoint_files import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.step import SingleProcess, train_step

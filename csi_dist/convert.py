@@ -43,7 +43,7 @@ def run_config(checkpoint_dir: Path) -> Config:
 def full_weights(checkpoint_dir: Path, config: Config | None = None) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of any registered strategy: the strategy whose format it holds reads it."""
     from csi_dist.model.factory import build_model, model_input_size
-    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.training.checkpoint_files import CheckpointError
     state_dir = checkpoint_dir / STRATEGY_STATE_DIR
     entry = checkpoint_format(state_dir)
     if entry is None:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot convert %s: %s", args.checkpoint, error)
         return EXIT_CONFIG_ERROR
     from csi_dist.model.factory import ModelError
-    from csi_dist.training.checkpoint import CheckpointError, save_weights
+    from csi_dist.training.checkpoint_files import CheckpointError, save_weights
     try:
         weights = full_weights(args.checkpoint, config)
     except (CheckpointError, ConfigError, ModelError) as error:  # the template model comes from the run's config

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.export_model import ExportError, export_run
     from csi_dist.model.factory import ModelError
-    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.training.checkpoint_files import CheckpointError
     try:
         export_run(config, args.run_dir, args.weights, args.export_format, args.out, args.calibrated)
     except (ExportError, CalibrationError, ConfigError, ModelError, CheckpointError) as error:

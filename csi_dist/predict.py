@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi_dist.evaluation.calibration import CalibrationError
     from csi_dist.evaluation.prediction import PredictError, predict
     from csi_dist.model.factory import ModelError
-    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.training.checkpoint_files import CheckpointError
     try:
         predict(config, args.run_dir, args.weights, args.images, args.list_csv, args.out, args.batch_size,
                 args.heatmaps, args.calibrated)

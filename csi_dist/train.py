@@ -14,7 +14,8 @@ from pathlib import Path
 from csi_dist.cluster.slurm import requeue_after_failure
 from csi_dist.core.command import run_command
 from csi_dist.core.config import Config, ConfigError, config_reference, load_config, section_of
-from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES, EXIT_TOO_MANY_BAD_STEPS
+from csi_dist.core.exit_codes import (EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES,
+                                     EXIT_TOO_MANY_BAD_STEPS)
 from csi_dist.core.redaction import install_secret_filter
 from csi_dist.core.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir
 
@@ -105,7 +106,7 @@ def run_training(config: Config, run_dir: Path, resume: str) -> int:
     from csi_dist.data.shards.reader import ShardError
     from csi_dist.core.distributed import is_collective_failure, leave_process_group
     from csi_dist.model.factory import ModelError
-    from csi_dist.training.checkpoint import CheckpointError
+    from csi_dist.training.checkpoint_files import CheckpointError
     from csi_dist.training.loop import TooManyBadSteps, train
     try:
         return train(config, run_dir, resume)

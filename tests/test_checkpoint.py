@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_dist.training.checkpoint import STATE_FILE, latest_checkpoint, save_checkpoint
+from csi_dist.training.checkpoint_files import STATE_FILE, latest_checkpoint, save_checkpoint
 
 
 class OneProcess:

@@ -23,7 +23,7 @@ from data_helpers import Payload
 from csi_dist import convert
 from csi_dist.core.config import ModelConfig, TrainingConfig
 from csi_dist.model.factory import build_model
-from csi_dist.training.checkpoint import SCHEDULE_FILE, STATE_FILE, CheckpointError, load_checkpoint
+from csi_dist.training.checkpoint_files import SCHEDULE_FILE, STATE_FILE, CheckpointError, load_checkpoint
 from csi_dist.training.accumulation import BatchPlan
 from csi_dist.training.deepspeed_strategy import UNIVERSAL_TAG, ZERO_TAG, DeepSpeedStrategy
 from csi_dist.training.strategies import DDPStrategy

@@ -23,8 +23,8 @@ PROBE = ("import atexit, runpy, sys\n"
 
 # function and module names a user cannot act on (issue 34, item 3)
 INTERNAL_NAMES = ("evaluate.weights_path", "images.encode_image_file", "radiographs.encode_image_file",
-                  "transforms.decode_image", "cluster.preemption", "build_image_index", "IMAGE_SUFFIXES", "to_model_input", "prepare_multi_gpu_env", "_shutdown",
-                  "csi_dist/", ".main(")
+                  "transforms.decode_image", "cluster.preemption", "build_image_index", "IMAGE_SUFFIXES",
+                  "to_model_input", "prepare_multi_gpu_env", "_shutdown", "csi_dist/", ".main(")
 
 
 def run(module: str, *args: str, cwd: Path = REPO_ROOT) -> tuple[int, str]:

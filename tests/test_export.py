@@ -25,7 +25,7 @@ from csi_dist.core.domain import CLASS_NAMES, ZONE_NAMES
 from csi_dist.evaluation.calibration import CalibrationError
 from csi_dist.evaluation.export_model import export_run
 from csi_dist.model.factory import build_model
-from csi_dist.training.checkpoint import load_weights, save_weights
+from csi_dist.training.checkpoint_files import load_weights, save_weights
 
 onnxruntime = pytest.importorskip("onnxruntime")
 

@@ -38,8 +38,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import REPO_ROOT, built_once, free_port, subprocess_env, torchrun_command
-from csi_dist.training.checkpoint import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
-                                 latest_checkpoint)
+from csi_dist.training.checkpoint_files import (SCHEDULE_FILE, STATE_FILE, STRATEGY_STATE_DIR, complete_checkpoints,
+                                                latest_checkpoint)
 from csi_dist.convert import full_weights
 from csi_dist.data.labels import LabelError, read_label_csv
 from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split

@@ -8,8 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from scipy.stats import pearsonr
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score)
 
 from csi_dist.core.domain import NUM_CLASSES, UNKNOWN_CLASS, ZONE_NAMES
 from csi_dist.evaluation.metrics import ahf_classes, compute_metrics, confusion_matrices, csi_average

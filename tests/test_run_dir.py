@@ -24,7 +24,8 @@ FOLDER_NAMES = ("checkpoints", "weights", "tensorboard", "wandb", "mlflow", "eva
 # Spellings that are not a run's path, each with why.
 ALLOWED = {
     ("csi_dist/core/config.py", "checkpoints"): "training.output_dir's default: the parent of run directories",
-    ("csi_dist/training/checkpoint.py", "best.safetensors"): "the best weights' name inside a checkpoint (its format)",
+    ("csi_dist/training/checkpoint_files.py", "best.safetensors"):
+        "the best weights' name inside a checkpoint (its format)",
     ("csi_dist/demo.py", "checkpoints"): "the demo's default --run-dir, checkpoints/demo: under the parent of runs",
 }
 

@@ -22,7 +22,7 @@ from csi_dist.core.files import atomic_write_json
 from csi_dist.core.provenance import PROVENANCE_NAME
 from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
 from csi_dist.train import main
-from csi_dist.training.checkpoint import latest_checkpoint, save_weights
+from csi_dist.training.checkpoint_files import latest_checkpoint, save_weights
 
 TINY = ["--set", "model.model_arch=Tiny_CNN", "--set", "data.image_size=32", "--set", "training.batch_size=8",
         "--set", "training.num_workers=0", "--set", "logging.wandb_mode=disabled", "--set", "heatmap.enabled=false",
@@ -101,7 +101,7 @@ def test_resume_fresh_moves_the_old_run_aside_whole_and_the_new_run_owns_the_dir
 def test_a_requeued_slurm_job_continues_the_run_it_started_whatever_its_resume_option(tmp_path):
     """A requeue reruns the job's command line: `--resume never` or `fresh` there must not refuse or move aside the
     run this very job started (its provenance names the job)."""
-    from csi_dist.training.run_directory import plan_start
+    from csi_dist.training.resume_or_start import plan_start
     run_dir = tmp_path / "run"
     atomic_write_json(run_dir / PROVENANCE_NAME, {"origin": {}, "segments": [{"slurm_job_id": "4242"}]})
     for resume in ("never", "fresh"):
@@ -154,7 +154,7 @@ def test_a_finished_run_rerun_says_it_is_complete_and_trains_and_saves_nothing(u
 
 
 def test_a_run_is_finished_where_its_recorded_end_is_the_end_its_settings_ask_for(tmp_path):
-    from csi_dist.training.run_directory import finished_because
+    from csi_dist.training.resume_or_start import finished_because
     run_dir = tmp_path / "run"
     (run_dir / "weights").mkdir(parents=True)
     (run_dir / "weights" / "last.safetensors").touch()

@@ -19,8 +19,7 @@ from csi_dist.cluster.slurm import FAILURE_REQUEUE_DIR
 from csi_dist.core.exit_codes import EXIT_PREEMPTED
 from csi_dist.core.faults import SLOW_BATCH_VARIABLE
 from test_jobs import job_parts
-from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end,
-                           wait_until)
+from slurm_helpers import (cluster_problem, differing_tensors, job_field, run, sbatch, wait_for_job_end, wait_until)
 
 pytestmark = pytest.mark.slurm
 

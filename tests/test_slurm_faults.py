@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from csi_dist.training.checkpoint import latest_checkpoint
+from csi_dist.training.checkpoint_files import latest_checkpoint
 from slurm_helpers import cluster_problem, differing_tensors, job_field, sbatch, wait_for_job_end
 from test_faults import reference, shards, step_of, trainer_args, wait_for  # noqa: F401 (fixtures)
 

@@ -22,8 +22,8 @@ from csi_dist.core.faults import SLOW_BATCH_VARIABLE
 from csi_dist.sweep.study import SweepSettings, finished_count
 from slurm_helpers import cluster_problem, wait_until
 from test_jobs import job_parts
-from test_sweep import (SWEEP_TIMEOUT_S, assert_best_params_reproduce, assert_sweep_outputs, run_sweep,
-                        study_trials, sweep_command)
+from test_sweep import (SWEEP_TIMEOUT_S, assert_best_params_reproduce, assert_sweep_outputs, run_sweep, study_trials,
+                        sweep_command)
 
 pytestmark = pytest.mark.slurm
 
@@ -71,8 +71,8 @@ def cancel_sweep_jobs(sweep_dir: Path) -> None:
 
 
 def start_driver(command: list[str], slow_batch_s: float = 0.0) -> subprocess.Popen:
-    """`slow_batch_s`: each loader batch of the trials held back (csi_dist/core/faults.py), so that a signal sent after the
-    first checkpoint lands before a Tiny_CNN trial has run its 45 steps to the end."""
+    """`slow_batch_s`: each loader batch of the trials held back (csi_dist/core/faults.py), so that a signal sent after
+    the first checkpoint lands before a Tiny_CNN trial has run its 45 steps to the end."""
     return subprocess.Popen(command, env=subprocess_env(**{SLOW_BATCH_VARIABLE: str(slow_batch_s)}), cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

@@ -20,8 +20,8 @@ The recipe:
   foreground: the notice would wait for the end of training. So ``srun`` is a function that runs the real one in the
   background and waits for it until it has ended, whatever traps interrupt the wait.
 * **Teardown.** After the step, ``python -m csi_dist.cluster.slurm after-step STATUS RUN_DIR`` decides whether a
-  failed step (a lost rank) requeues the job (exit codes: csi_dist/core/exit_codes.py ``NOT_REQUEUED_AFTER``); taken in the
-  batch shell, where SLURM's SIGTERM to the failing step cannot kill it. After a requeue the shell waits for SLURM to
+  failed step (a lost rank) requeues the job (exit codes: csi_dist/core/exit_codes.py ``NOT_REQUEUED_AFTER``); taken
+  in the batch shell, where SLURM's SIGTERM to the failing step cannot kill it. After a requeue the shell waits for SLURM to
   end it: exiting first with an error would leave the job FAILED.
 
 A batch script sets three shell variables before the recipe's lines: ``CSI_PYTHON`` (the interpreter),

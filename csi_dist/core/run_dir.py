@@ -7,7 +7,7 @@ Torch-free and importing nothing of csi_dist, so every layer uses it (cluster/, 
     <run dir>/resolved_config.ini      the config the run trains with (written at each start)
     <run dir>/provenance.json          where the model came from (csi_dist.core.provenance)
     <run dir>/training_history.json    one record per evaluation
-    <run dir>/checkpoints/step-XXXXXXXX/  complete checkpoints (their inside is csi_dist.training.checkpoint's)
+    <run dir>/checkpoints/step-XXXXXXXX/  complete checkpoints (their inside is csi_dist.training.checkpoint_files's)
     <run dir>/weights/best.safetensors, last.safetensors, <stem>.calibration.json (temperatures beside weights)
     <run dir>/tensorboard/, wandb/, mlflow/ + mlflow_run.json   experiment tracking
     <run dir>/heatmaps/                zone heatmaps drawn during training

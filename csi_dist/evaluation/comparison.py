@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from csi_dist.core.domain import (AHF_COLUMN, CLASS_NAMES, CSI_COLUMN, CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN,
-                             METRIC_DIRECTIONS, PATIENT_COLUMN, ZONE_NAMES)
-from csi_dist.evaluation.intervals import (SufficientStatistics, group_codes, percentile_interval,
-                                           resampled_metrics)
+                                  METRIC_DIRECTIONS, PATIENT_COLUMN, ZONE_NAMES)
+from csi_dist.evaluation.intervals import (SufficientStatistics, group_codes, percentile_interval, resampled_metrics)
 from csi_dist.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)

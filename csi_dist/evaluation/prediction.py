@@ -18,7 +18,7 @@ from tqdm import tqdm
 from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.core.config import Config
 from csi_dist.data.radiographs import (DEFAULT_JPEG_QUALITY, IMAGE_SUFFIXES, ImageError, build_image_index, image_for,
-                                  image_suffix)
+                                       image_suffix)
 from csi_dist.data.shards.reader import ShardError, read_manifest
 from csi_dist.data.unlabelled_images import ImageFiles, ImagePipeline, InputImage, collate_images, model_input
 from csi_dist.data.workers import worker_options

@@ -35,14 +35,14 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from csi_dist.core.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN, CSV_FLOAT_FORMAT,
-                             CSV_SEPARATOR, FILE_ID_COLUMN, GRADES, NUM_CLASSES, PATIENT_COLUMN, UNKNOWN_CLASS,
-                             ZONE_NAMES)
+from csi_dist.core.domain import (AHF_CLASS_NAMES, AHF_COLUMN, AHF_THRESHOLDS, CLASS_NAMES, CSI_COLUMN,
+                                  CSV_FLOAT_FORMAT, CSV_SEPARATOR, FILE_ID_COLUMN, GRADES, NUM_CLASSES, PATIENT_COLUMN,
+                                  UNKNOWN_CLASS, ZONE_NAMES)
 from csi_dist.evaluation.intervals import BootstrapResult, format_estimate, metrics_rows
 from csi_dist.core.files import strict_json_value
 from csi_dist.evaluation.calibration_report import probabilities_line
-from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average, expected_csi,
-                              zone_predictions)
+from csi_dist.evaluation.metrics import (POOLED, ahf_classes, compute_metrics, confusion_matrices, csi_average,
+                                         expected_csi, zone_predictions)
 
 logger = logging.getLogger(__name__)
 

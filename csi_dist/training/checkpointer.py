@@ -3,8 +3,8 @@
 Each part saves and loads itself (`state_dict` / `load_state_dict`): the model and optimizer through the parallelism
 strategy, the progress (where the run is), the learning-rate schedule, early stopping, and every rank's RNG streams;
 rank 0 adds the run's provenance (csi_dist.core.provenance) and the best weights early stopping names (staged when an
-evaluation improves, made part of the next checkpoint, published from it: see checkpoint.save_checkpoint).
-The files and their atomic handling are csi_dist.training.checkpoint's; this module says what goes into them.
+evaluation improves, made part of the next checkpoint, published from it: see checkpoint_files.save_checkpoint).
+The files and their atomic handling are csi_dist.training.checkpoint_files's; this module says what goes into them.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from csi_dist.core.files import strict_json_value
 from csi_dist.core.provenance import ProvenanceRecord
-from csi_dist.training.checkpoint import (BEST_WEIGHTS_FILE, STATE_FILE, best_weights_path, checkpoint_root,
-                                          load_checkpoint, publish_best_weights, save_checkpoint, save_weights,
-                                          set_rng_state)
+from csi_dist.training.checkpoint_files import (BEST_WEIGHTS_FILE, STATE_FILE, best_weights_path, checkpoint_root,
+                                                load_checkpoint, publish_best_weights, save_checkpoint, save_weights,
+                                                set_rng_state)
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.schedules import LearningRateSchedule
 

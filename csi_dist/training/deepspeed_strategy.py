@@ -20,7 +20,7 @@ from torch import nn
 
 from csi_dist.core.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
-from csi_dist.training.checkpoint import CheckpointError, check_weights_only, unusable_because
+from csi_dist.training.checkpoint_files import CheckpointError, check_weights_only, unusable_because
 from csi_dist.training.step import UpdateOutcome
 from csi_dist.training.strategies import broadcast_buffers, live_sharding
 

@@ -35,14 +35,14 @@ from csi_dist.core.provenance import ProvenanceRecord, config_changes, new_segme
 from csi_dist.core.run_dir import RunDir
 from csi_dist.core.strategy_registry import hide_from_accelerate, resolve_strategy
 from csi_dist.training.accumulation import BufferSnapshot, accumulation_windows, batch_plan
-from csi_dist.training.checkpoint import latest_checkpoint, load_weights, save_weights
+from csi_dist.training.checkpoint_files import latest_checkpoint, load_weights, save_weights
 from csi_dist.training.checkpointer import Checkpointer, TrainingProgress, saved_trainer_state
 from csi_dist.training.compilation import compile_with_run_cache
 from csi_dist.training.early_stopping import EarlyStopping
 from csi_dist.training.log_window import LogWindow
 from csi_dist.training.micro_batch import fit_micro_batch, forward_backward_fits
 from csi_dist.training.profiling import StepProfiler
-from csi_dist.training.run_directory import finished_because, outcome_lines, start_run_directory
+from csi_dist.training.resume_or_start import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.step import StepFaults, UpdateLedger, train_step
 from csi_dist.training.strategies import build_strategy, describe

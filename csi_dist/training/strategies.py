@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from csi_dist.core.config import TrainingConfig
 from csi_dist.training.accumulation import BatchPlan
-from csi_dist.training.checkpoint import read_dcp
+from csi_dist.training.checkpoint_files import read_dcp
 from csi_dist.training.step import UpdateOutcome
 from csi_dist.core.strategy_registry import DEFAULT, REGISTRY
 
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 class Strategy(Protocol):
     """What the trainer, the step (training/step.py) and convert ask of a parallelism strategy; nothing else in the
-    package names one. A new strategy is a module with a class like this plus its line in csi_dist/core/strategy_registry.py."""
+    package names one. A new strategy is a module with a class like this plus its line in
+    csi_dist/core/strategy_registry.py."""
 
     name: str
     precision: str  # accelerate's mixed precision: "bf16" or "no"

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from csi_dist.data.radiographs import (ImageError, MissingImageError, build_image_index, image_for, load_grayscale,
-                                  resize_square)
+                                       resize_square)
 from csi_dist.data.labels import LabelError, read_label_csv
 from csi_dist.data.phantom import zone_boxes
 from csi_dist.data.shards.reader import LoaderSettings, ShardError, build_loader, open_split

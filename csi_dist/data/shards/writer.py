@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from csi_dist.data.radiographs import (DEFAULT_JPEG_QUALITY, ImageError, IMAGE_SUFFIXES, build_image_index,
-                                  encode_image_file, image_for)
+                                       encode_image_file, image_for)
 from csi_dist.data.labels import LINE_COLUMN, METADATA_COLUMN, read_label_csv
 from csi_dist.data.metadata import COLUMNS_KEY, METADATA_KEY, metadata_counts
 from csi_dist.data.phantom import generate_phantom

@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoints: model, optimizer, schedule, trainer state and every rank's RNG streams.
+"""Checkpoint directories on disk, written atomically, listed and read back safely: model, optimizer, schedule, trainer
+state and every rank's RNG streams.
 
 A checkpoint is a directory `<run_dir>/checkpoints/step-XXXXXXXX/` holding `state/` (model and optimizer, written by
 the parallelism strategy: a torch.distributed.checkpoint directory for DDP/FSDP2, DeepSpeed's own for ZeRO),
