@@ -128,7 +128,7 @@ def test_out_of_range_settings_are_named_with_file_section_and_key(tmp_path: Pat
 
 def test_monitored_metrics_improve_in_the_right_direction_everywhere():
     from csi_dist.core.domain import metric_direction
-    from csi_dist.sweep.space import SearchSpace
+    from csi_dist.tuning.space import SearchSpace
     assert [metric_direction(name) for name in ("val_loss", "csi_pearson_r", "csi_mae", "val_f1_weighted")] == [
         "min", "max", "min", "max"]
     assert SearchSpace(path=Path("x.yaml"), params=[], objective="csi_pearson_r").study_direction() == "maximize"

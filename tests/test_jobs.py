@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, subprocess_env
 from csi_dist.cluster.jobs import render_sbatch
 from csi_dist.cluster.preemption import PreemptionWatcher
 from csi_dist.core.exit_codes import EXIT_PREEMPTED
-from csi_dist.sweep.study import SweepSettings
+from csi_dist.tuning.study import SweepSettings
 
 SBATCH = REPO_ROOT / "slurm" / "train.sbatch"
 SUBMITIT_COMMAND = "python -u -m submitit.core._submit /logs"
@@ -42,7 +42,7 @@ def submit_script(tmp_path: Path, run_dir: Path) -> str:
 
 
 def sweep_script(sweep_dir: Path) -> str:
-    from csi_dist.sweep.driver import slurm_executor
+    from csi_dist.tuning.driver import slurm_executor
     settings = SweepSettings(sweep_dir=str(sweep_dir), study_name="s", config=None, overrides=[], space="space.yaml",
                              n_trials=4, parallel=2, executor="slurm", job={"nodes": 2})
     return slurm_executor(settings, 4)._executor._make_submission_file_text(SUBMITIT_COMMAND, "uid")

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.core.faults import SLOW_BATCH_VARIABLE
-from csi_dist.sweep.study import SweepSettings, finished_count
+from csi_dist.tuning.study import SweepSettings, finished_count
 from slurm_helpers import cluster_problem, wait_until
 from test_jobs import job_parts
 from test_sweep import (SWEEP_TIMEOUT_S, assert_best_params_reproduce, assert_sweep_outputs, run_sweep, study_trials,
@@ -93,7 +93,7 @@ def wait_for_first_complete_checkpoint(trial_dir: Path) -> None:
 
 
 def load_study_storage(sweep_dir: Path):
-    from csi_dist.sweep.study import open_storage
+    from csi_dist.tuning.study import open_storage
     return open_storage(SweepSettings.load(sweep_dir))
 
 

@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, subprocess_env
 from csi_dist.core.config import ConfigError, load_config
-from csi_dist.sweep.space import load_space, wandb_sweep
-from csi_dist.sweep.study import SweepSettings, budget_used, finished_count, load_study
+from csi_dist.tuning.space import load_space, wandb_sweep
+from csi_dist.tuning.study import SweepSettings, budget_used, finished_count, load_study
 from csi_dist.train import hyperparameter_overrides
 
 CI_SPACE = REPO_ROOT / "configs" / "sweep" / "phantom_ci.ini"
@@ -152,7 +152,7 @@ def test_bad_space_file_encodings_ini_duplicates_and_config_refusals_are_named(t
 
 
 def test_the_wandb_agent_refuses_a_damaged_space_file_with_exit_2(tmp_path: Path, capsys):
-    from csi_dist.sweep.wandb_agent import main
+    from csi_dist.tuning.wandb_agent import main
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  optimization.learning_rate: {type: float, low: 1.0e-5, high: .inf}\n")
     with pytest.raises(SystemExit) as stop:
@@ -178,7 +178,7 @@ def test_budget_counts_a_retried_failure_once():
 
 
 def test_wandb_sweep_trial_applies_the_space_conditions():
-    from csi_dist.sweep.wandb_agent import trial_overrides
+    from csi_dist.tuning.wandb_agent import trial_overrides
     sampled = {"optimization.optimizer": "adam", "optimization.momentum": "0.7", "optimization.weight_decay": "0.01",
                "optimization.learning_rate": "0.001"}
     overrides = trial_overrides(DEFAULT_SPACE, sampled)
@@ -187,7 +187,7 @@ def test_wandb_sweep_trial_applies_the_space_conditions():
 
 # ------------------------------------------------------------------------------------------------ the command line
 def test_help_shows_every_default_in_words_and_answers_without_torch():
-    program = ("import sys\nfrom csi_dist.sweep.driver import main\ntry:\n    main(['--help'])\n"
+    program = ("import sys\nfrom csi_dist.sweep import main\ntry:\n    main(['--help'])\n"
                "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", program], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -226,7 +226,8 @@ def fake_slurm_commands(bin_dir: Path, ping_output: str | None) -> None:
 ])
 def test_the_executor_defaults_to_slurm_only_where_a_slurm_controller_answers(tmp_path, monkeypatch, ping_output,
                                                                                expected):
-    from csi_dist.sweep.driver import choose_executor, parse_args
+    from csi_dist.sweep import parse_args
+    from csi_dist.tuning.driver import choose_executor
     fake_slurm_commands(tmp_path / "bin", ping_output)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     executor, reason = choose_executor(parse_args([]), stored=None)
@@ -237,7 +238,7 @@ def test_the_executor_defaults_to_slurm_only_where_a_slurm_controller_answers(tm
 
 
 def test_a_multi_node_sweep_without_slurm_is_refused_naming_the_executor(tmp_path, monkeypatch, caplog):
-    from csi_dist.sweep.driver import main
+    from csi_dist.sweep import main
     fake_slurm_commands(tmp_path / "bin", None)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     code = main(["--space", str(CI_SPACE), "--sweep-dir", str(tmp_path / "sweep"), "--nodes", "2"])
@@ -248,7 +249,7 @@ def test_a_multi_node_sweep_without_slurm_is_refused_naming_the_executor(tmp_pat
 
 
 def test_progress_speaks_only_when_a_trial_changes(tmp_path):
-    from csi_dist.sweep.console import TrialEvents
+    from csi_dist.tuning.console import TrialEvents
     settings = SweepSettings(sweep_dir=str(tmp_path), study_name="s", config=None, overrides=[], space=str(CI_SPACE),
                              n_trials=2, parallel=2, executor="local")
     events = TrialEvents(settings, load_space(CI_SPACE))
@@ -273,7 +274,7 @@ def test_wandb_sweep_definition_runs_the_wandb_agent_module():
     definition = wandb_sweep(load_space(DEFAULT_SPACE), None, ["training.n_epochs=3"], n_trials=5)
     command = definition["command"]
     module = command[command.index("-m") + 1]
-    assert module == "csi_dist.sweep.wandb_agent" and importlib.util.find_spec(module) is not None
+    assert module == "csi_dist.tuning.wandb_agent" and importlib.util.find_spec(module) is not None
     assert (REPO_ROOT / definition["program"]).is_file()
     assert command[-3:] == ["--set", "training.n_epochs=3", "${args}"]
 
@@ -403,7 +404,7 @@ def assert_trials_csv_and_history_ticks(sweep_dir: Path, trials: list[optuna.tri
         rows = list(csv.DictReader(handle, delimiter=";"))
     assert {int(row["trial"]): row["state"] for row in rows} == {t.number: t.state.name for t in trials}
     assert [json.loads(row["params"]) for row in rows] == [t.user_attrs["overrides"] for t in trials]
-    from csi_dist.sweep.report import history_figure
+    from csi_dist.tuning.report import history_figure
     settings = SweepSettings.load(sweep_dir)
     figure = history_figure(load_study(settings, load_space(settings.space)), "f1_weighted")
     low, high = figure.axes[0].get_xlim()

@@ -5,7 +5,7 @@ Three launch paths write a batch script, and all three take these parts from her
 * ``slurm/train.sbatch``: its recipe blocks (between ``# >>> job recipe: <part>`` and ``# <<< job recipe: <part>``)
   are generated: ``python -m csi_dist.cluster.jobs sbatch --write`` after a change here; tests/test_jobs.py fails
   while the committed file differs from the generated one.
-* ``csi_dist.submit`` and the sweep's trial jobs (``csi_dist.sweep.driver``): submitit writes their batch scripts
+* ``csi_dist.submit`` and the sweep's trial jobs (``csi_dist.tuning.driver``): submitit writes their batch scripts
   from ``submitit_parameters_for_run`` and ``submitit_parameters_for_sweep_trials``.
 
 The recipe:
@@ -29,7 +29,7 @@ A batch script sets three shell variables before the recipe's lines: ``CSI_PYTHO
 trial from the study), so its batch shell knows none: its notice goes to ``<sweep dir>/notices/<job>`` (what the
 trial's watcher reads through the exported variable), and its teardown calls after-step without a run directory,
 which never requeues after a failure: a trial whose job died is the sweep driver's to fail and retry
-(csi_dist/sweep/driver.py). Torch-free: the submitting machine needs no torch.
+(csi_dist/tuning/driver.py). Torch-free: the submitting machine needs no torch.
 """
 from __future__ import annotations
 

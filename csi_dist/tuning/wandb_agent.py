@@ -2,7 +2,7 @@
 
 The command line comes from `<sweep-dir>/wandb_sweep.yaml` (written by csi_dist.sweep)::
 
-    python -m csi_dist.sweep.wandb_agent --space configs/sweep/default.yaml --config my.ini [--set k=v] \\
+    python -m csi_dist.tuning.wandb_agent --space configs/sweep/default.yaml --config my.ini [--set k=v] \\
         --optimization.learning_rate=0.001 --optimization.optimizer=sgd ...
 
 W&B samples every parameter (it has no conditional ones); here a parameter whose `when` does not hold is dropped
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from csi_dist.core.command import run_command
 from csi_dist.core.config import ConfigError
-from csi_dist.sweep.space import load_space
+from csi_dist.tuning.space import load_space
 
 
 def trial_overrides(space_path: Path, sampled: dict[str, str]) -> list[str]:
@@ -34,7 +34,7 @@ def trial_overrides(space_path: Path, sampled: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csi_dist.sweep.wandb_agent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="csi_dist.tuning.wandb_agent", description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, required=True)
     parser.add_argument("--config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -22,8 +22,8 @@ from csi_dist.core.command import skip_final_collections
 from csi_dist.core.config import load_config
 from csi_dist.core.files import atomic_write_json
 from csi_dist.core.run_dir import RunDir
-from csi_dist.sweep.space import load_space
-from csi_dist.sweep.study import SweepError, SweepSettings, assign_trial, current_owner, load_study, trial_dir
+from csi_dist.tuning.space import load_space
+from csi_dist.tuning.study import SweepError, SweepSettings, assign_trial, current_owner, load_study, trial_dir
 
 log = logging.getLogger("csi_dist.sweep")
 

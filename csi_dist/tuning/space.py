@@ -337,7 +337,7 @@ def load_space(path: str | Path) -> SearchSpace:
 def wandb_sweep(space: SearchSpace, config_path: Path | None, overrides: list[str], n_trials: int) -> dict:
     """The same search as a W&B sweep definition (bayes + hyperband), for users who prefer `wandb agent`.
 
-    W&B has no conditional parameters: every parameter is sampled, and csi_dist.sweep.wandb_agent applies the space
+    W&B has no conditional parameters: every parameter is sampled, and csi_dist.tuning.wandb_agent applies the space
     file's `when`/`otherwise` rules before training, so a W&B trial trains exactly what an Optuna trial would.
     """
     parameters: dict[str, dict] = {}
@@ -349,14 +349,14 @@ def wandb_sweep(space: SearchSpace, config_path: Path | None, overrides: list[st
         else:
             parameters[p.name] = {"distribution": "log_uniform_values" if p.log else "uniform",
                                   "min": float(p.low), "max": float(p.high)}
-    command = ["${env}", "${interpreter}", "-m", "csi_dist.sweep.wandb_agent", "--space", str(space.path.resolve())]
+    command = ["${env}", "${interpreter}", "-m", "csi_dist.tuning.wandb_agent", "--space", str(space.path.resolve())]
     if config_path is not None:
         command += ["--config", str(Path(config_path).resolve())]
     for override in overrides:
         command += ["--set", override]
     command.append("${args}")
     definition = {
-        "program": "csi_dist/sweep/wandb_agent.py",
+        "program": "csi_dist/tuning/wandb_agent.py",
         "command": command,
         "method": "bayes",
         "run_cap": n_trials,

@@ -11,9 +11,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from csi_dist.sweep.report import format_value, retrain_command
-from csi_dist.sweep.space import SearchSpace
-from csi_dist.sweep.study import SweepSettings, finished_count
+from csi_dist.tuning.report import format_value, retrain_command
+from csi_dist.tuning.space import SearchSpace
+from csi_dist.tuning.study import SweepSettings, finished_count
 
 
 def _params_text(params: dict) -> str:

@@ -2,7 +2,7 @@
 
 This module is the driver, the loop on the login node behind ``python -m csi_dist.sweep``: it creates or
 resumes the study, starts the trial jobs the study still needs, fails and retries trials whose job died, and
-writes the report when the budget is spent. On the console (csi_dist/sweep/console.py) it opens with a summary of
+writes the report when the budget is spent. On the console (csi_dist/tuning/console.py) it opens with a summary of
 the sweep, prints a line only when a trial starts, ends, is pruned or fails, and ends with the best value, its
 parameters and the command that trains them.
 
@@ -85,16 +85,14 @@ import optuna
 from optuna.trial import TrialState
 
 from csi_dist.cluster.jobs import submitit_parameters_for_sweep_trials
-from csi_dist.core.config import ConfigError, read_text_file
-from csi_dist.core.exit_codes import EXIT_CONFIG_ERROR
+from csi_dist.core.config import read_text_file
 from csi_dist.core.files import atomic_write_json
-from csi_dist.sweep.console import TrialEvents, closing_lines, opening_lines
-from csi_dist.sweep.report import write_report
-from csi_dist.sweep.space import SearchSpace, load_space, wandb_sweep
-from csi_dist.sweep.study import (JOBS_NAME, SETTINGS_NAME, SweepError, SweepSettings, budget_used, current_owner,
-                                  finished_count, load_study, open_storage, owners_alive, read_jobs, record_jobs,
-                                  recover_dead_trials)
-from csi_dist.sweep.trial import TrialTask, run_trial
+from csi_dist.tuning.console import TrialEvents, closing_lines, opening_lines
+from csi_dist.tuning.report import write_report
+from csi_dist.tuning.space import SearchSpace, load_space, wandb_sweep
+from csi_dist.tuning.study import (JOBS_NAME, SETTINGS_NAME, SweepError, SweepSettings, budget_used, finished_count,
+                                   load_study, open_storage, owners_alive, read_jobs, record_jobs, recover_dead_trials)
+from csi_dist.tuning.trial import TrialTask
 
 log = logging.getLogger("csi_dist.sweep")
 
@@ -285,84 +283,3 @@ def drive(settings: SweepSettings, wait: bool, poll_s: float, dead_grace_s: floa
     for line in closing_lines(study, settings, space, write_report(study, settings, space)):
         log.info("%s", line)
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ command line
-EXECUTOR_HELP = ("where the trials run: slurm (each trial a job of a job array) or local (each trial a process on "
-                 "this machine). Default: slurm where this machine can submit jobs (sbatch on PATH and the SLURM "
-                 "controller answers `scontrol ping`), otherwise local, so that a laptop sweeps without SLURM; the "
-                 "opening summary says which executor runs and why. A restarted sweep keeps the executor it started "
-                 "with unless this is given")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="csi_dist.sweep", description=__doc__.splitlines()[0],
-                                     epilog="The best parameters are trained with: python -m csi_dist.train --config "
-                                            "<config> --hyperparams <sweep dir>/best_params.json")
-    parser.add_argument("--config", type=Path, help="base training config (INI) of every trial "
-                                                    "(default: the built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a value fixed for every trial (repeatable; default: none)")
-    parser.add_argument("--space", type=Path, help="search space (.yaml/.yml or .ini), e.g. "
-                                                   "configs/sweep/default.yaml; needed to start a sweep, not to resume it")
-    parser.add_argument("--n-trials", type=int, default=50, metavar="N",
-                        help="trials in the whole sweep (default: %(default)s)")
-    parser.add_argument("--parallel", type=int, default=4, metavar="N",
-                        help="trials running at the same time (default: %(default)s)")
-    parser.add_argument("--executor", choices=("slurm", "local"), default=None, help=EXECUTOR_HELP)
-    parser.add_argument("--sweep-dir", type=Path, help="where the study, trials and report go; on a cluster, on the "
-                                                       "shared filesystem (default: sweeps/<--study-name>, else "
-                                                       "sweeps/csi-sweep)")
-    parser.add_argument("--study-name", default=None, help="default: the sweep dir's name")
-    parser.add_argument("--storage", default="", metavar="URL", help="a database URL for very large sweeps, e.g. "
-                        "postgresql://user@host/db (default: a journal file in the sweep dir)")
-    parser.add_argument("--max-retries", type=int, default=2, metavar="N",
-                        help="retries of a trial whose job died (default: %(default)s)")
-    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes per trial (default: %(default)s)")
-    parser.add_argument("--gpus-per-node", type=int, default=0, metavar="N",
-                        help="GPUs per node of a trial; 0 trains on CPU (default: %(default)s)")
-    parser.add_argument("--tasks-per-node", type=int, default=None, metavar="N",
-                        help="processes per node of a trial (default: one per GPU, or 1)")
-    parser.add_argument("--cpus-per-task", type=int, default=None, metavar="N",
-                        help="SLURM CPUs per process (default: the cluster's)")
-    parser.add_argument("--mem-gb", type=float, default=None, metavar="GB",
-                        help="SLURM memory per node (default: the cluster's)")
-    parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
-    parser.add_argument("--timeout-min", type=int, default=24 * 60, metavar="MIN",
-                        help="SLURM time limit of each trial job, in minutes (default: %(default)s, one day)")
-    parser.add_argument("--no-wait", action="store_true", help="SLURM: submit the trial jobs and exit; run the same "
-                        "command again later for the report (default: wait for the sweep to finish)")
-    parser.add_argument("--wait-timeout-min", type=float, default=0, metavar="MIN",
-                        help="stop waiting after this many minutes, the jobs go on (default: 0, never)")
-    parser.add_argument("--poll-s", type=float, default=10.0, metavar="S",
-                        help="seconds between looks at the study and the jobs (default: %(default)g)")
-    parser.add_argument("--dead-grace-s", type=float, default=60.0, metavar="S",
-                        help="a trial's job must be gone this many seconds before the trial is failed and retried "
-                             "(default: %(default)g)")
-    parser.add_argument("--run-trial", action="store_true", help=argparse.SUPPRESS)  # a local trial process
-    args = parser.parse_args(argv)
-    if args.sweep_dir is None:
-        if args.run_trial:
-            parser.error("--run-trial needs --sweep-dir")
-        args.sweep_dir = Path("sweeps") / (args.study_name or "csi-sweep")
-    if args.n_trials < 1 or args.parallel < 1:
-        parser.error("--n-trials and --parallel must be >= 1")
-    if args.executor == "local" and (args.nodes != 1 or (args.tasks_per_node or 1) != 1):
-        parser.error("--executor local runs each trial as one process: use --executor slurm for multi-process trials")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    args = parse_args(argv)
-    try:
-        if args.run_trial:
-            run_trial(args.sweep_dir.resolve(), current_owner())
-            return 0
-        settings = create_or_resume(args)
-        return drive(settings, wait=not args.no_wait or settings.executor == "local", poll_s=args.poll_s,
-                     dead_grace_s=args.dead_grace_s, timeout_min=args.wait_timeout_min)
-    except (ConfigError, SweepError) as error:
-        log.error("%s", error)
-        return EXIT_CONFIG_ERROR

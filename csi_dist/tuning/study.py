@@ -2,7 +2,7 @@
 
 Settings (``<sweep-dir>/sweep.json``), the Optuna storage (journal file or RDB) and the assignment lock, the trial
 budget, which job owns which trial and whether that job is still alive, trial assignment, the failing and retrying
-of trials whose job died, and the list of started jobs (``jobs.json``). How a sweep runs: csi_dist/sweep/driver.py.
+of trials whose job died, and the list of started jobs (``jobs.json``). How a sweep runs: csi_dist/tuning/driver.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from csi_dist.cluster.slurm import ALIVE_STATES, job_states
 from csi_dist.core.config import load_config
 from csi_dist.core.files import atomic_write_json
 from csi_dist.core.run_dir import RunDir
-from csi_dist.sweep.space import SearchSpace
+from csi_dist.tuning.space import SearchSpace
 
 log = logging.getLogger("csi_dist.sweep")
 # RetryHeartbeatStaleTrialCallback.retried_trial_number is marked experimental (since Optuna 2.8); it is what we need
@@ -159,7 +159,7 @@ def assign_trial(settings: SweepSettings, space: SearchSpace, owner: str) -> dic
         retry_waiting = any(t.state == TrialState.WAITING for t in trials)  # ask() takes it first
         if not retry_waiting and budget_used(trials) >= settings.n_trials:
             return None
-        # The trial about to be created gets number len(trials): seed the sampler by it (see csi_dist/sweep/space.py).
+        # The trial about to be created gets number len(trials): seed the sampler by it (see csi_dist/tuning/space.py).
         study = load_study(settings, space, trial_number=len(trials))
         trial = study.ask()
         overrides = space.suggest(trial)
