@@ -10,7 +10,7 @@ For each case ``ARCH@SIZExBATCH`` it measures, on the GPU when there is one:
   finishes images on the GPU (data.gpu_augment), the same step with that finishing (normalise and augment uint8
   pixels already on the device) in front: "% of ceiling" is then measured against it, so that it measures the
   trainer and not the augmentation;
-* loader: the real shard reader (``csi_dist.data.reader``, the trainer's workers) alone, finishing images where the
+* loader: the real shard reader (``csi_dist.data.shards.reader``, the trainer's workers) alone, finishing images where the
   trainer does (``--gpu-augment``: on the GPU the workers only read and decode, and hand over uint8 pixels);
 * end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s and where its time went
   (waiting on the loader, waiting on the GPU, the host's own work) read back from the run's TensorBoard scalars
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from csi_dist import USER_COMPILE_CACHE_DIR, shards
+from csi_dist import USER_COMPILE_CACHE_DIR
 from csi_dist.core.command import run_command
 from csi_dist.core.config import DEMO_CONFIG, ConfigError, ModelConfig, OptimizationConfig, load_config
 from csi_dist.data.shards.format import MANIFEST_NAME
@@ -258,10 +258,8 @@ def phantom_shards(work_dir: Path, case: Case, batches: int, image_format: str =
     needed = math.ceil((batches + 2) * case.batch_size / TRAIN_FRACTION)
     shard_dir = work_dir / f"phantom_{case.image_size}_{needed}_{image_format}"
     if not (shard_dir / MANIFEST_NAME).is_file():
-        status = shards.main(["--demo", str(needed), "--out", str(shard_dir), "--size", str(case.image_size),
-                              "--demo-format", image_format])
-        if status:
-            raise RuntimeError(f"writing phantom shards into {shard_dir} failed ({status})")
+        from csi_dist.data.shards.writer import write_demo
+        write_demo(shard_dir, n_images=needed, image_size=case.image_size, image_format=image_format)
     return shard_dir
 
 

@@ -58,7 +58,7 @@ HELP_DEFAULTS = [
     ("csi_dist.convert", ["checkpoints/step-", ".safetensors"]),
     ("csi_dist.export", ["(default: best", "(default: <run dir>/export/", "(default: off", "B x 6 x 5",
                          "calibration.json"]),
-    ("csi_dist.bench", ["(default: resnet50@224x256 and densenet121@512x64)", "(default: 40)", "(default: 10)",
+    ("csi_dist.bench", ["(default: resnet50@224x256 and densenet121@512x64)", "(default: 20)", "(default: 3)", "(default: 10)",
                         "(default: 60)", "(default: ddp)", "(default: auto", "(default: png)",
                         "(default: data/bench)", "(default: one per CPU core, at most 16"]),
     ("csi_dist.lineage", ["RUN_DIR", "provenance.json"]),

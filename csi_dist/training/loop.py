@@ -84,9 +84,9 @@ class Trainer:
         self.plan = plan = batch_plan(config.training, accelerator.num_processes)
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # this run's peak, also for a second train() in a process
-            limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/faults.py)
+            limit_gpu_memory(accelerator.device)  # a test's forced out-of-memory (csi_dist/core/faults.py)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
-        resume = start_run_directory(run_dir, resume, accelerator)  # one run per directory (run_directory.py)
+        resume = start_run_directory(run_dir, resume, accelerator)  # one run per directory (resume_or_start.py)
         checkpoint_path = None if resume == "never" else (latest_checkpoint(run_dir) if resume == "auto"
                                                            else Path(resume))
         saved_state = None if checkpoint_path is None else saved_trainer_state(checkpoint_path)
@@ -175,7 +175,7 @@ class Trainer:
         self.watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
         self.watcher.install()
         self.startup_logged = False  # the first step of this process, whether the run starts or resumes
-        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
+        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (csi_dist/core/faults.py)
         self.max_steps = config.training.max_steps or math.inf
         self.profiler = StepProfiler(run_dir, config.training.profile_steps, accelerator.is_main_process)
 
@@ -226,7 +226,7 @@ class Trainer:
             "train", failures, self.train_set.num_samples, config.data.max_bad_fraction, config.data.shard_dir),
             advice=self.data_advice(), host_advice=self.host_advice())
         batches = window_log.timed(device_batches(loader, accelerator.device, self.channels_last))
-        input_faults = nonfinite_input_values(self.rank)  # {} unless a test injects faults (csi_dist/faults.py)
+        input_faults = nonfinite_input_values(self.rank)  # {} unless a test injects faults (csi_dist/core/faults.py)
         buffers = BufferSnapshot(self.model)  # a skipped update leaves BatchNorm's statistics as they were
         # an update's outcome is read one update later (no host sync per step where the optimizer skips on the GPU)
         updates = UpdateLedger(on_stepped=self.schedule.after_optimizer_step,

@@ -18,6 +18,7 @@ from csi_dist.core.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 WARM_UP_STEPS = 10
+STEP_EVENT = "ProfilerStep"  # the profiler's own span of each step: "ProfilerStep#N", listed as "ProfilerStep*"
 
 
 class StepProfiler:
@@ -26,7 +27,7 @@ class StepProfiler:
     def __init__(self, run_dir: Path, steps: int, enabled: bool):
         self.run_dir = RunDir(run_dir)
         self.steps = steps
-        self.profiler = None
+        self.profiler, self.taken = None, 0
         if enabled and steps > 0:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -40,6 +41,9 @@ class StepProfiler:
     def step(self) -> None:
         if self.profiler is not None:
             self.profiler.step()
+            self.taken += 1
+            if self.taken >= WARM_UP_STEPS + self.steps:  # the window is written: stop profiling the steps after it
+                self.close()
 
     def close(self) -> None:
         if self.profiler is not None:
@@ -60,12 +64,17 @@ class StepProfiler:
         log.info("profile of %d step(s) written to %s", self.steps, self.run_dir.profile)
 
 
+def profiled_steps(events) -> list:
+    """The host-side spans of the profiled steps, one per step."""
+    return [event for event in events if event.name.startswith(STEP_EVENT) and event.device_type == DeviceType.CPU]
+
+
 def gpu_idle_report(events, steps: int) -> list[str]:
     """How long the GPU sat idle during the profiled steps (no kernel or copy running on any stream) and what the
     host's main thread was doing meanwhile: its innermost torch operator or CUDA call, or Python outside any."""
     kernels = sorted((event.time_range.start, event.time_range.end) for event in events
-                     if event.device_type == DeviceType.CUDA)
-    step_events = [event for event in events if event.name.startswith("ProfilerStep#")]
+                     if event.device_type != DeviceType.CPU)
+    step_events = profiled_steps(events)
     if not kernels or not step_events:
         return []
     begin = min(event.time_range.start for event in step_events)
@@ -80,7 +89,7 @@ def gpu_idle_report(events, steps: int) -> list[str]:
     main_thread = step_events[0].thread  # innermost events of one thread follow each other: one sweep finds them
     leaves = sorted((event for event in events if event.device_type == DeviceType.CPU
                      and event.thread == main_thread and not event.cpu_children
-                     and not event.name.startswith("ProfilerStep#")), key=lambda event: event.time_range.start)
+                     and not event.name.startswith(STEP_EVENT)), key=lambda event: event.time_range.start)
     outside = "(Python, outside any torch operator)"
     by_activity: dict[str, float] = {}
     first = 0

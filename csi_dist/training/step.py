@@ -89,7 +89,7 @@ class UpdateLedger:
 
 @dataclass(frozen=True)
 class StepFaults:
-    """Faults a test injects into this step (csi_dist/faults.py); none in a real run."""
+    """Faults a test injects into this step (csi_dist/core/faults.py); none in a real run."""
 
     image_value: float | None = None  # the first micro-batch's first image becomes this value (nan, inf)
     loss_factor: float | None = None  # every micro-batch's loss is multiplied by this (nan, inf)

@@ -1,7 +1,7 @@
 """Distributed shard reader: manifest checks, indexed reads from WebDataset tar shards, batches on the host.
 
 Each worker reads the samples its plan asks for with a seek and a read, at the offsets of the manifest's per-sample
-index (see shard_index), so any rank can start at any position of the epoch (see shard_plan) and a damaged sample
+index (see index.py), so any rank can start at any position of the epoch (see plan.py) and a damaged sample
 costs only itself.
 
 Never pass these loaders through `accelerator.prepare()`: they already split by rank and worker (accelerate would
@@ -218,7 +218,7 @@ class ShardStream(IterableDataset):
         if info is not None and info.num_workers != self.plan.num_workers:
             raise RuntimeError(f"planned {self.plan.num_workers} workers, DataLoader has {info.num_workers}")
         reader = ShardReader(self.shard_set)
-        held_back = slow_batch_seconds()  # 0.0 unless a test asks for a slow loader (csi_dist/faults.py)
+        held_back = slow_batch_seconds()  # 0.0 unless a test asks for a slow loader (csi_dist/core/faults.py)
         try:
             for step in self.plan.worker_steps(0 if info is None else info.id):
                 time.sleep(held_back)
