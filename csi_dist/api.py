@@ -50,7 +50,7 @@ from csi_dist.core.files import atomic_write_json
 from csi_dist.model.loss import WeightedCSILoss
 from csi_dist.model.factory import build_model as _build_model
 from csi_dist.model.factory import model_input_size, unwrapped_model
-from csi_dist.core.run_dir import RunDir
+from csi_dist.core.run_dir import RunDir, default_run_dir
 from csi_dist.training.accumulation import BufferSnapshot
 from csi_dist.training.checkpoint_files import STATE_FILE, CheckpointError, load_weights
 from csi_dist.training.early_stopping import EarlyStopping
@@ -132,11 +132,11 @@ def train_model(config: ConfigLike, run_dir: str | Path | None = None, overrides
     (ConfigError, ShardError, TooManyBadSteps, ...) where the command line turns them into exit statuses. Under
     `python -m csi_dist.launcher` (or torchrun) every rank calls it and they train together.
     """
-    from csi_dist.train import resolve_run_dir  # the command line's own default
     from csi_dist.training.loop import train
 
     resolved = _as_config(config, overrides)
-    directory = resolve_run_dir(resolved, None if run_dir is None else Path(run_dir))
+    directory = Path(run_dir) if run_dir is not None else default_run_dir(
+        resolved.logging.output_dir, resolved.logging.run_name, resolved.model.model_arch)
     status = train(resolved, directory, resume, epoch_end_hook)
     history_path = RunDir(directory).history
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from datetime import datetime
 from pathlib import Path
 
 from csi_dist.cluster.slurm import requeue_after_failure
@@ -17,7 +16,7 @@ from csi_dist.core.config import Config, ConfigError, config_reference, load_con
 from csi_dist.core.exit_codes import (EXIT_CONFIG_ERROR, EXIT_RANK_LOST, EXIT_TOO_MANY_BAD_SAMPLES,
                                      EXIT_TOO_MANY_BAD_STEPS)
 from csi_dist.core.redaction import install_secret_filter
-from csi_dist.core.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir
+from csi_dist.core.run_dir import DEBUG_SUFFIX, MOVED_ASIDE, RunDir, default_run_dir
 
 log = logging.getLogger("csi_dist.train")
 
@@ -63,13 +62,6 @@ def hyperparameter_overrides(path: Path | None) -> list[str]:
     return [f"{key if '.' in key else section_of(key) + '.' + key}={value}" for key, value in params.items()]
 
 
-def resolve_run_dir(config: Config, run_dir: Path | None) -> Path:
-    if run_dir is not None:
-        return run_dir
-    name = config.logging.run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{config.model.model_arch}"
-    return Path(config.logging.output_dir) / name
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -94,7 +86,8 @@ def config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
                           "every key")
     overrides = hyperparameter_overrides(args.hyperparams) + args.overrides
     config = load_config(args.config, overrides + (debug_overrides() if args.debug else []))
-    run_dir = resolve_run_dir(config, args.run_dir)
+    run_dir = args.run_dir or default_run_dir(config.logging.output_dir, config.logging.run_name,
+                                              config.model.model_arch)
     if args.debug:  # a debug run must never resume or overwrite the real run's checkpoints and weights
         run_dir = RunDir(run_dir).debug.root
     return config, run_dir

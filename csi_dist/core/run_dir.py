@@ -72,6 +72,12 @@ def external_evaluations(out_dir: Path) -> Path:
     return Path(out_dir) / EXTERNAL
 
 
+def default_run_dir(output_dir: str, run_name: str, model_arch: str) -> Path:
+    """Where a run lives when none is named: <logging.output_dir>/<logging.run_name>, the name being
+    <date>_<time>_<model> when logging.run_name is empty (the trainer's command line and the Python API)."""
+    return Path(output_dir) / (run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{model_arch}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The paths of the run in `root` (nothing is read or created: a path may not exist yet)."""

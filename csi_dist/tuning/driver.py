@@ -15,7 +15,7 @@ How it works
 * One trial = one job = one run directory ``<sweep-dir>/trials/trial-<number>``. A job (every rank of it) starts,
   rank 0 takes a trial from the study under a lock (a new one sampled from the space file, or a retry waiting in
   the queue) and records itself as the trial's owner (user attr ``owner``, e.g. ``slurm-123_4``). The job trains with
-  ``csi_dist.train.train`` and an epoch-end hook: rank 0 reports ``val_<objective>`` (``trial.report``, step = epoch)
+  ``csi_dist.training.loop.train`` and an epoch-end hook: rank 0 reports ``val_<objective>`` (``trial.report``, step = epoch)
   straight to the shared storage and asks ``trial.should_prune()``; the answer is broadcast to every rank. At the
   end rank 0 tells the study COMPLETE (value = the best ``val_<objective>`` over the trial's evaluations), PRUNED or
   FAIL (the error is kept in the trial's user attr ``fail_reason``).
