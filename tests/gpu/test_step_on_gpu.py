@@ -34,3 +34,51 @@ def test_a_host_bound_run_says_so_and_its_profile_holds_the_gpu_kernels(tmp_path
     summary = (run_dir / "profile" / "summary.txt").read_text()
     assert "over 5 optimizer step(s) after the first 10" in summary and "By GPU time:" in summary
     assert "cudaLaunchKernel" in summary  # the host's launches, beside the kernels they launched
+
+
+def test_the_step_its_outcome_and_a_log_line_make_no_host_sync():
+    """torch's sync debug mode raises on any synchronising CUDA call (an .item(), a bool() of a GPU tensor, a copy to
+    pageable memory): the trainer's step with a fused AdamW, BatchNorm restored on the device, the ledger reading the
+    previous update's outcome (through an event, which waits for that update only) and a log line must make none.
+    The step as it was (a bool() of the gradient norm's finiteness each update) fails here."""
+    from csi_dist.model.loss import WeightedCSILoss
+    from csi_dist.training.accumulation import BufferSnapshot
+    from csi_dist.training.log_window import LogWindow
+    from csi_dist.training.step import SingleProcess, UpdateLedger, train_step
+    from csi_dist.training.strategies import SingleProcessStrategy
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 30),
+                                torch.nn.Unflatten(1, (6, 5))).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    process, strategy, buffers = SingleProcess(device, torch.bfloat16), SingleProcessStrategy(1.0), BufferSnapshot(model)
+    window = [(None, torch.randn(16, 1, 32, 32, device=device), torch.randint(0, 5, (16, 6), device=device),
+               torch.ones(16, dtype=torch.bool, device=device))]
+    host_batch = {"decode_failed": torch.zeros(16, dtype=torch.bool), "is_padding": torch.zeros(16, dtype=torch.bool)}
+    steps = []
+    ledger = UpdateLedger(on_stepped=lambda: steps.append("stepped"), on_skipped=lambda where: steps.append(where))
+    log_window = LogWindow(process, check_failures=lambda failures: None)
+    lines, criterion = [], WeightedCSILoss().to(device)
+    # the first update creates the optimizer's state (a step count copied to the GPU): outside the checked steps
+    ledger.record(train_step(model, window, criterion=criterion, strategy=strategy, optimizer=optimizer,
+                             accelerator=process, buffers=buffers), 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 7):
+            update = train_step(model, window, criterion=criterion, strategy=strategy,
+                                optimizer=optimizer, accelerator=process, buffers=buffers, before_update=ledger.settle,
+                                after_micro_batch=lambda batch, images, loss, seconds: log_window.add_micro_batch(
+                                    loss, host_batch, images))
+            ledger.record(update, step)
+            log_window.add_update()
+            if step % 3 == 0:
+                lines += log_window.emit(learning_rate=1e-3, step=step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ledger.settle()
+    lines += log_window.flush()
+    assert steps == ["stepped"] * 7
+    assert [line.step for line in lines] == [3, 6] and all(line.values["train/loss"] > 0 for line in lines)
