@@ -567,8 +567,12 @@ def test_survivor_of_a_lost_rank_exits_with_a_clear_error_in_bounded_time(shards
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_bad_steps(shards, tmp_path):
-    one_epoch = ["--set", "training.n_epochs=1", "--set", "training.max_bad_steps=2"]
+@pytest.mark.parametrize("optimizer", ["adamw", "fused adamw"])
+def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_bad_steps(shards, tmp_path, optimizer):
+    # "fused adamw": the optimizer skips on the device and the trainer reads each outcome one update later (what a
+    # GPU run does; here on the CPU's fused kernel), the other decides on the host at every update
+    one_epoch = ["--set", "training.n_epochs=1", "--set", "training.max_bad_steps=2", "--set",
+                 f"optimization.fused_optimizer={str(optimizer == 'fused adamw').lower()}"]
     # step 2: a NaN image in rank 0's forward pass, so BatchNorm folds a NaN into its running statistics (rank 0's:
     # DDP hands rank 0's buffers to every rank); step 5: an infinite loss on rank 1 only, which the gradient
     # all-reduce carries to rank 0. Both ranks skip both steps. Every checkpoint is kept, to look at either side.
@@ -577,6 +581,8 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run_after_max_b
     result = run(torchrun_command(WORLD, *trainer_args(shards, run_dir, *one_epoch,
                                                        "--set", "callbacks.keep_last_checkpoints=100")), env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    on_device = "fused: a non-finite update is skipped on the device" in result.stderr
+    assert on_device == (optimizer == "fused adamw")
     skipped = re.findall(r"\[rank(\d)\].*non-finite loss/gradients at epoch 0 step (\d): step skipped "
                          r"\((\d) of at most 2\)", result.stderr)
     expected = [("0", "2", "1"), ("0", "5", "2"), ("1", "2", "1"), ("1", "5", "2")]

@@ -93,6 +93,8 @@ class OptimizationConfig:
     warmup_epochs: float = 0.0  # linear warmup from 0 (fractions of an epoch allowed)
     min_lr: float = 0.0  # lower bound of the LR schedules
     grad_clip_norm: float = 0.0  # 0 = no clipping
+    # fused kernels also skip a non-finite update on the device (adam/adamw: no host sync); never under FSDP2/DeepSpeed
+    fused_optimizer: str = "auto"  # auto (on a GPU), true (also on a CPU), false
 
 
 @dataclass
@@ -173,6 +175,7 @@ CHOICES = {
     ("data", "normalization"): ("medical", "imagenet"),
     ("data", "gpu_augment"): ("auto", "true", "false"),
     ("optimization", "optimizer"): ("adam", "adamw", "sgd"),
+    ("optimization", "fused_optimizer"): ("auto", "true", "false"),
     ("optimization", "scheduler"): ("reducelronplateau", "steplr", "cosine", "none"),
     ("logging", "wandb_mode"): ("offline", "online", "disabled"),
 }

@@ -45,7 +45,7 @@ from csi_dist.training.profiling import StepProfiler
 from csi_dist.training.resume_or_start import finished_because, outcome_lines, start_run_directory
 from csi_dist.training.schedules import LearningRateSchedule, build_optimizer
 from csi_dist.training.step import StepFaults, UpdateLedger, train_step
-from csi_dist.training.strategies import build_strategy, describe
+from csi_dist.training.strategies import build_strategy, describe, skips_on_device
 from csi_dist.training.tracking import Tracker
 
 log = logging.getLogger("csi_dist.train")
@@ -148,9 +148,12 @@ class Trainer:
         mode = metric_direction(config.callbacks.monitor)
         self.monitored_key = monitored_metric(config.callbacks.monitor)
         model, self.optimizer = strategy.prepare(model, plan, lambda wrapped: build_optimizer(
-            wrapped, config.optimization, fused=accelerator.device.type == "cuda" and strategy.keeps_parameter_layout))
+            wrapped, config.optimization, fused=self.uses_fused_optimizer()))
         self.sharding = strategy.sharding(model)  # what really runs: logged, and recorded in every segment
         log.info("%s", describe(self.sharding))
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        log.info("optimizer %s%s", type(optimizer).__name__, ", fused: a non-finite update is skipped on the device, "
+                 "its outcome read one update later" if skips_on_device(optimizer) else "")
         self.schedule = LearningRateSchedule(self.optimizer, config.optimization, steps_per_epoch=updates_per_epoch,
                                              n_epochs=config.training.n_epochs, monitor_mode=mode)
         if config.model.compile:
@@ -300,6 +303,12 @@ class Trainer:
         if self.train_set.image_format != "npy":
             ways.append("write the shards with --image-format npy (nothing to decode)")
         return ", or ".join(ways)
+
+    def uses_fused_optimizer(self) -> bool:
+        """optimization.fused_optimizer: auto on a GPU; never where the strategy reshapes the parameters."""
+        choice = self.config.optimization.fused_optimizer.lower()
+        wanted = choice == "true" or (choice == "auto" and self.accelerator.device.type == "cuda")
+        return wanted and self.strategy.keeps_parameter_layout
 
     def host_advice(self) -> str:
         """What would take work off the host, for the host-bound message."""
