@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from csi_dist.training.host_copy import HostCopy
+
 DATA_BOUND_SHARE = 0.1  # waiting on the loader more than this share of a window is worth saying
 HOST_BOUND_DEVICE_WAIT = 0.05  # on a GPU, a host that waited on it less than this share of a window kept it waiting
 
@@ -105,7 +107,7 @@ class LogWindow:
         if world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         self.pending = PendingLine(step, learning_rate, elapsed, self.images * world_size, self.updates,
-                                   DeviceNumbers(totals))
+                                   HostCopy(totals))
         self._restart()
         return ready
 
@@ -120,7 +122,7 @@ class LogWindow:
         """A closed window's values, checked against data.max_bad_fraction, and the data- or host-bound message
         when this window shows one (the first time in the epoch)."""
         world_size = self.accelerator.num_processes
-        totals = pending.totals.read()
+        totals = pending.totals.read().tolist()
         loss_total, failures_total = totals[0], totals[1]
         steady_wait, startup, device_wait = (total / world_size for total in totals[2:])
         self.check_failures(int(failures_total))
@@ -144,26 +146,6 @@ class LogWindow:
         return LogLine(pending.step, values, message)
 
 
-class DeviceNumbers:
-    """A small tensor's values on their way to the host: copied into pinned memory behind an event on a GPU, read
-    when asked (by then the GPU has long passed that point: nothing waits)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.ready = None
-        if tensor.device.type == "cuda":
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self.host.copy_(tensor, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.host = tensor
-
-    def read(self) -> list[float]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
-
-
 @dataclass(frozen=True)
 class PendingLine:
     step: int
@@ -171,7 +153,7 @@ class PendingLine:
     elapsed: float
     images: int  # over all ranks
     updates: int
-    totals: DeviceNumbers  # loss, decode failures, data wait, startup wait, device wait: summed over ranks
+    totals: HostCopy  # loss, decode failures, data wait, startup wait, device wait: summed over ranks
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from csi_dist.core.faults import with_nonfinite_image
 from csi_dist.model.loss import WeightedCSILoss
 from csi_dist.training.accumulation import BufferSnapshot, window_loss_scale
+from csi_dist.training.host_copy import HostCopy
 
 # (host batch, images, zone targets, sample mask) of one micro-batch, on the device (inference.device_batches)
 MicroBatch = tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -36,25 +37,16 @@ MicroBatchHook = Callable[[object, torch.Tensor, torch.Tensor, float], None]
 class UpdateOutcome:
     """Whether an update stepped or was skipped (non-finite gradients): known at once when the strategy decided on
     the host, or still on the device when the optimizer skipped there; then `stepped()` waits for the GPU only up
-    to this update (its flag is copied to pinned host memory behind an event), not for the work queued after it."""
+    to this update (a HostCopy of its flag), not for the work queued after it."""
 
     def __init__(self, stepped: bool | None = None, skipped: torch.Tensor | None = None):
         self._stepped = stepped
         self.skipped = skipped  # 0-d float on the device, 1.0 where the update was skipped; None when known at once
-        self._host_flag, self._ready = None, None
-        if skipped is not None and skipped.device.type == "cuda":
-            self._host_flag = torch.empty((), dtype=skipped.dtype, pin_memory=True)
-            self._host_flag.copy_(skipped, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+        self._skipped_on_host = None if skipped is None else HostCopy(skipped)
 
     def stepped(self) -> bool:
         if self._stepped is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-                self._stepped = float(self._host_flag) == 0.0
-            else:
-                self._stepped = float(self.skipped) == 0.0
+            self._stepped = float(self._skipped_on_host.read()) == 0.0
         return self._stepped
 
 
