@@ -87,8 +87,9 @@ def synchronize(device: torch.device) -> None:
 def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int, compile_model: bool,
                       finish_on_device: bool = False, compile_mode: str = "default", repeats: int = 3) -> dict:
     """Images/s of the training step on tensors already on the device (no data loading at all): the median of
-    `repeats` timed runs of `steps` steps. finish_on_device: the images start as uint8 pixels on the device and are
-    normalised and augmented there first (data.gpu_augment's share of the GPU), as the trainer does with it on."""
+    `repeats` timed runs of `steps` steps. finish_on_device: then also, with the same model, the step with the images
+    starting as uint8 pixels on the device, normalised and augmented there first (data.gpu_augment's share of the
+    GPU, as the trainer does with it on), under "finishing"."""
     import torch
 
     from csi_dist.data.shards.reader import finish_on_device as finish
@@ -113,25 +114,31 @@ def synthetic_ceiling(case: Case, device: torch.device, steps: int, warmup: int,
     process = SingleProcess(device, torch.bfloat16 if device.type == "cuda" else None)
     criterion, strategy, buffers = WeightedCSILoss().to(device), SingleProcessStrategy(), BufferSnapshot(model)
 
-    def step() -> None:  # the trainer's own step (training/step.py) on one process, minus the loader
+    def step(finishing: bool) -> None:  # the trainer's own step (training/step.py) on one process, minus the loader
         step_images = images
-        if finish_on_device:  # the trainer's own finishing (reader.finish_on_device) of a batch already copied
+        if finishing:  # the trainer's own finishing (reader.finish_on_device) of a batch already copied
             step_images = finish({"pixels": pixels, "augment_draws": draws, "normalization": "medical"}, device)
             step_images = step_images.contiguous(memory_format=torch.channels_last)
         train_step(step_model, [(None, step_images, targets, mask)], criterion=criterion, strategy=strategy,
                    optimizer=optimizer, accelerator=process, buffers=buffers)
 
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        rates.append(steps * case.batch_size / (time.perf_counter() - start))
-    return {"images_per_second": statistics.median(rates), "measurements": rates}
+    def measure(finishing: bool) -> dict:
+        for _ in range(warmup):
+            step(finishing)
+        rates = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(finishing)
+            synchronize(device)
+            rates.append(steps * case.batch_size / (time.perf_counter() - start))
+        return {"images_per_second": statistics.median(rates), "measurements": rates}
+
+    result = measure(finishing=False)
+    if finish_on_device:
+        result["finishing"] = measure(finishing=True)
+    return result
 
 
 def loader_throughput(shard_dir: Path, case: Case, workers: int, batches: int, augment: bool = True,
@@ -347,12 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                "strategy": args.strategy, "trainer_overrides": args.overrides, "gpu_augment": args.gpu_augment,
                "image_format": args.image_format, "compile_mode": args.compile_mode}
         log.info("%s: ceiling", case)
-        row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile,
+        row["ceiling"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile, on_device,
                                            compile_mode=args.compile_mode, repeats=args.repeats)
         if on_device:  # what normalising and augmenting on the GPU costs the step, measured apart
-            row["ceiling_finishing"] = synthetic_ceiling(case, device, args.steps, args.warmup, args.compile,
-                                                         finish_on_device=True, compile_mode=args.compile_mode,
-                                                         repeats=args.repeats)
+            row["ceiling_finishing"] = row["ceiling"].pop("finishing")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("%s: loader", case)

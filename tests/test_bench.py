@@ -21,7 +21,7 @@ def test_bench_measures_ceiling_loader_files_and_the_real_trainer(tmp_path: Path
          "--out", str(out)], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = json.loads(out.read_text())["rows"]
-    for part in ("ceiling", "loader", "files", "end_to_end"):
+    for part in ("ceiling", "ceiling_finishing", "loader", "files", "end_to_end"):
         assert row[part]["images_per_second"] > 0, part
     assert 0 < row["end_to_end"]["seconds_to_first_step"] < 120
     assert 0 < row["end_to_end"]["restart_seconds_to_first_step"] < 120  # the relaunch resumed and took a step

@@ -85,9 +85,9 @@ def test_buffers_are_put_back_where_the_flag_says_even_over_nan():
     with torch.no_grad():
         for buffer in model.buffers():
             buffer.fill_(math.nan if buffer.is_floating_point() else 7)
-    buffers.restore_where(torch.tensor(0.0))  # kept: the update stepped
+    buffers.restore_where(torch.tensor(False))  # kept: the update stepped
     assert all(torch.isnan(buffer).all() for buffer in model.buffers() if buffer.is_floating_point())
-    buffers.restore_where(torch.tensor(1.0))  # put back: the update was skipped
+    buffers.restore_where(torch.tensor(True))  # put back: the update was skipped
     assert all(torch.equal(buffer, saved[name]) for name, buffer in model.named_buffers())
 
 
@@ -96,8 +96,8 @@ def test_the_ledger_reads_an_outcome_once_and_says_where_a_skip_was():
     ledger = UpdateLedger(on_stepped=lambda: events.append("stepped"),
                           on_skipped=lambda where: events.append(f"skipped at {where}"))
     assert ledger.settle() == 0.0
-    ledger.record(UpdateOutcome(skipped=torch.tensor(0.0)), 0)
-    ledger.record(UpdateOutcome(skipped=torch.tensor(1.0)), 1)  # settles the one before
+    ledger.record(UpdateOutcome(skipped=torch.tensor(False)), 0)
+    ledger.record(UpdateOutcome(skipped=torch.tensor(True)), 1)  # settles the one before
     assert events == ["stepped"]
     ledger.settle()
     ledger.settle()

@@ -65,10 +65,7 @@ class BufferSnapshot:
             torch._foreach_copy_(group.buffers, group.saved_views)
 
     def restore_where(self, skipped: torch.Tensor) -> None:
-        """Put the saved buffers back where `skipped` (0-d, on the buffers' device) is nonzero, keep them otherwise."""
-        if not self.groups:
-            return
-        skipped = skipped.bool()
+        """Put the saved buffers back where `skipped` (a 0-d bool on the buffers' device) is True, else keep them."""
         for group in self.groups:
             torch._foreach_copy_(group.current_views, group.buffers)
             torch.where(skipped, group.saved, group.current, out=group.current)

@@ -51,7 +51,7 @@ class LogWindow:
         self.host_advice = host_advice  # what would take work off the host (the host-bound message's)
         self.loss = torch.zeros((), device=accelerator.device)  # sum of the window means since the last line
         self.epoch_decode_failures = 0  # real samples only: padding copies are not counted
-        self.data_bound_said = False  # the message once per epoch; the share goes to the tracker every line
+        self.bound_message_said = False  # the message once per epoch; the share goes to the tracker every line
         self.pending: PendingLine | None = None  # the window closed last, its numbers still on the way
         self._restart()
 
@@ -137,12 +137,12 @@ class LogWindow:
         if self.accelerator.device.type == "cuda":
             values["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         message = None
-        if not self.data_bound_said:
+        if not self.bound_message_said:
             message = data_bound_message(wait_share, images / steady, images / max(steady - steady_wait, 1e-9),
                                          self.advice)
             if message is None and self.accelerator.device.type == "cuda":
                 message = host_bound_message(wait_share, device_share, self.host_advice)
-            self.data_bound_said = message is not None
+            self.bound_message_said = message is not None
         return LogLine(pending.step, values, message)
 
 

@@ -41,12 +41,12 @@ class UpdateOutcome:
 
     def __init__(self, stepped: bool | None = None, skipped: torch.Tensor | None = None):
         self._stepped = stepped
-        self.skipped = skipped  # 0-d float on the device, 1.0 where the update was skipped; None when known at once
+        self.skipped = skipped  # 0-d bool on the device, True where the update was skipped; None when known at once
         self._skipped_on_host = None if skipped is None else HostCopy(skipped)
 
     def stepped(self) -> bool:
         if self._stepped is None:
-            self._stepped = float(self._skipped_on_host.read()) == 0.0
+            self._stepped = not bool(self._skipped_on_host.read())
         return self._stepped
 
 

@@ -129,8 +129,9 @@ class DDPStrategy:
         grad_norm = self._clip(model, self.grad_clip_norm or math.inf)
         update = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
         if skips_on_device(update):
-            skipped = torch.logical_not(torch.isfinite(grad_norm)).float()
-            update.grad_scale, update.found_inf = None, skipped  # read by the fused kernels, as GradScaler sets them
+            skipped = torch.logical_not(torch.isfinite(grad_norm))
+            # read by the fused kernels as GradScaler sets them (a float: 1.0 skips)
+            update.grad_scale, update.found_inf = None, skipped.float()
             try:
                 optimizer.step()
             finally:
