@@ -2,6 +2,7 @@
 training.profile_steps writes (the GPU's kernels next to the host's operators)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,10 @@ def test_a_host_bound_run_says_so_and_its_profile_holds_the_gpu_kernels(tmp_path
     summary = (run_dir / "profile" / "summary.txt").read_text()
     assert "over 5 optimizer step(s) after the first 10" in summary and "By GPU time:" in summary
     assert "cudaLaunchKernel" in summary  # the host's launches, beside the kernels they launched
+    # microseconds of kernels per step of milliseconds of Python: the idle report finds the GPU idle most of the step
+    # (it printed nothing on a GPU while it looked for torch's step spans under the wrong name)
+    idle = re.search(r"GPU idle: [\d.]+ ms of [\d.]+ ms per step \(([\d.]+)%\)", summary)
+    assert idle and float(idle.group(1)) > 50.0, summary[:2000]
 
 
 def test_the_step_its_outcome_and_a_log_line_make_no_host_sync():
