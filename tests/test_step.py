@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -67,6 +68,29 @@ def test_an_update_skipped_on_the_device_leaves_everything_as_a_host_skip_does(f
     # and the two ways of skipping end in the same model (fused and single-tensor AdamW: rounding apart)
     for name in on_host[3]:
         torch.testing.assert_close(on_device[3][name], on_host[3][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class SlowStepStrategy(SingleProcessStrategy):
+    """Its step takes 50 ms of the host's time; its outcome on the device (launched, not waited for) or on the host."""
+
+    def __init__(self, outcome_on_device: bool):
+        super().__init__()
+        self.outcome_on_device = outcome_on_device
+
+    def step(self, model, optimizer, is_update_step):
+        time.sleep(0.05)
+        return UpdateOutcome(skipped=torch.tensor(False)) if self.outcome_on_device else UpdateOutcome(stepped=True)
+
+
+@pytest.mark.parametrize("outcome_on_device", [True, False], ids=["decided on the device", "decided on the host"])
+def test_only_a_step_decided_on_the_host_counts_as_waiting_for_the_gpu(outcome_on_device):
+    # the "waits on GPU" share of the log: a step that left its outcome on the device only launched work (host
+    # time); one that decided on the host had to wait for the GPU's gradients
+    model, waits = tiny_bn_model(), []
+    train_step(model, [micro_batch(0)], criterion=WeightedCSILoss(), strategy=SlowStepStrategy(outcome_on_device),
+               optimizer=torch.optim.AdamW(model.parameters()), accelerator=SingleProcess(torch.device("cpu")),
+               buffers=BufferSnapshot(model), after_micro_batch=lambda *args: waits.append(args[-1]))
+    assert waits == [0.0] if outcome_on_device else waits[0] >= 0.05
 
 
 def test_only_fused_adam_and_adamw_skip_on_the_device():

@@ -178,7 +178,7 @@ class Trainer:
         self.watcher = PreemptionWatcher(run_dir, check_every_steps=config.callbacks.preemption_check_every_steps)
         self.watcher.install()
         self.startup_logged = False  # the first step of this process, whether the run starts or resumes
-        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (csi_dist/core/faults.py)
+        self.loss_faults = nonfinite_loss_factors(self.rank)  # {} unless a test injects faults (core/faults.py)
         self.max_steps = config.training.max_steps or math.inf
         self.profiler = StepProfiler(run_dir, config.training.profile_steps, accelerator.is_main_process)
 
@@ -238,10 +238,10 @@ class Trainer:
         def settle_updates() -> None:
             window_log.add_device_wait(updates.settle())  # blocked until the GPU reached the update: a device wait
 
-        def after_micro_batch(batch, images, loss, step_seconds: float) -> None:
+        def after_micro_batch(batch, images, loss, device_wait_seconds: float) -> None:
             nonlocal step_in_epoch
             window_log.add_micro_batch(loss, batch, images)
-            window_log.add_device_wait(step_seconds)
+            window_log.add_device_wait(device_wait_seconds)
             progress.epoch_position += self.plan.images_per_micro_step
             step_in_epoch += 1
             bar.update(1)

@@ -30,7 +30,7 @@ from csi_dist.training.host_copy import HostCopy
 
 # (host batch, images, zone targets, sample mask) of one micro-batch, on the device (inference.device_batches)
 MicroBatch = tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]
-# after each micro-batch: (host batch, images, its loss share, seconds the strategy's step took)
+# after each micro-batch: (host batch, images, its loss share, seconds the strategy's step waited for the device)
 MicroBatchHook = Callable[[object, torch.Tensor, torch.Tensor, float], None]
 
 
@@ -116,8 +116,11 @@ def train_step(model: torch.nn.Module, window: list[MicroBatch], *, criterion: W
             before_update()
         step_started = time.perf_counter()
         outcome = strategy.step(model, optimizer, is_update_step)
+        # a step decided on the host waited for the GPU's gradients; one that left its outcome on the device only
+        # launched work (host time, not a wait)
+        waited = 0.0 if outcome is not None and outcome.skipped is not None else time.perf_counter() - step_started
         if after_micro_batch is not None:
-            after_micro_batch(batch, images, loss, time.perf_counter() - step_started)
+            after_micro_batch(batch, images, loss, waited)
     if outcome.skipped is not None:
         buffers.restore_where(outcome.skipped)  # on the device, whatever the outcome: no host sync
     elif not outcome.stepped():
