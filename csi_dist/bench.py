@@ -10,15 +10,16 @@ For each case ``ARCH@SIZExBATCH`` it measures, on the GPU when there is one:
   finishes images on the GPU (data.gpu_augment), the same step with that finishing (normalise and augment uint8
   pixels already on the device) in front: "% of ceiling" is then measured against it, so that it measures the
   trainer and not the augmentation;
-* loader: the real shard reader (``csi_dist.data.shards.reader``, the trainer's workers) alone, finishing images where the
-  trainer does (``--gpu-augment``: on the GPU the workers only read and decode, and hand over uint8 pixels);
+* loader: the real shard reader (``csi_dist.data.shards.reader``, the trainer's workers) alone, finishing images
+  where the trainer does (``--gpu-augment``: on the GPU the workers only read and decode, and hand over uint8
+  pixels);
 * end to end: ``python -m csi_dist.train`` itself on the same shards, its images/s and where its time went
   (waiting on the loader, waiting on the GPU, the host's own work) read back from the run's TensorBoard scalars
   after ``--warmup`` steps, its time to the first step and its peak GPU memory;
+* files (``--pil-baseline``): a plain PIL-from-files Dataset on the phantom's source PNGs, for the loader.
 
 Every rate is the median of ``--repeats`` measurements of ``--steps`` steps (the ceiling's timed apart, the
 trainer's consecutive windows of one run after its warm-up).
-* files (``--pil-baseline``): a plain PIL-from-files Dataset on the phantom's source PNGs, for the loader.
 
 The loader column and the trainer's data-wait share are the step-time breakdown: a share near 0 % means the step
 waits on compute, not on data. Phantom shards are written once per size and format (``--image-format``) under

@@ -4,10 +4,11 @@ and the rest, the host's own work.
 
 The loss is summed on the device and the decode failures on the host, so a step costs no host sync; a log line
 costs one collective (loss, failures and waits together) and no sync: its numbers are read when the next line is
-due (or at the epoch's end), so each line is written one window late, under its own step. Time blocked on the loader is time the GPU
-had nothing new to do; time blocked on the device is the host waiting for the GPU to reach an update (reading its
-outcome one update later, training/step.py, or inside `strategy.step` where the strategy decides on the host); what
-is left is the host's own work (Python, kernel launches). A host that hardly ever waits for the GPU is what keeps
+due (or at the epoch's end), so each line is written one window late, under its own step. Time blocked on the
+loader is time the GPU had nothing new to do; time blocked on the device is the host waiting for the GPU to reach an
+update (reading its outcome one update later, training/step.py, or inside `strategy.step` where the strategy decides
+on the host); what is left is the host's own work (Python, kernel launches; the launch of an optimizer step that
+leaves its outcome on the device too). A host that hardly ever waits for the GPU is what keeps
 the GPU waiting: the step is host-bound, and the message says so once per epoch, as it does for a data-bound one.
 """
 from __future__ import annotations
